@@ -1,0 +1,146 @@
+"""torch.autograd.Functions of the vocabulary losses; they only orchestrate.
+
+Teachers are constants. For ``reduction="mean"`` / ``"sum"`` the student gradients are built
+during forward (the loss is terminal and the teacher frozen) and backward only scales them by
+grad_output. For ``"none"`` the incoming per-token gradient is unknown at forward time, so
+backward runs the chunk driver again with it as the per-token scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from fastkd.chunked import Linear, chunked_kd
+
+RowOp = Callable[..., torch.Tensor]
+
+
+def counted_tokens(labels: torch.Tensor | None, tokens: int, ignore_index: int, device) -> torch.Tensor:
+    """Number of tokens whose label is not ``ignore_index`` (all tokens without labels)."""
+    if labels is None:
+        return torch.tensor(tokens, device=device)
+    return (labels != ignore_index).sum()
+
+
+def reduction_scale(count: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
+    """d reduced / d loss_i: 1 / max(count, 1) for "mean", 1 for "sum" (and "none")."""
+    if reduction == "mean":
+        return 1.0 / count.clamp(min=1).to(dtype)
+    return torch.ones((), dtype=dtype, device=count.device)
+
+
+class ChunkedKDFunction(torch.autograd.Function):
+    """Loss of student logits ``h_s W_s^T + b_s`` against fixed teacher logits, chunked.
+
+    One Function serves ``fused_kd_loss`` (one teacher) and ``multi_teacher_kd_loss`` (K
+    teachers): they differ only in the row op, which sees the student chunk and the list of
+    teacher chunks.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        student_hidden: torch.Tensor,  # (N, Hs)
+        student_weight: torch.Tensor,  # (V, Hs)
+        student_bias: torch.Tensor | None,  # (V,)
+        teachers: list[Linear],
+        labels: torch.Tensor | None,  # (N,)
+        row_op: RowOp,
+        reduction: str,
+        ignore_index: int,
+        chunk_size: int,
+        compute_grad: bool,
+    ) -> torch.Tensor:
+        student = Linear(student_hidden, student_weight, student_bias)
+        need = tuple(ctx.needs_input_grad[:3]) if compute_grad else (False, False, False)
+        ctx.reduction = reduction
+        ctx.mark_non_differentiable(*(t for t in (labels,) if t is not None))
+        acc_dtype = torch.float64 if student_weight.dtype == torch.float64 else torch.float32
+        if reduction == "none":
+            loss, _ = chunked_kd(student, teachers, labels, row_op, None, need, chunk_size)
+            ctx.replay = (teachers, row_op, need, chunk_size)
+            ctx.save_for_backward(student_hidden, student_weight, student_bias, labels)
+            return loss
+        count = counted_tokens(labels, student_hidden.shape[0], ignore_index, student_hidden.device)
+        scale = reduction_scale(count, reduction, acc_dtype)
+        loss, grads = chunked_kd(
+            student, teachers, labels, row_op, scale if any(need) else None, need, chunk_size
+        )
+        ctx.save_for_backward(
+            grads.hidden,
+            None if grads.weight is None else grads.weight.to(student_weight.dtype),
+            None if grads.bias is None else grads.bias.to(student_weight.dtype),
+        )
+        return loss.sum() * scale
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: torch.Tensor):
+        if ctx.reduction == "none":
+            hidden, weight, bias, labels = ctx.saved_tensors
+            teachers, row_op, need, chunk_size = ctx.replay
+            _, grads = chunked_kd(
+                Linear(hidden, weight, bias), teachers, labels, row_op,
+                grad_output.to(torch.float64 if weight.dtype == torch.float64 else torch.float32),
+                need, chunk_size,
+            )
+            scaled = (grads.hidden, grads.weight, grads.bias)
+            scaled = tuple(None if g is None else g.to(t.dtype) for g, t in zip(
+                scaled, (hidden, weight, bias if bias is not None else weight)))
+        else:
+            scaled = tuple(None if g is None else g * grad_output.to(g.dtype) for g in ctx.saved_tensors)
+        return (*scaled, None, None, None, None, None, None, None)
+
+
+class KDLossFunction(torch.autograd.Function):
+    """Loss of given student logits (N, V) against fixed teacher logits (N, V).
+
+    The per-token gradient d loss_i / d z_s is built during forward in the student's dtype;
+    backward scales its rows by grad_output (a scalar, or per token for "none").
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        student_logits: torch.Tensor,  # (N, V)
+        teacher_logits: torch.Tensor,  # (N, V)
+        labels: torch.Tensor | None,  # (N,)
+        row_op: RowOp,
+        reduction: str,
+        ignore_index: int,
+        chunk_size: int,
+        compute_grad: bool,
+    ) -> torch.Tensor:
+        tokens = student_logits.shape[0]
+        grad = torch.empty_like(student_logits) if compute_grad else None
+        loss = torch.empty(tokens, dtype=_acc(student_logits), device=student_logits.device)
+        for start in range(0, tokens, chunk_size):
+            rows = slice(start, start + chunk_size)
+            loss[rows] = row_op(
+                student_logits[rows], [teacher_logits[rows]],
+                None if labels is None else labels[rows],
+                None if grad is None else grad[rows],
+            )
+        ctx.reduction = reduction
+        if reduction == "none":
+            ctx.save_for_backward(grad)
+            return loss
+        count = counted_tokens(labels, tokens, ignore_index, student_logits.device)
+        scale = reduction_scale(count, reduction, loss.dtype)
+        ctx.save_for_backward(None if grad is None else grad.mul_(scale.to(grad.dtype)))
+        return loss.sum() * scale
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        if ctx.reduction == "none":
+            grad_output = grad_output[:, None]
+        return grad * grad_output.to(grad.dtype), None, None, None, None, None, None, None
+
+
+def _acc(tensor: torch.Tensor) -> torch.dtype:
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32

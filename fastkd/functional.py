@@ -1,0 +1,242 @@
+"""Public loss functions: argument checks, backend choice, reduction.
+
+Shapes: leading dimensions ``*`` of hidden states, logits and labels are any shape (``(N,)``,
+``(B, T)``, ...) and are flattened inside; V is the vocabulary size, Hs / Ht the student and
+teacher hidden sizes.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from fastkd._checks import (
+    REDUCTIONS,
+    check_choice,
+    check_floating,
+    check_label_range,
+    check_labels,
+    check_non_negative,
+    check_positive,
+    check_same_device,
+    resolve_backend,
+)
+from fastkd.autograd import ChunkedKDFunction, KDLossFunction
+from fastkd.chunked import Linear, chunk_size_for
+from fastkd.options import DIVERGENCES, KDOptions
+
+
+def fused_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    soft_weight: float = 1.0,
+    hard_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Distillation loss straight from hidden states and lm_head weights.
+
+    Logits ``z = hidden @ weight.T + bias`` are formed chunk by chunk of tokens and never held
+    whole. Per token, with q = softmax(z_s / T) and p = softmax(z_t / T)::
+
+        loss = soft_weight * D(p, q) + hard_weight * CE(z_s, label)
+
+    where D is KL(p || q) ("kl"), KL(q || p) ("reverse_kl") or the generalized JSD
+    beta KL(p || M) + (1 - beta) KL(q || M), M = beta p + (1 - beta) q ("jsd"); CE is untempered.
+
+    Args:
+        student_hidden: (*, Hs) student hidden states.
+        student_weight: (V, Hs) student lm_head weight; student_bias (V,) optional.
+        teacher_hidden: (*, Ht) teacher hidden states (a constant: no gradient flows to it).
+        teacher_weight: (V, Ht) teacher lm_head weight; teacher_bias (V,) optional.
+        labels: (*) token ids, or None. Tokens equal to ``ignore_index`` do not count.
+        reduction: "mean" over counted tokens, "sum", or "none" (per token, shape ``*``).
+        backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+        chunk_size: tokens per chunk; default from the ``FASTKD_CHUNK_MEMORY`` byte budget.
+
+    Returns:
+        A scalar fp32 loss (fp64 for fp64 inputs), or (*) for ``reduction="none"``.
+    """
+    student_hidden = check_floating("student_hidden", student_hidden)
+    student_weight = check_floating("student_weight", student_weight, ndim=2)
+    teacher_hidden = check_floating("teacher_hidden", teacher_hidden)
+    teacher_weight = check_floating("teacher_weight", teacher_weight, ndim=2)
+    leading = student_hidden.shape[:-1]
+    _check_linear("student", student_hidden, student_weight, student_bias)
+    _check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    if teacher_weight.shape[0] != student_weight.shape[0]:
+        raise ValueError(
+            f"teacher vocab size {teacher_weight.shape[0]} (teacher_weight "
+            f"{tuple(teacher_weight.shape)}) differs from student vocab size "
+            f"{student_weight.shape[0]} (student_weight {tuple(student_weight.shape)})"
+        )
+    if teacher_hidden.shape[:-1] != leading:
+        raise ValueError(
+            f"teacher_hidden leading shape {tuple(teacher_hidden.shape[:-1])} differs from "
+            f"student_hidden leading shape {tuple(leading)}: token counts must match"
+        )
+    vocab = student_weight.shape[0]
+    device = check_same_device([
+        ("student_hidden", student_hidden), ("student_weight", student_weight),
+        ("student_bias", student_bias), ("teacher_hidden", teacher_hidden),
+        ("teacher_weight", teacher_weight), ("teacher_bias", teacher_bias), ("labels", labels),
+    ])
+    options = _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_index)
+    flat_labels = _flat_labels(labels, leading, vocab, options)
+    check_choice("reduction", reduction, REDUCTIONS)
+    row_op = _row_op(resolve_backend(backend, device), options)
+    student_grad = any(t is not None and t.requires_grad
+                       for t in (student_hidden, student_weight, student_bias))
+    loss = ChunkedKDFunction.apply(
+        student_hidden.reshape(-1, student_hidden.shape[-1]).contiguous(),
+        student_weight,
+        student_bias,
+        [Linear(teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).contiguous(),
+                teacher_weight.detach(),
+                None if teacher_bias is None else teacher_bias.detach())],
+        flat_labels,
+        row_op,
+        reduction,
+        ignore_index,
+        _check_chunk_size(chunk_size, vocab, logit_buffers=2),
+        torch.is_grad_enabled() and student_grad,
+    )
+    return loss.reshape(leading) if reduction == "none" else loss
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    soft_weight: float = 1.0,
+    hard_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The loss of ``fused_kd_loss`` on logits that are already materialized.
+
+    Args:
+        student_logits: (*, V) student logits; the gradient flows to them.
+        teacher_logits: (*, V) teacher logits (a constant).
+        labels: (*) token ids or None; other arguments as in ``fused_kd_loss``.
+
+    Returns:
+        A scalar fp32 loss (fp64 for fp64 inputs), or (*) for ``reduction="none"``.
+    """
+    student_logits = check_floating("student_logits", student_logits)
+    teacher_logits = check_floating("teacher_logits", teacher_logits)
+    if student_logits.dim() == 0 or student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+            f"{tuple(teacher_logits.shape)} must have the same shape (*, V)"
+        )
+    device = check_same_device([("student_logits", student_logits),
+                                ("teacher_logits", teacher_logits), ("labels", labels)])
+    leading, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+    options = _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_index)
+    flat_labels = _flat_labels(labels, leading, vocab, options)
+    check_choice("reduction", reduction, REDUCTIONS)
+    row_op = _row_op(resolve_backend(backend, device), options)
+    loss = KDLossFunction.apply(
+        student_logits.reshape(-1, vocab).contiguous(),
+        teacher_logits.detach().reshape(-1, vocab).contiguous(),
+        flat_labels,
+        row_op,
+        reduction,
+        ignore_index,
+        chunk_size_for(vocab, logit_buffers=3),
+        torch.is_grad_enabled() and student_logits.requires_grad,
+    )
+    return loss.reshape(leading) if reduction == "none" else loss
+
+
+def _check_linear(
+    side: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> None:
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{side}_hidden {tuple(hidden.shape)} has hidden size "
+            f"{hidden.shape[-1] if hidden.dim() else None} but {side}_weight "
+            f"{tuple(weight.shape)} expects {weight.shape[1]}"
+        )
+    if hidden.dtype != weight.dtype:
+        raise TypeError(
+            f"{side}_hidden dtype {hidden.dtype} differs from {side}_weight dtype {weight.dtype}"
+        )
+    if bias is not None:
+        check_floating(f"{side}_bias", bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(
+                f"{side}_bias shape {tuple(bias.shape)} must be ({weight.shape[0]},), "
+                f"the vocab size of {side}_weight {tuple(weight.shape)}"
+            )
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"{side}_bias dtype {bias.dtype} differs from {side}_weight dtype "
+                            f"{weight.dtype}")
+
+
+def _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_index) -> KDOptions:
+    check_choice("divergence", divergence, DIVERGENCES)
+    if divergence == "jsd" and not (isinstance(beta, (int, float)) and 0 < beta < 1):
+        raise ValueError(f"beta must lie in (0, 1) for divergence='jsd', got {beta!r}")
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    return KDOptions(
+        divergence=divergence,
+        beta=float(beta) if divergence == "jsd" else 0.5,
+        temperature=check_positive("temperature", temperature),
+        soft_weight=check_non_negative("soft_weight", soft_weight),
+        hard_weight=check_non_negative("hard_weight", hard_weight),
+        ignore_index=ignore_index,
+    )
+
+
+def _flat_labels(labels, leading: torch.Size, vocab: int, options: KDOptions):
+    if labels is None:
+        if options.hard_weight > 0:
+            raise ValueError(f"hard_weight={options.hard_weight} needs labels, got labels=None")
+        return None
+    labels = check_labels(labels, leading)
+    if options.hard_weight > 0:
+        check_label_range(labels, vocab, options.ignore_index)
+    return labels.reshape(-1).contiguous()
+
+
+def _check_chunk_size(chunk_size: int | None, vocab: int, logit_buffers: int) -> int:
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return chunk_size_for(vocab, logit_buffers, chunk_size)
+
+
+def _row_op(backend: str, options: KDOptions):
+    """The row op of one teacher: ``op(student, [teacher], labels, grad_out) -> loss``."""
+    if backend == "triton":
+        from fastkd.kernels.kd_rows import kd_rows as rows
+    else:
+        from fastkd.rowops import kd_rows_torch as rows
+    return partial(_one_teacher, rows, options)
+
+
+def _one_teacher(rows, options, student_logits, teacher_logits, labels, grad_out):
+    (teacher,) = teacher_logits
+    return rows(student_logits, teacher, labels, grad_out, options)
+
+
+__all__ = ["fused_kd_loss", "kd_loss"]

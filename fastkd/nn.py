@@ -1,0 +1,61 @@
+"""nn.Module wrappers of the public losses: the options are fixed at construction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastkd.functional import fused_kd_loss, kd_loss
+
+
+class FusedKDLoss(nn.Module):
+    """``fused_kd_loss`` with fixed options; forward takes hidden states and lm_head weights.
+
+    Example::
+
+        loss_fn = FusedKDLoss(divergence="jsd", temperature=2.0, hard_weight=0.5)
+        loss = loss_fn(h_s, student.lm_head.weight, h_t, teacher.lm_head.weight, labels)
+    """
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        self.options = options
+
+    def forward(
+        self,
+        student_hidden: torch.Tensor,
+        student_weight: torch.Tensor,
+        teacher_hidden: torch.Tensor,
+        teacher_weight: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        student_bias: torch.Tensor | None = None,
+        teacher_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return fused_kd_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+            student_bias=student_bias, teacher_bias=teacher_bias, **self.options,
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class KDLoss(nn.Module):
+    """``kd_loss`` with fixed options; forward takes student and teacher logits (*, V)."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        self.options = options
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return kd_loss(student_logits, teacher_logits, labels, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -1,0 +1,103 @@
+"""Float64 oracles: slow, obvious, materializing versions of every loss.
+
+Imported by the tests and the benchmarks only. Each function materializes the full logits in
+float64 and follows DESIGN.md section 2 word for word; gradients come from autograd through it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _divergence_per_token(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    divergence: str,
+    beta: float,
+    temperature: float,
+) -> torch.Tensor:
+    """Per-token divergence between tempered softmaxes; logits (N, V) float64 -> (N,)."""
+    log_q = F.log_softmax(student_logits / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits / temperature, dim=-1)
+    if divergence == "kl":  # KL(p || q)
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+    if divergence == "reverse_kl":  # KL(q || p)
+        return (log_q.exp() * (log_q - log_p)).sum(-1)
+    if divergence == "jsd":  # beta KL(p || M) + (1 - beta) KL(q || M), M = beta p + (1 - beta) q
+        log_m = torch.logsumexp(
+            torch.stack([log_p + torch.log(torch.tensor(beta, dtype=log_p.dtype)),
+                         log_q + torch.log(torch.tensor(1 - beta, dtype=log_q.dtype))]),
+            dim=0,
+        )
+        kl_pm = (log_p.exp() * (log_p - log_m)).sum(-1)
+        kl_qm = (log_q.exp() * (log_q - log_m)).sum(-1)
+        return beta * kl_pm + (1 - beta) * kl_qm
+    raise ValueError(f"unknown divergence {divergence!r}")
+
+
+def _reduce(per_token: torch.Tensor, counted: torch.Tensor, reduction: str) -> torch.Tensor:
+    per_token = torch.where(counted, per_token, torch.zeros_like(per_token))
+    if reduction == "none":
+        return per_token
+    total = per_token.sum()
+    if reduction == "sum":
+        return total
+    return total / counted.sum().clamp(min=1)
+
+
+def kd_loss_reference(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    soft_weight: float = 1.0,
+    hard_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Distillation loss on given logits (..., V), computed in float64.
+
+    Returns a float64 scalar, or the per-token loss in the leading shape for ``"none"``.
+    """
+    leading = student_logits.shape[:-1]
+    z_s = student_logits.reshape(-1, student_logits.shape[-1]).double()
+    z_t = teacher_logits.reshape(-1, teacher_logits.shape[-1]).double()
+    loss = soft_weight * _divergence_per_token(z_s, z_t, divergence, beta, temperature)
+    if labels is None:
+        counted = torch.ones(z_s.shape[0], dtype=torch.bool, device=z_s.device)
+    else:
+        flat_labels = labels.reshape(-1).long()
+        counted = flat_labels != ignore_index
+        if hard_weight > 0:
+            safe = torch.where(counted, flat_labels, torch.zeros_like(flat_labels))
+            loss = loss + hard_weight * F.cross_entropy(z_s, safe, reduction="none")
+    out = _reduce(loss, counted, reduction)
+    return out.reshape(leading) if reduction == "none" else out
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    logits = hidden.reshape(-1, hidden.shape[-1]).double() @ weight.double().T
+    return logits if bias is None else logits + bias.double()
+
+
+def fused_kd_loss_reference(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    **options,
+) -> torch.Tensor:
+    """``kd_loss_reference`` on materialized float64 logits ``hidden @ weight.T + bias``."""
+    leading = student_hidden.shape[:-1]
+    z_s = _logits(student_hidden, student_weight, student_bias)
+    z_t = _logits(teacher_hidden, teacher_weight, teacher_bias)
+    out = kd_loss_reference(z_s, z_t, labels, **options)
+    return out.reshape(leading) if options.get("reduction") == "none" else out

@@ -1,0 +1,111 @@
+"""Pass 2 of attention distillation (MSE): each query row's loss and the backward's delta.
+
+With the row LSEs of pass 1, the maps are recomputed tile by tile and never stored:
+A_s,ij = exp(s_ij - LSE_s,i), A_t,ij = exp(t_ij - LSE_t,i) (0 where j is not visible to i).
+
+  row_loss_i = sum_j (A_s,ij - A_t,ij)^2
+  delta_i    = sum_j A_s,ij (A_s,ij - A_t,ij)
+
+The backward needs delta (FlashAttention's D): with G = dL/dA_s = 2 w_i (A_s - A_t) for a row
+weight w_i, dL/ds_ij = A_s,ij (G_ij - sum_k A_s,ik G_ik) = 2 w_i A_s,ij (A_s,ij - A_t,ij - delta_i).
+Invisible columns (masked or above the diagonal) hold 0 in both maps and add nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastkd.kernels.attention_common import (
+    attention_blocks,
+    block_d,
+    causal_key_end,
+    load_cols,
+    load_rows,
+    scaled_scores,
+    token_ok,
+    visible_pairs,
+)
+
+
+@triton.jit
+def _attention_mse_kernel(
+    qs_ptr, ks_ptr, qt_ptr, kt_ptr, ok_ptr,
+    lse_s_ptr, lse_t_ptr, loss_ptr, delta_ptr,
+    scale_s, scale_t, H, L, DS, DT, GROUP_S, GROUP_T,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
+):  # fmt: skip
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)  # b * H + h
+    b = bh // H
+    h = bh % H
+    qs_ptr += bh * L * DS
+    qt_ptr += bh * L * DT
+    ks_ptr += (b * (H // GROUP_S) + h // GROUP_S) * L * DS
+    kt_ptr += (b * (H // GROUP_T) + h // GROUP_T) * L * DT
+    ok_ptr += b * L
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_ds = tl.arange(0, BLOCK_DS)
+    offs_dt = tl.arange(0, BLOCK_DT)
+    in_range = offs_m < L
+    row_ok = token_ok(ok_ptr, offs_m, L, HAS_MASK)
+    q_s = load_rows(qs_ptr, offs_m, L, offs_ds, DS)
+    q_t = load_rows(qt_ptr, offs_m, L, offs_dt, DT)
+    lse_s = tl.load(lse_s_ptr + bh * L + offs_m, mask=in_range, other=0.0)
+    lse_t = tl.load(lse_t_ptr + bh * L + offs_m, mask=in_range, other=0.0)
+
+    loss = tl.zeros([BLOCK_M], tl.float32)
+    delta = tl.zeros([BLOCK_M], tl.float32)
+    for start_n in range(0, causal_key_end(start_m, L, BLOCK_M, CAUSAL), BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_ok = token_ok(ok_ptr, offs_n, L, HAS_MASK)
+        visible = visible_pairs(row_ok, key_ok, offs_m, offs_n, CAUSAL)
+        s = scaled_scores(q_s, load_cols(ks_ptr, offs_n, L, offs_ds, DS), scale_s, visible)
+        t = scaled_scores(q_t, load_cols(kt_ptr, offs_n, L, offs_dt, DT), scale_t, visible)
+        a_s = tl.exp(s - lse_s[:, None])  # exp(-inf) = 0 where invisible
+        diff = a_s - tl.exp(t - lse_t[:, None])
+        loss += tl.sum(diff * diff, 1)
+        delta += tl.sum(a_s * diff, 1)
+
+    tl.store(loss_ptr + bh * L + offs_m, loss, mask=in_range)
+    tl.store(delta_ptr + bh * L + offs_m, delta, mask=in_range)
+
+
+def attention_mse(
+    q_s: torch.Tensor,
+    k_s: torch.Tensor,
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    token_mask: torch.Tensor | None,
+    lse_s: torch.Tensor,
+    lse_t: torch.Tensor,
+    *,
+    causal: bool,
+    scale_s: float,
+    scale_t: float,
+    interpreted: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row losses sum_j (A_s - A_t)^2 and row deltas, both ``(B, H, L)`` fp32.
+
+    Inputs as for ``attention_lse``, plus its row LSEs ``(B, H, L)``.
+    """
+    batch, heads, length, d_s = q_s.shape
+    d_t = q_t.shape[-1]
+    loss = torch.empty_like(lse_s)
+    delta = torch.empty_like(lse_s)
+    block_m, block_n, num_warps = attention_blocks(d_s, d_t, interpreted)
+    grid = (triton.cdiv(length, block_m), batch * heads)
+    _attention_mse_kernel[grid](
+        q_s, k_s, q_t, k_t, token_mask if token_mask is not None else lse_s,
+        lse_s, lse_t, loss, delta,
+        scale_s, scale_t, heads, length, d_s, d_t,
+        heads // k_s.shape[1], heads // k_t.shape[1],
+        CAUSAL=causal, HAS_MASK=token_mask is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DS=block_d(d_s), BLOCK_DT=block_d(d_t),
+        num_warps=num_warps,
+    )  # fmt: skip
+    return loss, delta

@@ -1,0 +1,131 @@
+"""Pass 1 of attention distillation: each query row's log-sum-exp, student and teacher.
+
+For query row i of head h, scores s_ij = scale_s q_s[i] . k_s[j] and t_ij = scale_t q_t[i] . k_t[j]
+over the keys j visible to i (real tokens; j <= i when causal). Online softmax over key tiles:
+running max m and running sum l = sum_j exp(x_j - m); when a tile raises m to m', l is rescaled
+by exp(m - m'). LSE = m + log l.
+
+With ``COMPUTE_KL`` the same sweep gives the MiniLM loss KL(A_t row || A_s row) in one pass
+(DESIGN.md section 3): keep a = sum_j exp(t_j - m_t) (t_j - s_j), rescaled like l_t; then
+KL = sum_j A_t,ij (t_ij - LSE_t - s_ij + LSE_s) = a / l_t - LSE_t + LSE_s.
+
+Rows of padded query tokens get LSE 0 and loss 0; every real row sees at least its own key.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastkd.kernels.attention_common import (
+    NEG_BIG,
+    attention_blocks,
+    block_d,
+    causal_key_end,
+    load_cols,
+    load_rows,
+    scaled_scores,
+    token_ok,
+    visible_pairs,
+)
+
+
+@triton.jit
+def _online_update(m, l, x):
+    """Fold a score tile x into the running (max m, sum l); returns (m', l', exp(x - m'), alpha)."""
+    m_new = tl.maximum(m, tl.max(x, 1))
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(x - m_new[:, None])
+    return m_new, l * alpha + tl.sum(p, 1), p, alpha
+
+
+@triton.jit
+def _attention_lse_kernel(
+    qs_ptr, ks_ptr, qt_ptr, kt_ptr, ok_ptr,
+    lse_s_ptr, lse_t_ptr, kl_ptr,
+    scale_s, scale_t, H, L, DS, DT, GROUP_S, GROUP_T,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, COMPUTE_KL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
+):  # fmt: skip
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)  # b * H + h; int64 so that bh * L * D cannot overflow
+    b = bh // H
+    h = bh % H
+    qs_ptr += bh * L * DS
+    qt_ptr += bh * L * DT
+    ks_ptr += (b * (H // GROUP_S) + h // GROUP_S) * L * DS
+    kt_ptr += (b * (H // GROUP_T) + h // GROUP_T) * L * DT
+    ok_ptr += b * L
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_ds = tl.arange(0, BLOCK_DS)
+    offs_dt = tl.arange(0, BLOCK_DT)
+    row_ok = token_ok(ok_ptr, offs_m, L, HAS_MASK)
+    q_s = load_rows(qs_ptr, offs_m, L, offs_ds, DS)
+    q_t = load_rows(qt_ptr, offs_m, L, offs_dt, DT)
+
+    m_s = tl.full([BLOCK_M], NEG_BIG, tl.float32)
+    m_t = tl.full([BLOCK_M], NEG_BIG, tl.float32)
+    l_s = tl.zeros([BLOCK_M], tl.float32)
+    l_t = tl.zeros([BLOCK_M], tl.float32)
+    a = tl.zeros([BLOCK_M], tl.float32)
+    for start_n in range(0, causal_key_end(start_m, L, BLOCK_M, CAUSAL), BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_ok = token_ok(ok_ptr, offs_n, L, HAS_MASK)
+        visible = visible_pairs(row_ok, key_ok, offs_m, offs_n, CAUSAL)
+        s = scaled_scores(q_s, load_cols(ks_ptr, offs_n, L, offs_ds, DS), scale_s, visible)
+        t = scaled_scores(q_t, load_cols(kt_ptr, offs_n, L, offs_dt, DT), scale_t, visible)
+        m_s, l_s, p_s, alpha_s = _online_update(m_s, l_s, s)
+        m_t, l_t, p_t, alpha_t = _online_update(m_t, l_t, t)
+        if COMPUTE_KL:
+            # a += sum_j exp(t_j - m_t) (t_j - s_j); invisible pairs have p_t = 0 and t - s = NaN
+            a = a * alpha_t + tl.sum(p_t * tl.where(visible, t - s, 0.0), 1)
+
+    # Padded rows saw no key (l = 0): store LSE 0 so later passes give exp(-inf - 0) = 0.
+    lse_s = tl.where(row_ok, m_s + tl.log(l_s), 0.0)
+    lse_t = tl.where(row_ok, m_t + tl.log(l_t), 0.0)
+    in_range = offs_m < L
+    tl.store(lse_s_ptr + bh * L + offs_m, lse_s, mask=in_range)
+    tl.store(lse_t_ptr + bh * L + offs_m, lse_t, mask=in_range)
+    if COMPUTE_KL:
+        kl = tl.where(row_ok, a / l_t - lse_t + lse_s, 0.0)
+        tl.store(kl_ptr + bh * L + offs_m, kl, mask=in_range)
+
+
+def attention_lse(
+    q_s: torch.Tensor,
+    k_s: torch.Tensor,
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    token_mask: torch.Tensor | None,
+    *,
+    causal: bool,
+    scale_s: float,
+    scale_t: float,
+    compute_kl: bool,
+    interpreted: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Row LSEs ``(B, H, L)`` fp32 of student and teacher, and the row KL when ``compute_kl``.
+
+    q_s (B, H, L, Ds), k_s (B, Hs_kv, L, Ds), q_t (B, H, L, Dt), k_t (B, Ht_kv, L, Dt), all
+    contiguous; token_mask (B, L) int8 or None. q and k of one side share a dtype.
+    """
+    batch, heads, length, d_s = q_s.shape
+    d_t = q_t.shape[-1]
+    lse_s = torch.empty((batch, heads, length), device=q_s.device, dtype=torch.float32)
+    lse_t = torch.empty_like(lse_s)
+    kl = torch.empty_like(lse_s) if compute_kl else lse_s  # lse_s is a placeholder, never read
+    block_m, block_n, num_warps = attention_blocks(d_s, d_t, interpreted)
+    grid = (triton.cdiv(length, block_m), batch * heads)
+    _attention_lse_kernel[grid](
+        q_s, k_s, q_t, k_t, token_mask if token_mask is not None else lse_s,
+        lse_s, lse_t, kl,
+        scale_s, scale_t, heads, length, d_s, d_t,
+        heads // k_s.shape[1], heads // k_t.shape[1],
+        CAUSAL=causal, HAS_MASK=token_mask is not None, COMPUTE_KL=compute_kl,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DS=block_d(d_s), BLOCK_DT=block_d(d_t),
+        num_warps=num_warps,
+    )  # fmt: skip
+    return lse_s, lse_t, kl if compute_kl else None

@@ -1,0 +1,210 @@
+"""The fused vocabulary-KD row kernel: one program per token row, looping over the vocabulary.
+
+For one row with raw student logits z_s and teacher logits z_t (V each), tempered
+s = z_s / T, t = z_t / T, q = softmax(s), p = softmax(t), it computes in fp32:
+
+  pass 1  online log-sum-exps of s and t (and of z_s for the hard CE term); for "kl" and
+          "reverse_kl" also the divergence, in the same pass (DESIGN.md section 3):
+            a = sum_j e^{t_j - m_t} (t_j - s_j)      KL(p||q) = a / l_t - LSE_t + LSE_s
+  pass 2  "jsd" only: with M = beta p + (1 - beta) q and x = log(beta p / ((1 - beta) q)),
+          log q - log M = -log(1 - beta) - softplus(x), log p - log M = -log beta - softplus(-x):
+            JSD = H(beta) - beta E_p[softplus(-x)] - (1 - beta) E_q[softplus(x)]
+          (H(beta) the binary entropy); written so, no constant log(1 - beta) cancels in the
+          gradient (1 - beta) q_j (E_q[softplus(x)] - softplus(x_j)).
+  pass 3  the gradient d loss / d z_s, written in place of (or beside) the student logits.
+
+The gradient of any function of softmax(z_s) sums to zero over the row. At the student's top
+logit j* the formulas cancel catastrophically when q is near one-hot (reverse KL and JSD give
+q_j* (r_j* - E_q[r]) with r_j* ~ E_q[r]), so g_j* is written as -sum_{j != j*} g_j instead,
+which keeps the gradient accurate in fp32 even where it is tiny.
+
+No softmax, log-softmax or probability tensor is ever stored; ignored tokens get loss 0 and a
+zero gradient row.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastkd.options import KDOptions
+
+DIVERGENCE_IDS = {"kl": 0, "reverse_kl": 1, "jsd": 2}
+
+
+@triton.jit
+def _xlogy(w, x):
+    # w * x with 0 * anything = 0 (a probability that underflowed); NaN weights still propagate.
+    return tl.where(w == 0.0, 0.0, w * x)
+
+
+@triton.jit
+def _softplus(x):
+    # log(1 + e^x) = max(x, 0) + log1p(e^{-|x|}); log1p(y) = log(w) y / (w - 1), w = 1 + y
+    # (exact to rounding, no libdevice needed).
+    y = tl.exp(-tl.abs(x))
+    w = 1.0 + y
+    log1p_y = tl.where(w == 1.0, y, tl.log(w) * y / (w - 1.0))
+    return tl.maximum(x, 0.0) + log1p_y
+
+
+@triton.jit
+def _jsd_x(s, t, lse_s, lse_t, log_odds_beta):
+    # x = log(beta p / ((1 - beta) q)) = log(beta / (1 - beta)) + (t - s) - (LSE_t - LSE_s)
+    return log_odds_beta + (t - s) - (lse_t - lse_s)
+
+
+@triton.jit
+def _load_block(s_row, t_row, start, V, inv_temperature, BLOCK_V: tl.constexpr):
+    # One vocabulary block: raw student logits z, tempered s = z / T and t = z_t / T, in fp32.
+    cols = start + tl.arange(0, BLOCK_V)
+    in_vocab = cols < V
+    z = tl.load(s_row + cols, mask=in_vocab, other=-float("inf")).to(tl.float32)
+    t = tl.load(t_row + cols, mask=in_vocab, other=-float("inf")).to(tl.float32)
+    return cols, in_vocab, z, z * inv_temperature, t * inv_temperature
+
+
+@triton.jit
+def _kd_rows_kernel(
+    s_ptr, t_ptr, grad_ptr, labels_ptr, loss_ptr,
+    V, stride_s, stride_t, stride_g,
+    temperature, beta, soft_weight, hard_weight, ignore_index,
+    DIVERGENCE: tl.constexpr,  # 0 kl, 1 reverse_kl, 2 jsd
+    HAS_LABELS: tl.constexpr,
+    HAS_HARD: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * stride_s
+    t_row = t_ptr + row * stride_t
+    inv_temperature = 1.0 / temperature
+
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        counted = label != ignore_index
+    else:
+        label = -1
+        counted = row >= 0  # every row counts (a tensor, so tl.where accepts it)
+
+    # ---- pass 1: running maxima m and sums l = sum e^{x - m}; a block raising m to m'
+    # rescales every running sum by e^{m - m'}.
+    m_s = -float("inf")
+    m_t = -float("inf")
+    l_s = 0.0
+    l_t = 0.0
+    l_z = 0.0  # sum e^{z_s - T m_s}: the untempered student, for CE at T = 1
+    a = 0.0  # kl: sum e^{t - m_t}(t - s); reverse_kl: sum e^{s - m_s}(s - t)
+    j_top = 0  # index of the largest student logit
+    for start in range(0, V, BLOCK_V):
+        cols, in_vocab, z, s, t = _load_block(s_row, t_row, start, V, inv_temperature, BLOCK_V)
+        block_top = tl.max(s, axis=0)
+        j_top = tl.where(block_top > m_s, start + tl.argmax(s, axis=0), j_top)
+        m_s_new = tl.maximum(m_s, block_top)
+        m_t_new = tl.maximum(m_t, tl.max(t, axis=0))
+        alpha_s = tl.exp(m_s - m_s_new)
+        alpha_t = tl.exp(m_t - m_t_new)
+        e_s = tl.exp(s - m_s_new)
+        e_t = tl.exp(t - m_t_new)
+        l_s = l_s * alpha_s + tl.sum(e_s, axis=0)
+        l_t = l_t * alpha_t + tl.sum(e_t, axis=0)
+        if HAS_HARD:
+            l_z = l_z * tl.exp((m_s - m_s_new) * temperature) + tl.sum(
+                tl.exp(z - m_s_new * temperature), axis=0
+            )
+        if DIVERGENCE == 0:
+            a = a * alpha_t + tl.sum(_xlogy(e_t, t - s), axis=0)
+        if DIVERGENCE == 1:
+            a = a * alpha_s + tl.sum(_xlogy(e_s, s - t), axis=0)
+        m_s = m_s_new
+        m_t = m_t_new
+    lse_s = m_s + tl.log(l_s)
+    lse_t = m_t + tl.log(l_t)
+
+    if DIVERGENCE == 0:
+        divergence = a / l_t - lse_t + lse_s  # E_p[t - s] - LSE_t + LSE_s = KL(p || q)
+    elif DIVERGENCE == 1:
+        divergence = a / l_s - lse_s + lse_t  # E_q[s - t] - LSE_s + LSE_t = KL(q || p)
+    else:
+        # ---- pass 2 (jsd): E_q[softplus(x)] and E_p[softplus(-x)]
+        log_odds_beta = tl.log(beta) - tl.log(1.0 - beta)
+        eq_sp = 0.0
+        ep_sp = 0.0
+        for start in range(0, V, BLOCK_V):
+            cols, in_vocab, z, s, t = _load_block(s_row, t_row, start, V, inv_temperature, BLOCK_V)
+            x = _jsd_x(s, t, lse_s, lse_t, log_odds_beta)
+            eq_sp += tl.sum(_xlogy(tl.exp(s - lse_s), _softplus(x)), axis=0)  # 0 past the end
+            ep_sp += tl.sum(_xlogy(tl.exp(t - lse_t), _softplus(-x)), axis=0)
+        binary_entropy = -beta * tl.log(beta) - (1.0 - beta) * tl.log(1.0 - beta)
+        divergence = binary_entropy - beta * ep_sp - (1.0 - beta) * eq_sp
+
+    loss = soft_weight * divergence
+    if HAS_HARD:
+        lse_z = m_s * temperature + tl.log(l_z)
+        z_label = tl.load(s_row + label, mask=counted, other=0.0).to(tl.float32)
+        loss += hard_weight * (lse_z - z_label)  # CE = LSE(z_s) - z_s[y]
+    tl.store(loss_ptr + row, tl.where(counted, loss, 0.0))
+
+    if COMPUTE_GRAD:
+        # ---- last pass: d loss / d z_s = soft_weight / T * d div / d s + hard_weight * (softmax(z_s) - onehot)
+        g_row = grad_ptr + row * stride_g
+        g_others = 0.0  # sum of g_j over j != j_top
+        for start in range(0, V, BLOCK_V):
+            cols, in_vocab, z, s, t = _load_block(s_row, t_row, start, V, inv_temperature, BLOCK_V)
+            q = tl.exp(s - lse_s)
+            if DIVERGENCE == 0:
+                g = q - tl.exp(t - lse_t)  # kl: q - p
+            elif DIVERGENCE == 1:
+                # reverse: q (log q - log p - KL(q||p)) = q ((s - t) - E_q[s - t])
+                g = _xlogy(q, (s - t) - a / l_s)
+            else:
+                # jsd: (1 - beta) q (log(q / M) - KL(q || M)) = (1 - beta) q (E_q[sp(x)] - sp(x))
+                x = _jsd_x(s, t, lse_s, lse_t, log_odds_beta)
+                g = (1.0 - beta) * _xlogy(q, eq_sp - _softplus(x))
+            g = g * (soft_weight * inv_temperature)
+            if HAS_HARD:
+                g += hard_weight * (tl.exp(z - lse_z) - tl.where(cols == label, 1.0, 0.0))
+            g = tl.where(counted, g, 0.0)
+            not_top = in_vocab & (cols != j_top)
+            g_others += tl.sum(tl.where(not_top, g, 0.0), axis=0)
+            tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=not_top)
+        tl.store(g_row + j_top, (-g_others).to(grad_ptr.dtype.element_ty))  # rows sum to zero
+
+
+def kd_rows(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    grad_out: torch.Tensor | None,
+    options: KDOptions,
+    block_v: int = 2048,
+) -> torch.Tensor:
+    """Launch the row kernel on logits (C, V); returns the per-token loss (C,) in fp32.
+
+    ``grad_out`` (C, V), when given, receives d loss / d z_s; it may be ``student_logits``
+    itself (each element is read before it is overwritten). Rows must be unit-stride.
+    """
+    rows, vocab = student_logits.shape
+    loss = torch.empty(rows, dtype=torch.float32, device=student_logits.device)
+    if rows == 0:
+        return loss
+    block_v = min(block_v, triton.next_power_of_2(vocab))
+    has_hard = labels is not None and options.hard_weight > 0
+    _kd_rows_kernel[(rows,)](
+        student_logits, teacher_logits,
+        grad_out if grad_out is not None else student_logits,
+        labels if labels is not None else loss,
+        loss,
+        vocab, student_logits.stride(0), teacher_logits.stride(0),
+        grad_out.stride(0) if grad_out is not None else 0,
+        float(options.temperature), float(options.beta),
+        float(options.soft_weight), float(options.hard_weight), int(options.ignore_index),
+        DIVERGENCE=DIVERGENCE_IDS[options.divergence],
+        HAS_LABELS=labels is not None,
+        HAS_HARD=has_hard,
+        COMPUTE_GRAD=grad_out is not None,
+        BLOCK_V=block_v,
+        num_warps=8 if block_v >= 2048 else 4,
+    )
+    return loss
