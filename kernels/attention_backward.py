@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastkd.kernels.attention_common import (
+from .attention_common import (
     attention_blocks,
     block_d,
     causal_key_end,
@@ -95,7 +95,8 @@ def _dq_kernel(
 
     dq *= scale_s
     ptrs = dq_ptr + offs_m[:, None] * DS + offs_ds[None, :]
-    tl.store(ptrs, dq.to(dq_ptr.dtype.element_ty), mask=in_range[:, None] & (offs_ds[None, :] < DS))
+    mask = in_range[:, None] & (offs_ds[None, :] < DS)
+    tl.store(ptrs, dq.to(dq_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -123,7 +124,8 @@ def _dk_kernel(
     for g in range(0, GROUP_S):
         bh = bhk * GROUP_S + g  # b * H + h for the query heads h of this key head
         h = bh % H
-        k_t = load_rows(kt_ptr + (b * (H // GROUP_T) + h // GROUP_T) * L * DT, offs_n, L, offs_dt, DT)
+        kt_head_ptr = kt_ptr + (b * (H // GROUP_T) + h // GROUP_T) * L * DT
+        k_t = load_rows(kt_head_ptr, offs_n, L, offs_dt, DT)
         for start_m in range(causal_query_start(start_n, BLOCK_M, CAUSAL), L, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             in_range = offs_m < L
@@ -145,7 +147,8 @@ def _dk_kernel(
 
     dk *= scale_s
     ptrs = dk_ptr + bhk * L * DS + offs_n[:, None] * DS + offs_ds[None, :]
-    tl.store(ptrs, dk.to(dk_ptr.dtype.element_ty), mask=(offs_n[:, None] < L) & (offs_ds[None, :] < DS))
+    mask = (offs_n[:, None] < L) & (offs_ds[None, :] < DS)
+    tl.store(ptrs, dk.to(dk_ptr.dtype.element_ty), mask=mask)
 
 
 def attention_backward(

@@ -105,7 +105,7 @@ def attention_blocks(d_student: int, d_teacher: int, interpreted: bool) -> tuple
     The interpreter runs on CPU, where 32-row tiles keep tests fast and still cross tile edges.
     """
     if interpreted:
-        return 32, 32, 4
+        return 64, 64, 4
     widest = max(block_d(d_student), block_d(d_teacher))
     if widest <= 64:
         return 64, 64, 4

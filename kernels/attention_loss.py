@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastkd.kernels.attention_common import (
+from .attention_common import (
     attention_blocks,
     block_d,
     causal_key_end,

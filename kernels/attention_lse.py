@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastkd.kernels.attention_common import (
+from .attention_common import (
     NEG_BIG,
     attention_blocks,
     block_d,
@@ -32,12 +32,15 @@ from fastkd.kernels.attention_common import (
 
 
 @triton.jit
-def _online_update(m, l, x):
-    """Fold a score tile x into the running (max m, sum l); returns (m', l', exp(x - m'), alpha)."""
+def _online_update(m, total, x):
+    """Fold score tile x into the running max m and sum; returns (m', sum', exp(x - m'), alpha).
+
+    alpha = exp(m - m') rescales every running sum kept against the old max.
+    """
     m_new = tl.maximum(m, tl.max(x, 1))
     alpha = tl.exp(m - m_new)
     p = tl.exp(x - m_new[:, None])
-    return m_new, l * alpha + tl.sum(p, 1), p, alpha
+    return m_new, total * alpha + tl.sum(p, 1), p, alpha
 
 
 @triton.jit
@@ -80,10 +83,15 @@ def _attention_lse_kernel(
         m_s, l_s, p_s, alpha_s = _online_update(m_s, l_s, s)
         m_t, l_t, p_t, alpha_t = _online_update(m_t, l_t, t)
         if COMPUTE_KL:
-            # a += sum_j exp(t_j - m_t) (t_j - s_j); invisible pairs have p_t = 0 and t - s = NaN
-            a = a * alpha_t + tl.sum(p_t * tl.where(visible, t - s, 0.0), 1)
+            # a += sum_j exp(t_j - m_t) (t_j - s_j); invisible pairs have p_t = 0 and
+            # t = s = -inf, so they are zeroed before the difference (no inf - inf).
+            t_minus_s = tl.where(visible, t, 0.0) - tl.where(visible, s, 0.0)
+            a = a * alpha_t + tl.sum(p_t * t_minus_s, 1)
 
     # Padded rows saw no key (l = 0): store LSE 0 so later passes give exp(-inf - 0) = 0.
+    # (l is replaced by 1 there first, so that no log(0) or 0 / 0 is ever evaluated.)
+    l_s = tl.where(row_ok, l_s, 1.0)
+    l_t = tl.where(row_ok, l_t, 1.0)
     lse_s = tl.where(row_ok, m_s + tl.log(l_s), 0.0)
     lse_t = tl.where(row_ok, m_t + tl.log(l_t), 0.0)
     in_range = offs_m < L
