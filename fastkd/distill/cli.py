@@ -1,0 +1,68 @@
+"""`fastkd distill`: flags mirror the fields of `DistillConfig` (`--seq-len` for seq_len, ...);
+flags override a `--config` file. With no student and no teachers it runs the embedded demo."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from .config import DistillConfig
+
+
+def _flag_options(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
+    """argparse options for one config field (bool -> --x/--no-x, list -> several values)."""
+    options: dict[str, Any] = {"help": f.metadata["help"], "default": argparse.SUPPRESS}
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = args[0]
+    if hint is bool:
+        return {**options, "action": argparse.BooleanOptionalAction}
+    if typing.get_origin(hint) is list:
+        return {**options, "nargs": "+", "type": typing.get_args(hint)[0]}
+    extra = {k: v for k, v in f.metadata.items() if k != "help"}
+    return {**options, "type": hint, **extra}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastkd")
+    commands = parser.add_subparsers(dest="command", required=True)
+    distill = commands.add_parser(
+        "distill", help="distil teacher(s) into a student; no models given: run the demo",
+        description=__doc__,
+    )
+    distill.add_argument("--config", help="YAML or JSON file of DistillConfig fields")
+    hints = typing.get_type_hints(DistillConfig)
+    for f in dataclasses.fields(DistillConfig):
+        if typing.get_origin(hints[f.name]) is not dict:
+            flag = "--" + f.name.replace("_", "-")
+            distill.add_argument(flag, dest=f.name, **_flag_options(f, hints[f.name]))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `fastkd` console script."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    args.pop("command")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        path = args.pop("config")
+        base = DistillConfig.from_file(path).to_dict() if path else {}
+        cfg = DistillConfig.from_dict({**base, **args})
+        if cfg.is_demo:
+            from .demo import run_demo
+
+            run_demo(cfg)
+            return 0
+        from .run import prepare
+
+        job = prepare(cfg)
+    except (ValueError, TypeError, OSError) as err:
+        parser.exit(2, f"fastkd distill: error: {err}\n")
+    job()
+    return 0

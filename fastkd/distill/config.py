@@ -1,0 +1,168 @@
+"""`DistillConfig`: every setting of a distillation run, loadable from YAML or JSON.
+
+Unknown keys, values of the wrong type and unknown divergence / weighting / fusion names raise
+`ValueError` or `TypeError` naming the key, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DIVERGENCES = ("kl", "reverse_kl", "jsd")
+WEIGHTINGS = ("entropy", "static")
+FUSIONS = ("mixture", "weighted_kl")
+DEMO_SCALES = ("default", "tiny")
+
+
+def _opt(default: Any, help: str, **cli: Any) -> Any:
+    """A dataclass field with a help text (used by the CLI) and extra argparse options."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **cli})
+    return field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass
+class DistillConfig:
+    """Settings of a distillation run. With no `student` and no `teachers`, the CLI runs the
+    embedded synthetic demo (see `fastkd.distill.demo`)."""
+
+    # models and data
+    student: str | None = _opt(None, "student model directory (Hugging Face format)")
+    teachers: list[str] = _opt([], "teacher model directories; several -> multi-teacher")
+    tokenizer: str | None = _opt(None, "tokenizer directory (default: the student's)")
+    data: str | None = _opt(None, "training data: a text / JSON lines / parquet file or folder")
+    eval_data: str | None = _opt(None, "held-out data (same formats) for perplexity at the end")
+    text_field: str = _opt("text", "column holding the text")
+    seq_len: int = _opt(512, "tokens per training sequence")
+    packing: bool = _opt(True, "concatenate documents and cut them into seq_len blocks")
+    # loss
+    divergence: str = _opt("kl", f"one of {DIVERGENCES} (one teacher)")
+    beta: float = _opt(0.5, "JSD mixing coefficient, 0 < beta < 1")
+    temperature: float = _opt(1.0, "softmax temperature of the soft targets")
+    soft_weight: float = _opt(1.0, "weight of the divergence to the teacher(s)")
+    hard_weight: float = _opt(0.0, "weight of cross-entropy on the data labels")
+    weighting: str = _opt("entropy", f"multi-teacher mixing weights, one of {WEIGHTINGS}")
+    entropy_tau: float = _opt(1.0, "entropy weighting temperature")
+    teacher_priors: list[float] | None = _opt(None, "multi-teacher prior weights", nargs="+")
+    fusion: str = _opt("mixture", f"multi-teacher fusion, one of {FUSIONS}")
+    backend: str = _opt("auto", "fastkd backend: auto, triton or torch")
+    # optimisation
+    steps: int = _opt(1000, "optimizer steps")
+    batch_size: int = _opt(8, "sequences per device per micro-batch")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    learning_rate: float = _opt(5e-5, "peak learning rate")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    warmup_steps: int = _opt(0, "linear warm-up steps")
+    bf16: bool = _opt(False, "bf16 mixed precision (GPU)")
+    seed: int = _opt(0, "random seed")
+    # bookkeeping
+    output_dir: str = _opt("runs/distill", "checkpoints, metrics.jsonl and the final student")
+    resume: str | None = _opt(None, "resume: 'latest' or a checkpoint folder", nargs="?",
+                              const="latest")
+    logging_steps: int = _opt(10, "log every N steps (metrics.jsonl, progress bar)")
+    save_steps: int = _opt(500, "checkpoint every N steps")
+    training_args: dict[str, Any] = _opt({}, "extra transformers.TrainingArguments (file only)")
+    demo_scale: str = _opt("default", f"embedded demo size, one of {DEMO_SCALES}")
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), hints[f.name])
+        _check_choice("divergence", self.divergence, DIVERGENCES)
+        _check_choice("weighting", self.weighting, WEIGHTINGS)
+        _check_choice("fusion", self.fusion, FUSIONS)
+        _check_choice("backend", self.backend, ("auto", "triton", "torch"))
+        _check_choice("demo_scale", self.demo_scale, DEMO_SCALES)
+        for name in ("seq_len", "steps", "batch_size", "grad_accum", "logging_steps", "save_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.soft_weight < 0 or self.hard_weight < 0 or self.soft_weight + self.hard_weight == 0:
+            raise ValueError(
+                f"soft_weight and hard_weight must be >= 0 and not both 0, got "
+                f"{self.soft_weight} and {self.hard_weight}"
+            )
+        if self.divergence == "jsd" and not 0 < self.beta < 1:
+            raise ValueError(f"beta must be in (0, 1) for divergence 'jsd', got {self.beta}")
+        if self.teacher_priors is not None and len(self.teacher_priors) != len(self.teachers):
+            raise ValueError(
+                f"teacher_priors has {len(self.teacher_priors)} entries for "
+                f"{len(self.teachers)} teachers"
+            )
+
+    @property
+    def is_demo(self) -> bool:
+        """True when no model is named: the CLI then runs the embedded synthetic demo."""
+        return self.student is None and not self.teachers
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DistillConfig:
+        """Build from a mapping; a key that is not a field raises `ValueError` naming it."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"unknown config key {key!r}{hint}")
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> DistillConfig:
+        """Load a `.yaml` / `.yml` or `.json` file holding a mapping of fields."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text)
+        elif path.suffix == ".json":
+            values = json.loads(text)
+        else:
+            raise ValueError(f"config file {str(path)!r}: expected .yaml, .yml or .json")
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {str(path)!r} must hold a mapping of keys to values")
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {choices}")
+
+
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    """Raise `TypeError` when `value` does not match the field annotation `hint`."""
+    if not _matches(value, hint):
+        raise TypeError(f"config key {name!r} expects {hint}, got {value!r}")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)

@@ -1,0 +1,102 @@
+"""The logit-distillation loss of one batch, from hidden states and lm_head weights.
+
+Calls `fused_kd_loss` (one teacher) or `multi_teacher_kd_loss` (several); full tokens x vocab
+logits are never materialized here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fastkd import fused_kd_loss, multi_teacher_kd_loss
+
+from .config import DistillConfig
+from .heads import Head
+
+IGNORE_INDEX = -100
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) labels -> (B, T) targets of each position: position t predicts labels[t + 1]; the
+    last position predicts nothing (IGNORE_INDEX)."""
+    return F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
+
+
+@dataclass(frozen=True)
+class LogitKD:
+    """Settings of the output-distribution term (see `DistillConfig` for their meaning)."""
+
+    divergence: str = "kl"
+    beta: float = 0.5
+    temperature: float = 1.0
+    soft_weight: float = 1.0
+    hard_weight: float = 0.0
+    weighting: str = "entropy"
+    entropy_tau: float = 1.0
+    teacher_priors: tuple[float, ...] | None = None
+    fusion: str = "mixture"
+    backend: str = "auto"
+
+    @classmethod
+    def from_config(cls, cfg: DistillConfig) -> LogitKD:
+        priors = None if cfg.teacher_priors is None else tuple(cfg.teacher_priors)
+        return cls(cfg.divergence, cfg.beta, cfg.temperature, cfg.soft_weight, cfg.hard_weight,
+                   cfg.weighting, cfg.entropy_tau, priors, cfg.fusion, cfg.backend)
+
+    def __call__(
+        self,
+        student_hidden: torch.Tensor,
+        student: Head,
+        teacher_hiddens: list[torch.Tensor],
+        teachers: list[Head],
+        targets: torch.Tensor,
+        soft_weight: float | None = None,
+        hard_weight: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Summed loss over counted tokens, and the teachers' mixing weights.
+
+        Args:
+            student_hidden: (B, T, Hs) final hidden states of the student.
+            student: its head, weight (V, Hs).
+            teacher_hiddens: K tensors (B, T, Ht_k).
+            teachers: K heads, weight (V, Ht_k), sliced to the student's V.
+            targets: (B, T) shifted labels, IGNORE_INDEX where nothing is predicted.
+            soft_weight, hard_weight: override the configured weights (for diagnostics).
+
+        Returns:
+            (loss summed over counted tokens (scalar), mixing weights (B, T, K) or None for
+            one teacher).
+        """
+        common = dict(
+            student_bias=student.bias,
+            temperature=self.temperature,
+            soft_weight=self.soft_weight if soft_weight is None else soft_weight,
+            hard_weight=self.hard_weight if hard_weight is None else hard_weight,
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+            backend=self.backend,
+        )
+        weight = _as(student.weight, student_hidden)
+        if len(teachers) == 1:
+            loss = fused_kd_loss(
+                student_hidden, weight, teacher_hiddens[0],
+                _as(teachers[0].weight, teacher_hiddens[0]), targets,
+                teacher_bias=teachers[0].bias, divergence=self.divergence, beta=self.beta,
+                **common,
+            )
+            return loss, None
+        return multi_teacher_kd_loss(
+            student_hidden, weight, teacher_hiddens,
+            [_as(t.weight, h) for t, h in zip(teachers, teacher_hiddens, strict=True)], targets,
+            teacher_biases=[t.bias for t in teachers], weighting=self.weighting,
+            entropy_tau=self.entropy_tau, teacher_priors=self.teacher_priors,
+            fusion=self.fusion, return_mixing=True, **common,
+        )
+
+
+def _as(weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """`weight` in the dtype of `hidden` (mixed precision runs the decoder in a lower one)."""
+    return weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)

@@ -1,0 +1,160 @@
+"""`DistillationTrainer`: a `transformers.Trainer` whose loss is fastkd's logit distillation.
+
+accelerate brings DDP / FSDP, mixed precision, gradient accumulation, checkpointing and resume;
+this class only replaces the loss. The loss of an optimizer step is the sum over every counted
+token of the step (all micro-batches, all processes) divided by their number, so it equals the
+loss of one big batch on one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from accelerate.utils import extract_model_from_parallel
+from torch import nn
+from transformers import PreTrainedModel, Trainer
+
+from .capture import final_hidden
+from .heads import Head, check_plain_logits, output_head, vocab_rows
+from .loss import IGNORE_INDEX, LogitKD, shift_labels
+from .metrics import StepMeter
+from .vocab import teacher_rows
+
+
+class DistillationTrainer(Trainer):
+    """Trains `model` (the student) to match `teachers` on each batch's next-token
+    distributions.
+
+    Args:
+        teachers: one or more frozen causal LMs sharing the student's tokenizer; their lm_heads
+            may have extra padding rows (dropped).
+        kd: the loss settings.
+        vocab_size: tokens in use (the tokenizer's length) or None when unknown; checked
+            against the lm_heads.
+        *args, **kwargs: as for `transformers.Trainer` (model = the student). Batches carry
+            input_ids, attention_mask and unshifted labels (IGNORE_INDEX at padding).
+    """
+
+    # compute_loss already divides by the step's counted tokens: no further division by the
+    # number of accumulation steps.
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        *args: Any,
+        teachers: Sequence[PreTrainedModel],
+        kd: LogitKD,
+        vocab_size: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if not teachers:
+            raise ValueError("DistillationTrainer needs at least one teacher")
+        check_plain_logits(self.model, "student")
+        self.kd = kd
+        self.teachers = list(teachers)
+        self.student_rows = rows = vocab_rows(self.model)
+        self.teacher_heads: list[Head] = []
+        for k, teacher in enumerate(self.teachers):
+            name = getattr(teacher, "name_or_path", "") or f"teacher {k}"
+            check_plain_logits(teacher, name)
+            teacher.to(self.args.device).eval().requires_grad_(False)
+            used = teacher_rows(rows, vocab_rows(teacher), vocab_size, name)
+            self.teacher_heads.append(output_head(teacher, used))
+        self.meter = StepMeter()
+
+    def get_batch_samples(
+        self, epoch_iterator: Iterator, num_batches: int, device: torch.device
+    ) -> tuple[list, torch.Tensor]:
+        """The step's micro-batches and its counted tokens, summed over all processes."""
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        count = torch.zeros((), dtype=torch.long, device=device)
+        for batch in batches:
+            count += (shift_labels(batch["labels"]) != IGNORE_INDEX).sum().to(device)
+        if self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return batches, count
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """In training: this micro-batch's summed loss / the step's counted tokens (times the
+        process count, which DDP's gradient averaging divides out). Otherwise the mean over
+        this batch's counted tokens."""
+        loss_sum, counted = self.distill_loss_sum(model, inputs)
+        if model.training and num_items_in_batch is not None:
+            scale = self.accelerator.num_processes / num_items_in_batch.clamp(min=1)
+            loss = loss_sum * scale
+        else:
+            loss = loss_sum / counted.clamp(min=1)
+        return (loss, {"loss": loss.detach()}) if return_outputs else loss
+
+    def distill_loss_sum(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss summed over the batch's counted tokens, number of counted tokens)."""
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        targets = shift_labels(inputs["labels"])
+        student_hidden = final_hidden(model, ids, mask)
+        with torch.no_grad():
+            teacher_hiddens = [final_hidden(t, ids, mask) for t in self.teachers]
+        student = output_head(extract_model_from_parallel(model), self.student_rows)
+        loss_sum, mixing = self.kd(student_hidden, student, teacher_hiddens, self.teacher_heads,
+                                   targets)
+        counted_mask = targets != IGNORE_INDEX
+        counted = counted_mask.sum()
+        self.meter.add_tokens(int(ids.numel() if mask is None else mask.sum()))
+        if model.training and self._logs_this_step():
+            self._measure_parts(student_hidden, student, teacher_hiddens, targets, loss_sum,
+                                mixing, counted_mask)
+        return loss_sum, counted
+
+    def _logs_this_step(self) -> bool:
+        """Whether the Trainer logs at the end of the optimizer step now being computed."""
+        step = self.state.global_step + 1
+        every = self.args.logging_strategy == "steps" and step % self.state.logging_steps == 0
+        return every or (step == 1 and self.args.logging_first_step)
+
+    @torch.no_grad()
+    def _measure_parts(
+        self,
+        student_hidden: torch.Tensor,
+        student: Head,
+        teacher_hiddens: list[torch.Tensor],
+        targets: torch.Tensor,
+        loss_sum: torch.Tensor,
+        mixing: torch.Tensor | None,
+        counted_mask: torch.Tensor,
+    ) -> None:
+        """Record the divergence and the cross-entropy separately (one extra forward-only loss
+        call), and the mean mixing weight of each teacher over counted tokens."""
+        args = (student_hidden, student, teacher_hiddens, self.teacher_heads, targets)
+        total, kd = loss_sum.detach().float(), self.kd
+        if kd.hard_weight == 0:
+            soft = total / kd.soft_weight
+            hard = kd(*args, soft_weight=0.0, hard_weight=1.0)[0].float()
+        else:
+            soft = kd(*args, soft_weight=1.0, hard_weight=0.0)[0].float()
+            hard = (total - kd.soft_weight * soft) / kd.hard_weight
+        sums = {"kd_divergence": soft.item(), "kd_hard_ce": hard.item()}
+        if mixing is not None:
+            w = (mixing.float() * counted_mask.unsqueeze(-1)).sum(dim=(0, 1))
+            sums.update({f"mixing_w{k}": v for k, v in enumerate(w.tolist())})
+        self.meter.add(float(counted_mask.sum()), sums)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the meter's averages (parts, mixing, tokens/s, memory) to training logs."""
+        if "loss" in logs:
+            logs = {**logs, **self.meter.flush()}
+        super().log(logs, start_time)
