@@ -31,8 +31,15 @@ MAX_KERNEL_HEAD_DIM = 256
 
 
 def _kernel_side(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q and k of one side in one dtype the kernels take (fp32 unless both are fp16/bf16)."""
+    """q and k of one side in one dtype the kernels take (fp32 unless both are fp16/bf16).
+
+    The Triton interpreter multiplies the raw bits of bf16 operands in ``tl.dot``
+    (triton-lang/triton#11584, unsupported there), so interpreted runs upcast bf16 to fp32;
+    compiled kernels take bf16 as it is (and fp16 exercises the same code in the interpreter).
+    """
     dtype = q.dtype if q.dtype == k.dtype and q.dtype in KERNEL_DTYPES else torch.float32
+    if dtype == torch.bfloat16 and triton_interpreted():
+        dtype = torch.float32
     return q.to(dtype).contiguous(), k.to(dtype).contiguous()
 
 
