@@ -135,9 +135,8 @@ def _check_side(side: str, q: torch.Tensor, k: torch.Tensor) -> None:
         )
 
 
-def _check_mask(attention_mask: object, batch: int, length: int) -> tuple[torch.Tensor, int]:
+def _check_mask(mask: torch.Tensor, batch: int, length: int) -> tuple[torch.Tensor, int]:
     """The (B, L) bool mask of real tokens, and the number of real tokens."""
-    mask = check_tensor("attention_mask", attention_mask, ndim=2)
     if tuple(mask.shape) != (batch, length):
         raise ValueError(
             f"attention_mask shape {tuple(mask.shape)} must be (B, L) = {(batch, length)}"
@@ -214,6 +213,8 @@ def attention_kd_loss(
             f"attention inputs must not be empty, got student_q {tuple(student_q.shape)} and "
             f"teacher_q {tuple(teacher_q.shape)}"
         )
+    if attention_mask is not None:
+        check_tensor("attention_mask", attention_mask, ndim=2)
     device = check_same_device(
         [("student_q", student_q), ("student_k", student_k), ("teacher_q", teacher_q),
          ("teacher_k", teacher_k), ("attention_mask", attention_mask)]
