@@ -30,7 +30,9 @@ def check_floating(name: str, value: object, *, ndim: int | None = None) -> torc
     """A tensor of dtype float16, bfloat16, float32 or float64."""
     tensor = check_tensor(name, value, ndim=ndim)
     if tensor.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got {tensor.dtype}")
+        raise TypeError(
+            f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got {tensor.dtype}"
+        )
     return tensor
 
 

@@ -14,11 +14,14 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from fastkd.chunked import Linear, chunked_kd
+from fastkd.matmul import accumulation_dtype
 
 RowOp = Callable[..., torch.Tensor]
 
 
-def counted_tokens(labels: torch.Tensor | None, tokens: int, ignore_index: int, device) -> torch.Tensor:
+def counted_tokens(
+    labels: torch.Tensor | None, tokens: int, ignore_index: int, device: torch.device
+) -> torch.Tensor:
     """Number of tokens whose label is not ``ignore_index`` (all tokens without labels)."""
     if labels is None:
         return torch.tensor(tokens, device=device)
@@ -58,7 +61,7 @@ class ChunkedKDFunction(torch.autograd.Function):
         need = tuple(ctx.needs_input_grad[:3]) if compute_grad else (False, False, False)
         ctx.reduction = reduction
         ctx.mark_non_differentiable(*(t for t in (labels,) if t is not None))
-        acc_dtype = torch.float64 if student_weight.dtype == torch.float64 else torch.float32
+        acc_dtype = accumulation_dtype(student_weight)
         if reduction == "none":
             loss, _ = chunked_kd(student, teachers, labels, row_op, None, need, chunk_size)
             ctx.replay = (teachers, row_op, need, chunk_size)
@@ -69,30 +72,29 @@ class ChunkedKDFunction(torch.autograd.Function):
         loss, grads = chunked_kd(
             student, teachers, labels, row_op, scale if any(need) else None, need, chunk_size
         )
-        ctx.save_for_backward(
+        ctx.save_for_backward(  # fp32 accumulators cast to the weight's dtype
             grads.hidden,
-            None if grads.weight is None else grads.weight.to(student_weight.dtype),
-            None if grads.bias is None else grads.bias.to(student_weight.dtype),
+            _cast(grads.weight, student_weight.dtype),
+            _cast(grads.bias, student_weight.dtype),
         )
         return loss.sum() * scale
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
-        if ctx.reduction == "none":
+        if ctx.reduction == "none":  # replay the chunks with g_i = d out / d loss_i
             hidden, weight, bias, labels = ctx.saved_tensors
             teachers, row_op, need, chunk_size = ctx.replay
             _, grads = chunked_kd(
                 Linear(hidden, weight, bias), teachers, labels, row_op,
-                grad_output.to(torch.float64 if weight.dtype == torch.float64 else torch.float32),
-                need, chunk_size,
+                grad_output.to(accumulation_dtype(weight)), need, chunk_size,
             )
-            scaled = (grads.hidden, grads.weight, grads.bias)
-            scaled = tuple(None if g is None else g.to(t.dtype) for g, t in zip(
-                scaled, (hidden, weight, bias if bias is not None else weight)))
+            dtype = weight.dtype
+            grads = (grads.hidden, _cast(grads.weight, dtype), _cast(grads.bias, dtype))
         else:
-            scaled = tuple(None if g is None else g * grad_output.to(g.dtype) for g in ctx.saved_tensors)
-        return (*scaled, None, None, None, None, None, None, None)
+            grads = tuple(None if g is None else g * grad_output.to(g.dtype)
+                          for g in ctx.saved_tensors)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 class KDLossFunction(torch.autograd.Function):
@@ -116,7 +118,8 @@ class KDLossFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         tokens = student_logits.shape[0]
         grad = torch.empty_like(student_logits) if compute_grad else None
-        loss = torch.empty(tokens, dtype=_acc(student_logits), device=student_logits.device)
+        loss = torch.empty(tokens, dtype=accumulation_dtype(student_logits),
+                           device=student_logits.device)
         for start in range(0, tokens, chunk_size):
             rows = slice(start, start + chunk_size)
             loss[rows] = row_op(
@@ -142,5 +145,5 @@ class KDLossFunction(torch.autograd.Function):
         return grad * grad_output.to(grad.dtype), None, None, None, None, None, None, None
 
 
-def _acc(tensor: torch.Tensor) -> torch.dtype:
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+def _cast(grad: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if grad is None else grad.to(dtype)

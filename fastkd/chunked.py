@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastkd.matmul import addmm_, mm
+from fastkd.matmul import accumulation_dtype, addmm_, mm
 
 DEFAULT_CHUNK_MEMORY = 256 * 2**20  # bytes for the fp32 logit buffers of one chunk
 
@@ -55,7 +55,7 @@ def chunk_size_for(vocab: int, logit_buffers: int, chunk_size: int | None = None
 
 def logits_fp32(linear: Linear, rows: slice) -> torch.Tensor:
     """fp32 logits (C, V) of the tokens in ``rows``; never rounded to the input dtype."""
-    logits = mm(linear.hidden[rows], linear.weight.T, _acc_dtype(linear.weight))
+    logits = mm(linear.hidden[rows], linear.weight.T, accumulation_dtype(linear.weight))
     return logits if linear.bias is None else logits.add_(linear.bias)
 
 
@@ -76,19 +76,12 @@ def chunked_kd(
     """
     tokens = student.hidden.shape[0]
     device = student.hidden.device
-    loss = torch.empty(tokens, dtype=torch.float32, device=device)
+    loss = torch.empty(tokens, dtype=accumulation_dtype(student.weight), device=device)
     want_grads = token_scale is not None and any(need)
     grad_hidden = torch.empty_like(student.hidden) if want_grads and need[0] else None
-    grad_weight = (
-        torch.zeros(student.weight.shape, dtype=_acc_dtype(student.weight), device=device)
-        if want_grads and need[1]
-        else None
-    )
-    grad_bias = (
-        torch.zeros(student.weight.shape[0], dtype=_acc_dtype(student.weight), device=device)
-        if want_grads and need[2]
-        else None
-    )
+    acc = dict(dtype=accumulation_dtype(student.weight), device=device)
+    grad_weight = torch.zeros(student.weight.shape, **acc) if want_grads and need[1] else None
+    grad_bias = torch.zeros(student.weight.shape[0], **acc) if want_grads and need[2] else None
 
     for start in range(0, tokens, chunk_size):
         rows = slice(start, min(start + chunk_size, tokens))
@@ -100,7 +93,8 @@ def chunked_kd(
         if not want_grads:
             continue
         count = rows.stop - rows.start
-        scale = (token_scale[rows] if token_scale.dim() == 1 else token_scale.expand(count))[:, None]
+        per_token = token_scale[rows] if token_scale.dim() == 1 else token_scale.expand(count)
+        scale = per_token[:, None]
         hidden = student.hidden[rows]
         operand = grad_logits.to(student.weight.dtype)  # cuBLAS wants matching dtypes
         if grad_hidden is not None:  # diag(g) (dlogits W)
@@ -110,7 +104,3 @@ def chunked_kd(
         if grad_bias is not None:  # g^T dlogits
             grad_bias += (scale.T.to(grad_logits.dtype) @ grad_logits)[0]
     return loss, StudentGrads(grad_hidden, grad_weight, grad_bias)
-
-
-def _acc_dtype(weight: torch.Tensor) -> torch.dtype:
-    return torch.float64 if weight.dtype == torch.float64 else torch.float32

@@ -12,6 +12,11 @@ import torch
 HALF = (torch.float16, torch.bfloat16)
 
 
+def accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """fp64 for fp64 tensors (gradcheck), fp32 for everything else."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
 def mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """a (M, K) @ b (K, N) -> (M, N) in ``out_dtype``, accumulated in fp32 (or fp64)."""
     if a.dtype not in HALF:

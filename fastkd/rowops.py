@@ -54,7 +54,7 @@ def kd_rows_torch(
     counted = torch.ones_like(loss, dtype=torch.bool)
     if labels is not None:
         counted = labels != options.ignore_index
-        if options.hard_weight > 0:  # CE at T = 1: loss LSE(z_s) - z_s[y], grad softmax(z_s) - onehot
+        if options.hard_weight > 0:  # CE at T = 1: LSE(z_s) - z_s[y]; grad softmax(z_s) - onehot
             safe = torch.where(counted, labels, torch.zeros_like(labels)).long()
             log_q1 = torch.log_softmax(z_s, dim=-1)
             loss = loss - options.hard_weight * log_q1.gather(1, safe[:, None]).squeeze(1)

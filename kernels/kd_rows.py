@@ -147,7 +147,8 @@ def _kd_rows_kernel(
     tl.store(loss_ptr + row, tl.where(counted, loss, 0.0))
 
     if COMPUTE_GRAD:
-        # ---- last pass: d loss / d z_s = soft_weight / T * d div / d s + hard_weight * (softmax(z_s) - onehot)
+        # ---- last pass: d loss / d z_s
+        #      = soft_weight / T * d div / d s + hard_weight * (softmax(z_s) - onehot(y))
         g_row = grad_ptr + row * stride_g
         g_others = 0.0  # sum of g_j over j != j_top
         for start in range(0, V, BLOCK_V):

@@ -1,0 +1,38 @@
+# Every target sets up what it needs in a local virtual environment (.venv) and then runs.
+# TORCH_SPEC chooses the torch build: a CPU wheel where no GPU is visible, the default
+# (CUDA) wheel where nvidia-smi is present. Override it: make test TORCH_SPEC='torch==2.9.1'.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.4,torch==2.13.0)
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Stamp file: re-install when the package metadata changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/python benchmarks/bench_kernels.py
+
+test: setup
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python -m pytest benchmarks/test_bench_cpu.py --benchmark-only $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check fastkd kernels benchmarks tests
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

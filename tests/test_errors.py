@@ -1,0 +1,76 @@
+"""Bad input raises a clear ValueError / TypeError naming the argument and the shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastkd._checks as checks
+from fastkd import fused_kd_loss, kd_loss
+
+V, HS, HT, N = 20, 6, 10, 4
+
+
+def good():
+    return dict(
+        student_hidden=torch.randn(N, HS, requires_grad=True),
+        student_weight=torch.randn(V, HS),
+        teacher_hidden=torch.randn(N, HT),
+        teacher_weight=torch.randn(V, HT),
+        labels=torch.randint(0, V, (N,)),
+    )
+
+
+def call(**changes):
+    args = good()
+    options = {k: changes.pop(k) for k in list(changes) if k not in args}
+    args.update(changes)
+    return fused_kd_loss(**args, **options)
+
+
+CASES = [
+    (dict(teacher_weight=torch.randn(V + 1, HT)), ValueError, r"teacher vocab size 21 .* 20"),
+    (dict(teacher_hidden=torch.randn(N + 1, HT)), ValueError, r"token counts must match"),
+    (dict(student_hidden=torch.randn(N, HS + 1)), ValueError, r"student_hidden \(4, 7\).*expects 6"),
+    (dict(teacher_hidden=torch.randn(N, 3)), ValueError, r"teacher_hidden \(4, 3\).*expects 10"),
+    (dict(labels=torch.zeros(N + 1, dtype=torch.long)), ValueError, r"labels shape \(5,\)"),
+    (dict(labels=torch.zeros(N)), TypeError, r"labels must be an integer tensor"),
+    (dict(labels=torch.tensor([0, 1, V, 2]), hard_weight=1.0), ValueError, r"\[0, 20\).*\[0, 20\]"),
+    (dict(labels=torch.tensor([0, -5, 1, 2]), hard_weight=1.0), ValueError, r"\[-5, 2\]"),
+    (dict(labels=None, hard_weight=1.0), ValueError, r"hard_weight=1.0 needs labels"),
+    (dict(divergence="kld"), ValueError, r"divergence must be one of .*'kld'"),
+    (dict(reduction="avg"), ValueError, r"reduction must be one of .*'avg'"),
+    (dict(backend="cuda"), ValueError, r"backend must be one of .*'cuda'"),
+    (dict(temperature=0.0), ValueError, r"temperature must be a finite number > 0, got 0.0"),
+    (dict(temperature=float("nan")), ValueError, r"temperature"),
+    (dict(divergence="jsd", beta=1.0), ValueError, r"beta must lie in \(0, 1\).*1.0"),
+    (dict(divergence="jsd", beta=0.0), ValueError, r"beta must lie in \(0, 1\)"),
+    (dict(soft_weight=-1.0), ValueError, r"soft_weight must be a finite number >= 0"),
+    (dict(hard_weight=-0.5), ValueError, r"hard_weight must be a finite number >= 0"),
+    (dict(student_hidden=torch.ones(N, HS, dtype=torch.long)), TypeError, r"student_hidden must be a floating"),
+    (dict(teacher_weight=[[1.0]]), TypeError, r"teacher_weight must be a torch.Tensor, got list"),
+    (dict(student_weight=torch.randn(V, HS, 1)), ValueError, r"student_weight must have 2 dim"),
+    (dict(student_hidden=torch.randn(N, HS, dtype=torch.float64)), TypeError, r"float64 differs"),
+    (dict(student_bias=torch.randn(V + 2)), ValueError, r"student_bias shape \(22,\) must be \(20,\)"),
+    (dict(chunk_size=0), ValueError, r"chunk_size must be a positive int"),
+    (dict(student_weight=torch.randn(V, HS, device="meta")), ValueError, r"student_weight is on meta"),
+]
+
+
+@pytest.mark.parametrize("changes,error,pattern", CASES)
+def test_fused_kd_loss_rejects(changes, error, pattern):
+    with pytest.raises(error, match=pattern):
+        call(**changes)
+
+
+def test_kd_loss_rejects_mismatched_logits():
+    with pytest.raises(ValueError, match=r"\(3, 5\) and teacher_logits \(3, 6\)"):
+        kd_loss(torch.randn(3, 5), torch.randn(3, 6))
+    with pytest.raises(TypeError, match="teacher_logits must be a floating"):
+        kd_loss(torch.randn(3, 5), torch.ones(3, 5, dtype=torch.int32))
+
+
+def test_triton_forced_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setattr(checks, "triton_interpreted", lambda: False)
+    with pytest.raises(ValueError, match=r"backend='triton' needs CUDA tensors.*TRITON_INTERPRET"):
+        call(backend="triton")
