@@ -123,7 +123,7 @@ class KDLossFunction(torch.autograd.Function):
         for start in range(0, tokens, chunk_size):
             rows = slice(start, start + chunk_size)
             loss[rows] = row_op(
-                student_logits[rows], [teacher_logits[rows]],
+                rows, student_logits[rows], teacher_logits[None, rows],
                 None if labels is None else labels[rows],
                 None if grad is None else grad[rows],
             )

@@ -53,10 +53,10 @@ def chunk_size_for(vocab: int, logit_buffers: int, chunk_size: int | None = None
     return max(16, rows // 16 * 16)
 
 
-def logits_fp32(linear: Linear, rows: slice) -> torch.Tensor:
-    """fp32 logits (C, V) of the tokens in ``rows``; never rounded to the input dtype."""
-    logits = mm(linear.hidden[rows], linear.weight.T, accumulation_dtype(linear.weight))
-    return logits if linear.bias is None else logits.add_(linear.bias)
+def logits_fp32(linear: Linear, rows: slice, out: torch.Tensor) -> torch.Tensor:
+    """fp32 logits (C, V) of the tokens in ``rows`` into ``out``; never rounded to half."""
+    mm(linear.hidden[rows], linear.weight.T, out=out)
+    return out if linear.bias is None else out.add_(linear.bias)
 
 
 def chunked_kd(
@@ -68,11 +68,12 @@ def chunked_kd(
     need: tuple[bool, bool, bool],
     chunk_size: int,
 ) -> tuple[torch.Tensor, StudentGrads]:
-    """Per-token loss (N,) in fp32 and the student gradients of sum_i g_i loss_i.
+    """Per-token loss (N,) (fp32; fp64 for fp64) and the student gradients of sum_i g_i loss_i.
 
-    ``row_op(student_logits, teacher_logits_list, labels, grad_out)`` returns the chunk's loss
-    and fills ``grad_out``; ``token_scale`` g is a scalar or (N,) tensor (None: no gradients);
-    ``need`` says which of (hidden, weight, bias) gradients to build.
+    ``row_op(rows, student_logits (C, V), teacher_logits (K, C, V), labels, grad_out)``
+    returns the chunk's loss and fills ``grad_out``. ``token_scale`` g is a scalar or (N,)
+    tensor (None: no gradients); ``need`` says which of the (hidden, weight, bias) gradients
+    to build.
     """
     tokens = student.hidden.shape[0]
     device = student.hidden.device
@@ -83,22 +84,27 @@ def chunked_kd(
     grad_weight = torch.zeros(student.weight.shape, **acc) if want_grads and need[1] else None
     grad_bias = torch.zeros(student.weight.shape[0], **acc) if want_grads and need[2] else None
 
+    vocab = student.weight.shape[0]
+    student_buffer = torch.empty(min(chunk_size, tokens), vocab, **acc)
+    teacher_buffer = torch.empty(len(teachers), min(chunk_size, tokens), vocab, **acc)
     for start in range(0, tokens, chunk_size):
         rows = slice(start, min(start + chunk_size, tokens))
-        student_logits = logits_fp32(student, rows)
-        teacher_logits = [logits_fp32(teacher, rows) for teacher in teachers]
+        count = rows.stop - rows.start
+        student_logits = logits_fp32(student, rows, student_buffer[:count])
+        teacher_logits = teacher_buffer[:, :count]
+        for k, teacher in enumerate(teachers):
+            logits_fp32(teacher, rows, teacher_logits[k])
         chunk_labels = labels[rows] if labels is not None else None
         grad_logits = student_logits if want_grads else None  # d loss / d z_s, in place
-        loss[rows] = row_op(student_logits, teacher_logits, chunk_labels, grad_logits)
+        loss[rows] = row_op(rows, student_logits, teacher_logits, chunk_labels, grad_logits)
         if not want_grads:
             continue
-        count = rows.stop - rows.start
         per_token = token_scale[rows] if token_scale.dim() == 1 else token_scale.expand(count)
         scale = per_token[:, None]
         hidden = student.hidden[rows]
         operand = grad_logits.to(student.weight.dtype)  # cuBLAS wants matching dtypes
         if grad_hidden is not None:  # diag(g) (dlogits W)
-            grad_hidden[rows] = mm(operand, student.weight, grad_hidden.dtype).mul_(scale)
+            mm(operand, student.weight, out=grad_hidden[rows]).mul_(scale)
         if grad_weight is not None:  # dlogits^T (diag(g) h)
             addmm_(grad_weight, operand.T, (hidden * scale).to(operand.dtype))
         if grad_bias is not None:  # g^T dlogits

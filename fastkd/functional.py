@@ -26,6 +26,8 @@ from fastkd.autograd import ChunkedKDFunction, KDLossFunction
 from fastkd.chunked import Linear, chunk_size_for
 from fastkd.options import DIVERGENCES, KDOptions
 
+STUDENT_NAMES = ("student_hidden", "student_weight", "student_bias")
+
 
 def fused_kd_loss(
     student_hidden: torch.Tensor,
@@ -74,8 +76,9 @@ def fused_kd_loss(
     teacher_hidden = check_floating("teacher_hidden", teacher_hidden)
     teacher_weight = check_floating("teacher_weight", teacher_weight, ndim=2)
     leading = student_hidden.shape[:-1]
-    _check_linear("student", student_hidden, student_weight, student_bias)
-    _check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    check_linear(STUDENT_NAMES, student_hidden, student_weight, student_bias)
+    check_linear(("teacher_hidden", "teacher_weight", "teacher_bias"),
+                 teacher_hidden, teacher_weight, teacher_bias)
     if teacher_weight.shape[0] != student_weight.shape[0]:
         raise ValueError(
             f"teacher vocab size {teacher_weight.shape[0]} (teacher_weight "
@@ -94,7 +97,7 @@ def fused_kd_loss(
         ("teacher_weight", teacher_weight), ("teacher_bias", teacher_bias), ("labels", labels),
     ])
     options = _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_index)
-    flat_labels = _flat_labels(labels, leading, vocab, options)
+    token_labels = flat_labels(labels, leading, vocab, options)
     check_choice("reduction", reduction, REDUCTIONS)
     row_op = _row_op(resolve_backend(backend, device), options)
     student_grad = any(t is not None and t.requires_grad
@@ -106,11 +109,11 @@ def fused_kd_loss(
         [Linear(teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).contiguous(),
                 teacher_weight.detach(),
                 None if teacher_bias is None else teacher_bias.detach())],
-        flat_labels,
+        token_labels,
         row_op,
         reduction,
         ignore_index,
-        _check_chunk_size(chunk_size, vocab, logit_buffers=2),
+        check_chunk_size(chunk_size, vocab, logit_buffers=2),
         torch.is_grad_enabled() and student_grad,
     )
     return loss.reshape(leading) if reduction == "none" else loss
@@ -151,13 +154,13 @@ def kd_loss(
                                 ("teacher_logits", teacher_logits), ("labels", labels)])
     leading, vocab = student_logits.shape[:-1], student_logits.shape[-1]
     options = _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_index)
-    flat_labels = _flat_labels(labels, leading, vocab, options)
+    token_labels = flat_labels(labels, leading, vocab, options)
     check_choice("reduction", reduction, REDUCTIONS)
     row_op = _row_op(resolve_backend(backend, device), options)
     loss = KDLossFunction.apply(
         student_logits.reshape(-1, vocab).contiguous(),
         teacher_logits.detach().reshape(-1, vocab).contiguous(),
-        flat_labels,
+        token_labels,
         row_op,
         reduction,
         ignore_index,
@@ -167,28 +170,36 @@ def kd_loss(
     return loss.reshape(leading) if reduction == "none" else loss
 
 
-def _check_linear(
-    side: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+def check_linear(
+    names: tuple[str, str, str],
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
 ) -> None:
+    """hidden (*, H) matches weight (V, H) in size and dtype; bias is (V,) of that dtype.
+
+    ``names`` are the argument names of (hidden, weight, bias) for the messages.
+    """
+    hidden_name, weight_name, bias_name = names
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
-            f"{side}_hidden {tuple(hidden.shape)} has hidden size "
-            f"{hidden.shape[-1] if hidden.dim() else None} but {side}_weight "
+            f"{hidden_name} {tuple(hidden.shape)} has hidden size "
+            f"{hidden.shape[-1] if hidden.dim() else None} but {weight_name} "
             f"{tuple(weight.shape)} expects {weight.shape[1]}"
         )
     if hidden.dtype != weight.dtype:
         raise TypeError(
-            f"{side}_hidden dtype {hidden.dtype} differs from {side}_weight dtype {weight.dtype}"
+            f"{hidden_name} dtype {hidden.dtype} differs from {weight_name} dtype {weight.dtype}"
         )
     if bias is not None:
-        check_floating(f"{side}_bias", bias)
+        check_floating(bias_name, bias)
         if bias.shape != (weight.shape[0],):
             raise ValueError(
-                f"{side}_bias shape {tuple(bias.shape)} must be ({weight.shape[0]},), "
-                f"the vocab size of {side}_weight {tuple(weight.shape)}"
+                f"{bias_name} shape {tuple(bias.shape)} must be ({weight.shape[0]},), "
+                f"the vocab size of {weight_name} {tuple(weight.shape)}"
             )
         if bias.dtype != weight.dtype:
-            raise TypeError(f"{side}_bias dtype {bias.dtype} differs from {side}_weight dtype "
+            raise TypeError(f"{bias_name} dtype {bias.dtype} differs from {weight_name} dtype "
                             f"{weight.dtype}")
 
 
@@ -208,7 +219,8 @@ def _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_
     )
 
 
-def _flat_labels(labels, leading: torch.Size, vocab: int, options: KDOptions):
+def flat_labels(labels, leading: torch.Size, vocab: int, options) -> torch.Tensor | None:
+    """Labels checked against the leading shape (and vocab when hard_weight > 0), flattened."""
     if labels is None:
         if options.hard_weight > 0:
             raise ValueError(f"hard_weight={options.hard_weight} needs labels, got labels=None")
@@ -219,24 +231,24 @@ def _flat_labels(labels, leading: torch.Size, vocab: int, options: KDOptions):
     return labels.reshape(-1).contiguous()
 
 
-def _check_chunk_size(chunk_size: int | None, vocab: int, logit_buffers: int) -> int:
+def check_chunk_size(chunk_size: int | None, vocab: int, logit_buffers: int) -> int:
+    """``chunk_size`` if valid, else the budget's chunk size for ``logit_buffers`` (C, V)."""
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     return chunk_size_for(vocab, logit_buffers, chunk_size)
 
 
 def _row_op(backend: str, options: KDOptions):
-    """The row op of one teacher: ``op(student, [teacher], labels, grad_out) -> loss``."""
+    """The row op of one teacher: ``op(rows, student, teachers (1, C, V), labels, grad_out)``."""
     if backend == "triton":
-        from fastkd.kernels.kd_rows import kd_rows as rows
+        from fastkd.kernels.kd_rows import kd_rows as kernel
     else:
-        from fastkd.rowops import kd_rows_torch as rows
-    return partial(_one_teacher, rows, options)
+        from fastkd.rowops import kd_rows_torch as kernel
+    return partial(_one_teacher, kernel, options)
 
 
-def _one_teacher(rows, options, student_logits, teacher_logits, labels, grad_out):
-    (teacher,) = teacher_logits
-    return rows(student_logits, teacher, labels, grad_out, options)
+def _one_teacher(kernel, options, rows, student_logits, teacher_logits, labels, grad_out):
+    return kernel(student_logits, teacher_logits[0], labels, grad_out, options)
 
 
 __all__ = ["fused_kd_loss", "kd_loss"]

@@ -17,13 +17,13 @@ def accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
-def mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """a (M, K) @ b (K, N) -> (M, N) in ``out_dtype``, accumulated in fp32 (or fp64)."""
-    if a.dtype not in HALF:
-        return (a @ b).to(out_dtype)
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32).to(out_dtype)
-    return (a.float() @ b.float()).to(out_dtype)
+def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """a (M, K) @ b (K, N) into ``out`` (M, N), accumulated in fp32 (fp64 for fp64)."""
+    if a.dtype == out.dtype:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda:  # half operands, fp32 output straight from cuBLAS
+        return torch.mm(a, b, out_dtype=out.dtype, out=out)
+    return torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)  # out_dtype is CUDA-only
 
 
 def addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

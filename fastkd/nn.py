@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from fastkd.functional import fused_kd_loss, kd_loss
+from fastkd.multi_teacher import multi_teacher_kd_loss
 
 
 class FusedKDLoss(nn.Module):
@@ -56,6 +57,35 @@ class KDLoss(nn.Module):
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return kd_loss(student_logits, teacher_logits, labels, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class MultiTeacherKDLoss(nn.Module):
+    """``multi_teacher_kd_loss`` with fixed options (weighting, fusion, priors, ...).
+
+    Forward takes the student's hidden states and lm_head weight and lists of the teachers'.
+    """
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        self.options = options
+
+    def forward(
+        self,
+        student_hidden: torch.Tensor,
+        student_weight: torch.Tensor,
+        teacher_hiddens: list[torch.Tensor],
+        teacher_weights: list[torch.Tensor],
+        labels: torch.Tensor | None = None,
+        student_bias: torch.Tensor | None = None,
+        teacher_biases: list[torch.Tensor | None] | None = None,
+    ):
+        return multi_teacher_kd_loss(
+            student_hidden, student_weight, teacher_hiddens, teacher_weights, labels,
+            student_bias=student_bias, teacher_biases=teacher_biases, **self.options,
+        )
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -101,3 +101,66 @@ def fused_kd_loss_reference(
     z_t = _logits(teacher_hidden, teacher_weight, teacher_bias)
     out = kd_loss_reference(z_s, z_t, labels, **options)
     return out.reshape(leading) if options.get("reduction") == "none" else out
+
+
+def multi_teacher_kd_loss_reference(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hiddens: list[torch.Tensor],
+    teacher_weights: list[torch.Tensor],
+    labels: torch.Tensor | None = None,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_biases: list[torch.Tensor | None] | None = None,
+    temperature: float = 1.0,
+    weighting: str = "entropy",
+    entropy_tau: float = 1.0,
+    teacher_priors: list[float] | torch.Tensor | None = None,
+    fusion: str = "mixture",
+    soft_weight: float = 1.0,
+    hard_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    return_mixing: bool = False,
+):
+    """Multi-teacher distillation loss on materialized float64 logits.
+
+    w_k = softmax_k(log pi_k - H(p_k) / tau) ("entropy") or pi_k ("static"); the target is
+    KL(sum_k w_k p_k || q) ("mixture") or sum_k w_k KL(p_k || q) ("weighted_kl").
+    """
+    leading = student_hidden.shape[:-1]
+    teachers = len(teacher_hiddens)
+    biases = teacher_biases or [None] * teachers
+    log_q = F.log_softmax(_logits(student_hidden, student_weight, student_bias) / temperature, -1)
+    log_p = torch.stack([
+        F.log_softmax(_logits(h, w, b) / temperature, -1)
+        for h, w, b in zip(teacher_hiddens, teacher_weights, biases)
+    ])  # (K, N, V)
+    p = log_p.exp()
+    priors = torch.ones(teachers) if teacher_priors is None else torch.as_tensor(teacher_priors)
+    priors = (priors.double() / priors.double().sum()).to(log_p.device)[:, None]  # (K, 1)
+    if weighting == "entropy":
+        entropy = -(p * log_p).sum(-1)  # (K, N)
+        weights = torch.softmax(priors.log() - entropy / entropy_tau, dim=0)
+    else:
+        weights = priors.expand(-1, log_q.shape[0])
+    if fusion == "mixture":
+        mixture = (weights[..., None] * p).sum(0)
+        divergence = (mixture * (mixture.log() - log_q)).nan_to_num().sum(-1)
+    else:
+        divergence = (weights * (p * (log_p - log_q)).sum(-1)).sum(0)
+    loss = soft_weight * divergence
+    z_s = _logits(student_hidden, student_weight, student_bias)
+    if labels is None:
+        counted = torch.ones(loss.shape[0], dtype=torch.bool, device=loss.device)
+    else:
+        flat_labels = labels.reshape(-1).long()
+        counted = flat_labels != ignore_index
+        if hard_weight > 0:
+            safe = torch.where(counted, flat_labels, torch.zeros_like(flat_labels))
+            loss = loss + hard_weight * F.cross_entropy(z_s, safe, reduction="none")
+    out = _reduce(loss, counted, reduction)
+    out = out.reshape(leading) if reduction == "none" else out
+    if return_mixing:
+        return out, weights.T.reshape(*leading, teachers)
+    return out

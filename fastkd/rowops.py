@@ -1,6 +1,7 @@
-"""The per-chunk row op in plain PyTorch: the "torch" backend of the row kernel.
+"""The per-chunk row ops in plain PyTorch: the "torch" backend of the row kernels.
 
-Same contract as ``fastkd.kernels.kd_rows.kd_rows``: reads student and teacher logits (C, V),
+Same contracts as ``fastkd.kernels.kd_rows.kd_rows`` and
+``fastkd.kernels.multi_teacher_rows.multi_teacher_rows``: reads student and teacher logits (C, V),
 returns the per-token loss (C,) in fp32 and, when ``grad_out`` is given, writes the gradient of
 each token's loss with respect to its raw student logits into it (it may alias the student
 logits). Math in fp32 (float64 stays float64, for gradcheck).
@@ -13,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastkd.options import KDOptions
+from fastkd.options import KDOptions, MultiTeacherOptions
 
 
 def kd_rows_torch(
@@ -50,7 +51,18 @@ def kd_rows_torch(
         grad = (1 - beta) * _xlogy(q, eq_sp[:, None] - F.softplus(x))
     loss = options.soft_weight * divergence
     grad = grad * (options.soft_weight / T)  # chain rule through s = z_s / T
+    return _finish(z_s, labels, loss, grad, grad_out, options)
 
+
+def _finish(
+    z_s: torch.Tensor,
+    labels: torch.Tensor | None,
+    loss: torch.Tensor,
+    grad: torch.Tensor,
+    grad_out: torch.Tensor | None,
+    options: KDOptions | MultiTeacherOptions,
+) -> torch.Tensor:
+    """Add the hard CE term, zero ignored tokens, write the gradient; returns the loss (C,)."""
     counted = torch.ones_like(loss, dtype=torch.bool)
     if labels is not None:
         counted = labels != options.ignore_index
@@ -83,3 +95,38 @@ def _xlogy(weight: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
 
 def _xlogy_sum(weight: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
     return _xlogy(weight, log_ratio).sum(-1)
+
+
+def multi_teacher_rows_torch(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    grad_out: torch.Tensor | None,
+    options: MultiTeacherOptions,
+    weights_out: torch.Tensor,
+) -> torch.Tensor:
+    """Per-token loss (C,) of student logits (C, V) against K teachers (K, C, V).
+
+    Writes the mixing weights (C, K) into ``weights_out`` and d loss / d z_s into ``grad_out``.
+    """
+    math_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    z_s = student_logits.to(math_dtype)
+    T = options.temperature
+    log_q = torch.log_softmax(z_s / T, dim=-1)
+    log_p = torch.log_softmax(teacher_logits.to(math_dtype) / T, dim=-1)  # (K, C, V)
+    p = log_p.exp()
+    log_prior = options.priors.to(log_p).log()[:, None]  # (K, 1)
+    if options.weighting == "entropy":  # w = softmax_k(log pi_k - H_k / tau)
+        entropy = -_xlogy_sum(p, log_p)  # (K, C)
+        weights = torch.softmax(log_prior - entropy / options.entropy_tau, dim=0)
+    else:
+        weights = log_prior.exp().expand(-1, z_s.shape[0])
+    weights_out.copy_(weights.T)
+    mixture = (weights[..., None] * p).sum(0)  # P = sum_k w_k p_k, (C, V)
+    if options.fusion == "mixture":  # KL(P || q)
+        divergence = _xlogy_sum(mixture, mixture.log() - log_q)
+    else:  # sum_k w_k KL(p_k || q)
+        divergence = (weights * _xlogy_sum(p, log_p - log_q)).sum(0)
+    loss = options.soft_weight * divergence
+    grad = (log_q.exp() - mixture) * (options.soft_weight / T)  # q - P, chain rule through z / T
+    return _finish(z_s, labels, loss, grad, grad_out, options)

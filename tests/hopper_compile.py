@@ -37,7 +37,28 @@ def kd_rows_cases():
             constexprs, 8
 
 
-CASES = [kd_rows_cases]
+MULTI_TEACHER_SIGNATURE = {
+    "s_ptr": "*fp32", "t_ptr": "*fp32", "grad_ptr": "*fp32", "labels_ptr": "*i64",
+    "priors_ptr": "*fp32", "loss_ptr": "*fp32", "weights_ptr": "*fp32", "V": "i32", "K": "i32",
+    "stride_s": "i64", "stride_tk": "i64", "stride_t": "i64", "stride_g": "i64",
+    "temperature": "fp32", "entropy_tau": "fp32", "soft_weight": "fp32", "hard_weight": "fp32",
+    "ignore_index": "i32",
+}
+
+
+def multi_teacher_cases():
+    from fastkd.kernels.multi_teacher_rows import _multi_teacher_rows_kernel
+
+    for entropy, mixture, labels, grad, k_pad in itertools.product(
+        [False, True], [False, True], [False, True], [False, True], [1, 4]
+    ):
+        constexprs = dict(ENTROPY_WEIGHTING=entropy, MIXTURE=mixture, HAS_LABELS=labels,
+                          HAS_HARD=labels, COMPUTE_GRAD=grad, K_PAD=k_pad, BLOCK_V=1024 // k_pad)
+        yield (f"multi_teacher-{entropy}-{mixture}-{labels}-{grad}-{k_pad}",
+               _multi_teacher_rows_kernel, MULTI_TEACHER_SIGNATURE, constexprs, 8)
+
+
+CASES = [kd_rows_cases, multi_teacher_cases]
 
 
 def compile_for_hopper(kernel, signature: dict, constexprs: dict, num_warps: int):

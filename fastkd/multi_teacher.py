@@ -1,0 +1,183 @@
+"""``multi_teacher_kd_loss``: K teachers fused per token by entropy-driven weights.
+
+Argument checks and backend choice; the chunk driver and its autograd Function are the ones of
+``fused_kd_loss`` (fastkd.autograd.ChunkedKDFunction), with the multi-teacher row op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fastkd._checks import (
+    REDUCTIONS,
+    check_choice,
+    check_floating,
+    check_non_negative,
+    check_positive,
+    check_same_device,
+    resolve_backend,
+)
+from fastkd.autograd import ChunkedKDFunction
+from fastkd.chunked import Linear
+from fastkd.functional import STUDENT_NAMES, check_chunk_size, check_linear, flat_labels
+from fastkd.options import FUSIONS, WEIGHTINGS, MultiTeacherOptions
+
+
+def multi_teacher_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hiddens: Sequence[torch.Tensor],
+    teacher_weights: Sequence[torch.Tensor],
+    labels: torch.Tensor | None = None,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_biases: Sequence[torch.Tensor | None] | None = None,
+    temperature: float = 1.0,
+    weighting: str = "entropy",
+    entropy_tau: float = 1.0,
+    teacher_priors: Sequence[float] | torch.Tensor | None = None,
+    fusion: str = "mixture",
+    soft_weight: float = 1.0,
+    hard_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    backend: str = "auto",
+    return_mixing: bool = False,
+    chunk_size: int | None = None,
+):
+    """Distill one student from K teachers that share its vocabulary.
+
+    Per token, teacher k's tempered distribution p_k has entropy H_k; its weight is
+    w_k = softmax_k(log pi_k - H_k / entropy_tau) (``weighting="entropy"``: confident teachers
+    weigh more) or pi_k (``"static"``), pi the normalized ``teacher_priors`` (uniform default).
+    With q = softmax(z_s / T)::
+
+        "mixture":     D = KL(sum_k w_k p_k || q)
+        "weighted_kl": D = sum_k w_k KL(p_k || q)
+        loss = soft_weight * D + hard_weight * CE(z_s, label)
+
+    Mixing weights are constants (no gradient flows through them).
+
+    Args:
+        student_hidden: (*, Hs); student_weight (V, Hs); student_bias (V,) optional.
+        teacher_hiddens: K tensors (*, H_k); teacher_weights: K tensors (V, H_k);
+            teacher_biases: K tensors (V,) or None, or None.
+        labels: (*) token ids or None; reduction, ignore_index, backend, chunk_size as in
+            ``fused_kd_loss``.
+        return_mixing: also return the weights w, shaped (*, K).
+
+    Returns:
+        The loss (scalar, or (*) for ``reduction="none"``), or ``(loss, w)``.
+    """
+    student_hidden = check_floating("student_hidden", student_hidden)
+    student_weight = check_floating("student_weight", student_weight, ndim=2)
+    check_linear(STUDENT_NAMES, student_hidden, student_weight, student_bias)
+    teachers = _check_teachers(student_hidden, student_weight, teacher_hiddens, teacher_weights,
+                               teacher_biases)
+    leading, vocab = student_hidden.shape[:-1], student_weight.shape[0]
+    device = check_same_device(
+        [("student_hidden", student_hidden), ("student_weight", student_weight),
+         ("student_bias", student_bias), ("labels", labels)]
+        + [(f"teacher_hiddens[{k}]", t.hidden) for k, t in enumerate(teachers)]
+        + [(f"teacher_weights[{k}]", t.weight) for k, t in enumerate(teachers)]
+        + [(f"teacher_biases[{k}]", t.bias) for k, t in enumerate(teachers)]
+    )
+    check_choice("weighting", weighting, WEIGHTINGS)
+    check_choice("fusion", fusion, FUSIONS)
+    check_choice("reduction", reduction, REDUCTIONS)
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    options = MultiTeacherOptions(
+        priors=_normalized_priors(teacher_priors, len(teachers)),
+        temperature=check_positive("temperature", temperature),
+        weighting=weighting,
+        entropy_tau=check_positive("entropy_tau", entropy_tau),
+        fusion=fusion,
+        soft_weight=check_non_negative("soft_weight", soft_weight),
+        hard_weight=check_non_negative("hard_weight", hard_weight),
+        ignore_index=ignore_index,
+    )
+    labels = flat_labels(labels, leading, vocab, options)
+    tokens = leading.numel()
+    mixing = torch.empty(tokens, len(teachers), dtype=torch.float32, device=device)
+    row_op = _row_op(resolve_backend(backend, device), options, mixing)
+    student_grad = any(t is not None and t.requires_grad
+                       for t in (student_hidden, student_weight, student_bias))
+    loss = ChunkedKDFunction.apply(
+        student_hidden.reshape(-1, student_hidden.shape[-1]).contiguous(),
+        student_weight,
+        student_bias,
+        teachers,
+        labels,
+        row_op,
+        reduction,
+        ignore_index,
+        check_chunk_size(chunk_size, vocab, logit_buffers=len(teachers) + 1),
+        torch.is_grad_enabled() and student_grad,
+    )
+    loss = loss.reshape(leading) if reduction == "none" else loss
+    return (loss, mixing.reshape(*leading, len(teachers))) if return_mixing else loss
+
+
+def _check_teachers(student_hidden, student_weight, hiddens, weights, biases) -> list[Linear]:
+    """Teachers as frozen ``Linear``s (hidden flattened to (N, H_k)), after every shape check."""
+    for name, value in (("teacher_hiddens", hiddens), ("teacher_weights", weights)):
+        if isinstance(value, torch.Tensor) or not isinstance(value, Sequence):
+            raise TypeError(f"{name} must be a list of tensors, got {type(value).__name__}")
+    if len(hiddens) == 0:
+        raise ValueError("teacher_hiddens is empty: multi_teacher_kd_loss needs >= 1 teacher")
+    if len(hiddens) != len(weights):
+        raise ValueError(f"teacher_hiddens has {len(hiddens)} tensors but teacher_weights has "
+                         f"{len(weights)}: one lm_head weight per teacher")
+    if biases is not None and len(biases) != len(hiddens):
+        raise ValueError(f"teacher_biases has {len(biases)} entries for {len(hiddens)} teachers")
+    leading, vocab = student_hidden.shape[:-1], student_weight.shape[0]
+    teachers = []
+    for k, (hidden, weight) in enumerate(zip(hiddens, weights)):
+        hidden = check_floating(f"teacher_hiddens[{k}]", hidden)
+        weight = check_floating(f"teacher_weights[{k}]", weight, ndim=2)
+        bias = None if biases is None else biases[k]
+        check_linear((f"teacher_hiddens[{k}]", f"teacher_weights[{k}]", f"teacher_biases[{k}]"),
+                     hidden, weight, bias)
+        if weight.shape[0] != vocab:
+            raise ValueError(
+                f"teacher_weights[{k}] {tuple(weight.shape)} has vocab size {weight.shape[0]} "
+                f"but student_weight {tuple(student_weight.shape)} has {vocab}"
+            )
+        if hidden.shape[:-1] != leading:
+            raise ValueError(
+                f"teacher_hiddens[{k}] leading shape {tuple(hidden.shape[:-1])} differs from "
+                f"student_hidden leading shape {tuple(leading)}: token counts must match"
+            )
+        teachers.append(Linear(hidden.detach().reshape(-1, hidden.shape[-1]).contiguous(),
+                               weight.detach(), None if bias is None else bias.detach()))
+    return teachers
+
+
+def _normalized_priors(priors, teachers: int) -> torch.Tensor:
+    """pi (K,) in float64 summing to 1; uniform when None."""
+    if priors is None:
+        return torch.full((teachers,), 1.0 / teachers, dtype=torch.float64)
+    values = torch.as_tensor(priors, dtype=torch.float64).detach().cpu()
+    if values.shape != (teachers,):
+        raise ValueError(f"teacher_priors has shape {tuple(values.shape)} but there are "
+                         f"{teachers} teachers: give one prior per teacher")
+    if not torch.isfinite(values).all() or (values < 0).any() or values.sum() <= 0:
+        raise ValueError(f"teacher_priors must be finite, >= 0 and not all zero, got "
+                         f"{values.tolist()}")
+    return values / values.sum()
+
+
+def _row_op(backend: str, options: MultiTeacherOptions, mixing: torch.Tensor):
+    """``op(rows, student, teachers (K, C, V), labels, grad_out)``; writes mixing[rows]."""
+    if backend == "triton":
+        from fastkd.kernels.multi_teacher_rows import multi_teacher_rows as kernel
+    else:
+        from fastkd.rowops import multi_teacher_rows_torch as kernel
+
+    def op(rows, student_logits, teacher_logits, labels, grad_out):
+        return kernel(student_logits, teacher_logits, labels, grad_out, options, mixing[rows])
+
+    return op

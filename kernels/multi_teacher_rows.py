@@ -1,0 +1,193 @@
+"""The multi-teacher row kernel: one program per token row, all K teachers at once.
+
+Row inputs: raw student logits z_s (V) and K teacher rows z_k (K, V), read as one
+(K_PAD, BLOCK_V) tile per vocabulary block. With s = z_s / T, t_k = z_k / T, q = softmax(s),
+p_k = softmax(t_k), everything in fp32:
+
+  pass 1  online, per teacher k: m_k, l_k = sum e^{t_k - m_k}, b_k = sum e^{t_k - m_k} t_k,
+          a_k = sum e^{t_k - m_k} (t_k - s); and the student's m_s, l_s (and l_z for CE).
+            LSE_k = m_k + log l_k,   entropy H_k = LSE_k - b_k / l_k,
+            KL(p_k || q) = a_k / l_k - LSE_k + LSE_s.
+          Mixing weights w = softmax_k(log pi_k - H_k / tau) ("entropy") or pi ("static").
+  pass 2  the fused target P = sum_k w_k p_k per element:
+            "mixture":     loss KL(P || q) = sum_j P_j (log P_j - log q_j), known only here;
+            "weighted_kl": loss sum_k w_k KL(p_k || q), known after pass 1.
+          Either way the gradient is d loss / d z_s = soft_weight / T (q - P) (+ hard CE), so
+          pass 2 runs for the mixture loss or for the gradient, and is skipped when neither
+          is needed. No per-teacher probability is stored.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastkd.options import MultiTeacherOptions
+
+
+@triton.jit
+def _xlogy(w, x):
+    # w * x with 0 * anything = 0 (probabilities that underflowed); NaN weights propagate.
+    return tl.where(w == 0.0, 0.0, w * x)
+
+
+@triton.jit
+def _load_tiles(s_row, t_row, stride_k, start, V, K, inv_temperature,
+                K_PAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    # Raw student logits z (BLOCK_V), tempered s, and tempered teacher tile t (K_PAD, BLOCK_V).
+    # Teacher rows k >= K are zeros (finite, and given weight 0).
+    cols = start + tl.arange(0, BLOCK_V)
+    in_vocab = cols < V
+    k = tl.arange(0, K_PAD)
+    z = tl.load(s_row + cols, mask=in_vocab, other=-float("inf")).to(tl.float32)
+    t = tl.load(t_row + k[:, None] * stride_k + cols[None, :],
+                mask=(k[:, None] < K) & in_vocab[None, :], other=-float("inf")).to(tl.float32)
+    t = tl.where(k[:, None] < K, t * inv_temperature, 0.0)
+    return cols, in_vocab, z, z * inv_temperature, t
+
+
+@triton.jit
+def _multi_teacher_rows_kernel(
+    s_ptr, t_ptr, grad_ptr, labels_ptr, priors_ptr, loss_ptr, weights_ptr,
+    V, K, stride_s, stride_tk, stride_t, stride_g,
+    temperature, entropy_tau, soft_weight, hard_weight, ignore_index,
+    ENTROPY_WEIGHTING: tl.constexpr,
+    MIXTURE: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    HAS_HARD: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    K_PAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * stride_s
+    t_row = t_ptr + row * stride_t
+    inv_temperature = 1.0 / temperature
+    k = tl.arange(0, K_PAD)
+    is_teacher = k < K
+
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        counted = label != ignore_index
+    else:
+        label = -1
+        counted = row >= 0  # every row counts (a tensor, so tl.where accepts it)
+
+    # ---- pass 1: per-teacher running max, sum, entropy and KL accumulators
+    m_s = -float("inf")
+    l_s = 0.0
+    l_z = 0.0  # sum e^{z_s - T m_s}, for CE at T = 1
+    m_k = tl.full((K_PAD,), -float("inf"), tl.float32)
+    l_k = tl.zeros((K_PAD,), tl.float32)
+    b_k = tl.zeros((K_PAD,), tl.float32)
+    a_k = tl.zeros((K_PAD,), tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols, in_vocab, z, s, t = _load_tiles(s_row, t_row, stride_tk, start, V, K,
+                                              inv_temperature, K_PAD, BLOCK_V)
+        m_s_new = tl.maximum(m_s, tl.max(s, axis=0))
+        l_s = l_s * tl.exp(m_s - m_s_new) + tl.sum(tl.exp(s - m_s_new), axis=0)
+        if HAS_HARD:
+            l_z = l_z * tl.exp((m_s - m_s_new) * temperature) + tl.sum(
+                tl.exp(z - m_s_new * temperature), axis=0
+            )
+        m_s = m_s_new
+        m_k_new = tl.maximum(m_k, tl.max(t, axis=1))
+        alpha = tl.exp(m_k - m_k_new)
+        e = tl.exp(t - m_k_new[:, None])
+        l_k = l_k * alpha + tl.sum(e, axis=1)
+        b_k = b_k * alpha + tl.sum(_xlogy(e, t), axis=1)
+        if not MIXTURE:
+            a_k = a_k * alpha + tl.sum(_xlogy(e, t - s[None, :]), axis=1)
+        m_k = m_k_new
+    lse_s = m_s + tl.log(l_s)
+    lse_k = m_k + tl.log(l_k)
+
+    # ---- mixing weights: w = softmax_k(log pi_k - H_k / tau), or pi
+    log_prior = tl.log(tl.load(priors_ptr + k, mask=is_teacher, other=1.0))
+    if ENTROPY_WEIGHTING:
+        entropy = lse_k - b_k / l_k
+        logit_w = tl.where(is_teacher, log_prior - entropy / entropy_tau, -float("inf"))
+        w = tl.exp(logit_w - tl.max(logit_w, axis=0))
+        w = w / tl.sum(w, axis=0)
+    else:
+        w = tl.where(is_teacher, tl.exp(log_prior), 0.0)
+    tl.store(weights_ptr + row * K + k, w, mask=is_teacher)
+    log_w = tl.log(w)  # -inf for padded teachers: they drop out of every log-sum below
+
+    if HAS_HARD:  # CE = LSE(z_s) - z_s[y]; z_s[y] is read before pass 2 may overwrite it
+        lse_z = m_s * temperature + tl.log(l_z)
+        cross_entropy = lse_z - tl.load(s_row + label, mask=counted, other=0.0).to(tl.float32)
+
+    # ---- pass 2: per element, log P = logsumexp_k(log w_k + t_k - LSE_k)
+    divergence = tl.sum(tl.where(is_teacher, w * (a_k / l_k - lse_k + lse_s), 0.0), axis=0)
+    if MIXTURE or COMPUTE_GRAD:
+        g_row = grad_ptr + row * stride_g
+        mixture_kl = 0.0
+        for start in range(0, V, BLOCK_V):
+            cols, in_vocab, z, s, t = _load_tiles(s_row, t_row, stride_tk, start, V, K,
+                                                  inv_temperature, K_PAD, BLOCK_V)
+            log_wp = log_w[:, None] + t - lse_k[:, None]  # log(w_k p_k), (K_PAD, BLOCK_V)
+            top = tl.max(log_wp, axis=0)
+            log_mix = top + tl.log(tl.sum(tl.exp(log_wp - top[None, :]), axis=0))
+            mix = tl.exp(log_mix)
+            log_q = s - lse_s
+            if MIXTURE:
+                kl_terms = _xlogy(mix, log_mix - log_q)
+                mixture_kl += tl.sum(tl.where(in_vocab, kl_terms, 0.0), axis=0)
+            if COMPUTE_GRAD:
+                g = (tl.exp(log_q) - mix) * (soft_weight * inv_temperature)  # q - P
+                if HAS_HARD:
+                    g += hard_weight * (tl.exp(z - lse_z) - tl.where(cols == label, 1.0, 0.0))
+                g = tl.where(counted, g, 0.0)
+                tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=in_vocab)
+        if MIXTURE:
+            divergence = mixture_kl
+
+    loss = soft_weight * divergence
+    if HAS_HARD:
+        loss += hard_weight * cross_entropy
+    tl.store(loss_ptr + row, tl.where(counted, loss, 0.0))
+
+
+def multi_teacher_rows(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    grad_out: torch.Tensor | None,
+    options: MultiTeacherOptions,
+    weights_out: torch.Tensor,
+    block_v: int = 1024,
+) -> torch.Tensor:
+    """Launch on student logits (C, V) and teacher logits (K, C, V); returns the loss (C,).
+
+    Writes the mixing weights into ``weights_out`` (C, K) and, when ``grad_out`` (C, V) is
+    given, d loss / d z_s into it (it may be ``student_logits`` itself). Rows are unit-stride.
+    """
+    teachers, rows, vocab = teacher_logits.shape
+    loss = torch.empty(rows, dtype=torch.float32, device=student_logits.device)
+    if rows == 0:
+        return loss
+    k_pad = triton.next_power_of_2(teachers)
+    block_v = min(max(16, block_v // k_pad), triton.next_power_of_2(vocab))
+    has_hard = labels is not None and options.hard_weight > 0
+    _multi_teacher_rows_kernel[(rows,)](
+        student_logits, teacher_logits,
+        grad_out if grad_out is not None else student_logits,
+        labels if labels is not None else loss,
+        options.priors.to(device=student_logits.device, dtype=torch.float32),
+        loss, weights_out,
+        vocab, teachers, student_logits.stride(0), teacher_logits.stride(0),
+        teacher_logits.stride(1), grad_out.stride(0) if grad_out is not None else 0,
+        float(options.temperature), float(options.entropy_tau),
+        float(options.soft_weight), float(options.hard_weight), int(options.ignore_index),
+        ENTROPY_WEIGHTING=options.weighting == "entropy",
+        MIXTURE=options.fusion == "mixture",
+        HAS_LABELS=labels is not None,
+        HAS_HARD=has_hard,
+        COMPUTE_GRAD=grad_out is not None,
+        K_PAD=k_pad,
+        BLOCK_V=block_v,
+        num_warps=8,
+    )
+    return loss
