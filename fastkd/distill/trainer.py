@@ -94,7 +94,7 @@ class DistillationTrainer(Trainer):
         this batch's counted tokens."""
         loss_sum, counted = self.distill_loss_sum(model, inputs)
         if model.training and num_items_in_batch is not None:
-            scale = self.accelerator.num_processes / num_items_in_batch.clamp(min=1)
+            scale = self.args.world_size / num_items_in_batch.clamp(min=1)
             loss = loss_sum * scale
         else:
             loss = loss_sum / counted.clamp(min=1)

@@ -31,6 +31,7 @@ def training_arguments(cfg: DistillConfig, output_dir: str | Path) -> TrainingAr
         report_to=[],
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every student parameter reaches the loss
         dataloader_pin_memory=torch.cuda.is_available(),
     )
     try:

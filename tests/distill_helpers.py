@@ -1,0 +1,121 @@
+"""Tiny models, tokenizers and batches for the distillation trainer tests, and a float64
+reference of the trainer's loss on materialized logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    TrainingArguments,
+)
+
+VOCAB = 97  # odd on purpose
+SEQ = 12
+
+
+def llama(vocab: int = VOCAB, width: int = 24, tied: bool = False, seed: int = 0,
+          layers: int = 2) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=width, intermediate_size=2 * width,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=64, tie_word_embeddings=tied,
+    ))
+
+
+def qwen2(vocab: int = VOCAB, width: int = 16, tied: bool = True, seed: int = 1,
+          layers: int = 1) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=vocab, hidden_size=width, intermediate_size=2 * width,
+        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+        max_position_embeddings=64, tie_word_embeddings=tied,
+    ))
+
+
+def rows(n: int, vocab: int = VOCAB, seed: int = 0) -> list[dict[str, list[int]]]:
+    """n token rows of different lengths (so batches carry padding)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [SEQ - (3 * i) % 7 for i in range(n)]
+    return [{"input_ids": torch.randint(vocab, (k,), generator=g).tolist()} for k in lengths]
+
+
+def args(out: Path, **kw) -> TrainingArguments:
+    base = dict(output_dir=str(out), max_steps=1, per_device_train_batch_size=4,
+                learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", report_to=[],
+                remove_unused_columns=False, logging_steps=1, save_strategy="no",
+                dataloader_pin_memory=False, seed=0, data_seed=0, disable_tqdm=True)
+    return TrainingArguments(**{**base, **kw})
+
+
+def tokenizer(vocab: int = VOCAB, rename: int | None = None) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over words w0..; `rename` changes one word (different content)."""
+    words = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    words.update({f"w{i}": i for i in range(3, vocab)})
+    if rename is not None:
+        words[f"x{rename}"] = words.pop(f"w{rename}")
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                   unk_token="<unk>")
+
+
+def write_texts(path: Path, n: int, vocab: int = VOCAB, seed: int = 0) -> Path:
+    """A JSON lines file of n random 'w..' texts."""
+    g = torch.Generator().manual_seed(seed)
+    lines = []
+    for _ in range(n):
+        words = torch.randint(3, vocab, (int(torch.randint(5, 30, (1,), generator=g)),),
+                              generator=g)
+        lines.append('{"text": "' + " ".join(f"w{int(w)}" for w in words) + '"}')
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def reference_loss(student, teachers, batch, *, temperature=1.0, soft_weight=1.0,
+                   hard_weight=0.0, divergence="kl", beta=0.5, weighting="entropy",
+                   entropy_tau=1.0, fusion="mixture") -> torch.Tensor:
+    """Mean over counted (shifted, unpadded) tokens, in float64 from the models' own (full)
+    logits; differentiable with respect to the student."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    zs = student(input_ids=ids, attention_mask=mask).logits.double()
+    vocab = zs.shape[-1]
+    with torch.no_grad():
+        zts = [t(input_ids=ids, attention_mask=mask).logits.double()[..., :vocab]
+               for t in teachers]
+    target = F.pad(labels[:, 1:], (0, 1), value=-100)
+    keep = target != -100
+    ls = F.log_softmax(zs / temperature, -1)
+    lts = [F.log_softmax(z / temperature, -1) for z in zts]
+    if len(teachers) == 1:
+        lt = lts[0]
+        if divergence == "kl":
+            div = (lt.exp() * (lt - ls)).sum(-1)
+        elif divergence == "reverse_kl":
+            div = (ls.exp() * (ls - lt)).sum(-1)
+        else:
+            lm = torch.logaddexp(lt + torch.tensor(beta).log(), ls + torch.tensor(1 - beta).log())
+            div = beta * (lt.exp() * (lt - lm)).sum(-1) + (1 - beta) * (ls.exp() * (ls - lm)).sum(-1)
+    else:
+        ent = torch.stack([-(lt.exp() * lt).sum(-1) for lt in lts], -1)
+        k = len(teachers)
+        w = torch.softmax(-ent / entropy_tau, -1) if weighting == "entropy" else \
+            torch.full_like(ent, 1 / k)
+        if fusion == "mixture":
+            p = sum(w[..., i:i + 1] * lts[i].exp() for i in range(k))
+            div = (p * (p.clamp_min(1e-300).log() - ls)).sum(-1)
+        else:
+            div = sum(w[..., i] * (lts[i].exp() * (lts[i] - ls)).sum(-1) for i in range(k))
+    ce = F.cross_entropy(zs.reshape(-1, vocab), target.reshape(-1), reduction="none",
+                         ignore_index=-100).view_as(div)
+    per = soft_weight * div + hard_weight * ce
+    return per[keep].sum() / keep.sum()

@@ -1,0 +1,95 @@
+"""The trainer's loss equals a float64 reference on the models' materialized logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from distill_helpers import args, llama, qwen2, reference_loss, rows
+
+from fastkd.distill import DistillationTrainer, LogitKD
+from fastkd.distill.data import CausalCollator
+
+BATCH = CausalCollator(0)(rows(3, seed=7))
+
+
+def trainer_for(tmp_path, student, teachers, kd=None, vocab_size=None):
+    return DistillationTrainer(model=student, args=args(tmp_path), teachers=teachers,
+                               kd=kd or LogitKD(), vocab_size=vocab_size,
+                               data_collator=CausalCollator(0), train_dataset=rows(4))
+
+
+CASES = [
+    # (teacher, student, LogitKD settings)
+    (lambda: llama(tied=False), lambda: qwen2(tied=True), dict()),
+    (lambda: qwen2(width=24, tied=False, layers=2), lambda: llama(width=16, tied=True, layers=1),
+     dict(divergence="reverse_kl", temperature=2.0, hard_weight=0.3)),
+    (lambda: llama(), lambda: llama(width=16, tied=False, seed=3),
+     dict(divergence="jsd", beta=0.3, temperature=0.7, soft_weight=0.5, hard_weight=1.0)),
+    (lambda: llama(), lambda: qwen2(), dict(soft_weight=0.0, hard_weight=1.0)),
+]
+
+
+@pytest.mark.parametrize("make_teacher, make_student, settings", CASES)
+def test_loss_and_gradients_match_reference(tmp_path, make_teacher, make_student, settings):
+    teacher, student = make_teacher(), make_student()
+    trainer = trainer_for(tmp_path, student, [teacher], LogitKD(**settings))
+    loss = trainer.compute_loss(student, dict(BATCH))
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in student.named_parameters()}
+    student.zero_grad()
+    ref = reference_loss(student, [teacher], BATCH, **settings)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    for name, p in student.named_parameters():
+        err = (got[name].double() - p.grad.double()).norm() / p.grad.double().norm()
+        assert err < 1e-4, (name, float(err))
+
+
+def test_teacher_padding_rows_are_dropped(tmp_path, caplog):
+    teacher, student = llama(vocab=97 + 31), qwen2()
+    trainer = trainer_for(tmp_path, student, [teacher], vocab_size=97)
+    assert "using the first 97" in caplog.text
+    with torch.no_grad():
+        loss = trainer.compute_loss(student, dict(BATCH))
+        ref = reference_loss(student, [teacher], BATCH)
+    assert abs(loss.item() - ref.item()) <= 1e-5 * ref.item()
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(weighting="static", fusion="weighted_kl",
+                                                   temperature=1.5, hard_weight=0.2)])
+def test_multi_teacher_matches_reference(tmp_path, settings):
+    teachers = [llama(seed=10), qwen2(width=20, tied=False, seed=11, layers=2)]
+    student = qwen2(seed=12)
+    trainer = trainer_for(tmp_path, student, teachers, LogitKD(**settings))
+    with torch.no_grad():
+        loss = trainer.compute_loss(student, dict(BATCH))
+        ref = reference_loss(student, teachers, BATCH, **settings)
+    assert abs(loss.item() - ref.item()) <= 1e-5 * ref.item()
+
+
+def test_refuses_soft_capped_or_scaled_logits(tmp_path):
+    teacher = llama()
+    teacher.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        trainer_for(tmp_path, qwen2(), [teacher])
+    student = qwen2()
+    student.config.logits_scaling = 4.0
+    with pytest.raises(ValueError, match="logits_scaling"):
+        trainer_for(tmp_path, student, [llama()])
+
+
+def test_refuses_unmatched_vocabularies(tmp_path):
+    with pytest.raises(ValueError, match="fewer than the student's"):
+        trainer_for(tmp_path, qwen2(vocab=120), [llama(vocab=97)])
+    with pytest.raises(ValueError, match="tokenizer has 140 tokens"):
+        trainer_for(tmp_path, qwen2(vocab=120), [llama(vocab=160)], vocab_size=140)
+
+
+def test_all_ignored_batch_gives_zero_loss(tmp_path):
+    student = qwen2()
+    trainer = trainer_for(tmp_path, student, [llama()])
+    batch = dict(BATCH, labels=torch.full_like(BATCH["labels"], -100))
+    loss = trainer.compute_loss(student, batch)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(float(p.grad.abs().max()) == 0.0 for p in student.parameters())
