@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastkd.attention import attention_kd_loss
 from fastkd.functional import fused_kd_loss, kd_loss
 from fastkd.multi_teacher import multi_teacher_kd_loss
 
@@ -86,6 +87,36 @@ class MultiTeacherKDLoss(nn.Module):
             student_hidden, student_weight, teacher_hiddens, teacher_weights, labels,
             student_bias=student_bias, teacher_biases=teacher_biases, **self.options,
         )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class AttentionKDLoss(nn.Module):
+    """``attention_kd_loss`` with fixed options; forward takes q (B, H, L, D), k (B, H_kv, L, D).
+
+    Example::
+
+        loss_fn = AttentionKDLoss(loss="kl", causal=True)
+        loss = loss_fn(q_s, k_s, q_t, k_t, attention_mask=batch["attention_mask"])
+    """
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        self.options = options
+
+    def forward(
+        self,
+        student_q: torch.Tensor,
+        student_k: torch.Tensor,
+        teacher_q: torch.Tensor,
+        teacher_k: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return attention_kd_loss(
+            student_q, student_k, teacher_q, teacher_k, attention_mask=attention_mask,
+            **self.options,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastkd.reference_attention import attention_kd_loss_reference  # noqa: F401 (re-export)
+
 
 def _divergence_per_token(
     student_logits: torch.Tensor,

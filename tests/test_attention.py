@@ -212,3 +212,18 @@ def test_no_grad(backend):
         out = attention_kd_loss(q_s, k_s, q_t, k_t, backend=backend)
     ref = attention_kd_loss_reference(q_s.detach(), k_s.detach(), q_t, k_t)
     assert not out.requires_grad and rel_err(out, ref) < 1e-4
+
+
+def test_public_names_and_module():
+    import fastkd
+    import fastkd.nn
+    import fastkd.reference
+
+    assert fastkd.attention_kd_loss is attention_kd_loss
+    assert fastkd.reference.attention_kd_loss_reference is attention_kd_loss_reference
+    inputs = make_inputs(1, 2, 17, 16, 8, 1, 2, seed=6)
+    module = fastkd.nn.AttentionKDLoss(loss="kl", causal=False, backend="torch")
+    mask = padding_mask(1, 17)
+    out = module(*inputs, attention_mask=mask)
+    ref = attention_kd_loss(*inputs, loss="kl", causal=False, attention_mask=mask, backend="torch")
+    assert torch.equal(out, ref) and "loss='kl'" in repr(module)
