@@ -58,7 +58,9 @@ def multi_teacher_cases():
                _multi_teacher_rows_kernel, MULTI_TEACHER_SIGNATURE, constexprs, 8)
 
 
-CASES = [kd_rows_cases, multi_teacher_cases]
+from attention_hopper_cases import attention_cases  # noqa: E402 (beside this script)
+
+CASES = [kd_rows_cases, multi_teacher_cases, attention_cases]
 
 
 def compile_for_hopper(kernel, signature: dict, constexprs: dict, num_warps: int):

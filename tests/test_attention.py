@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 
-import fastkd.kernels.attention_backward as kernel_backward
-import fastkd.kernels.attention_loss as kernel_loss
-import fastkd.kernels.attention_lse as kernel_lse
 import pytest
 import torch
 import torch.nn.functional as F
 
+import fastkd.kernels.attention_backward as kernel_backward
+import fastkd.kernels.attention_loss as kernel_loss
+import fastkd.kernels.attention_lse as kernel_lse
 from fastkd.attention import attention_kd_loss
 from fastkd.reference_attention import attention_kd_loss_reference
 from tests.conftest import DEVICE
