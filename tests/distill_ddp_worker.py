@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import torch
-from distill_helpers import args, llama, qwen2, rows
 
 from fastkd.distill import DistillationTrainer, LogitKD
 from fastkd.distill.data import CausalCollator
+from tests.distill_helpers import args, llama, qwen2, rows
 
 
 def main() -> None:

@@ -11,10 +11,13 @@ from pathlib import Path
 import torch
 
 WORKER = Path(__file__).with_name("distill_ddp_worker.py")
+ROOT = WORKER.parent.parent
 
 
 def launch(out: Path, launcher: list[str], per_device: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
     cmd = [*launcher, str(WORKER), str(out), str(per_device)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distill_helpers import args, llama, qwen2, reference_loss, rows
 
 from fastkd.distill import DistillationTrainer, LogitKD
 from fastkd.distill.data import CausalCollator
+from tests.distill_helpers import args, llama, qwen2, reference_loss, rows
 
 BATCH = CausalCollator(0)(rows(3, seed=7))
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 
 import torch
-from distill_helpers import args, llama, qwen2, rows
 from transformers import TrainerCallback
 
 from fastkd.distill import DistillationTrainer, LogitKD
 from fastkd.distill.data import CausalCollator
 from fastkd.distill.metrics import JsonlLogger
+from tests.distill_helpers import args, llama, qwen2, rows
 
 
 class StopAt(TrainerCallback):

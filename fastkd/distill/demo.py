@@ -28,7 +28,7 @@ from .data import CausalCollator
 from .evaluate import perplexity
 from .loss import LogitKD
 from .metrics import JsonlLogger
-from .synthetic import make_language, sample_corpus, true_perplexity
+from .synthetic import bayes_perplexity, make_language, sample_corpus
 from .trainer import DistillationTrainer
 from .training import train_ce, training_arguments
 
@@ -38,8 +38,9 @@ class DemoScale:
     """Sizes of the demo: language, corpus, models and schedule."""
 
     vocab_size: int
-    n_clusters: int
-    branching: int
+    n_topics: int
+    n_function: int
+    function_rate: float
     zipf_exponent: float
     seq_len: int
     train_sequences: int
@@ -56,13 +57,15 @@ class DemoScale:
 
 SCALES = {
     "default": DemoScale(
-        vocab_size=16384, n_clusters=32, branching=4, zipf_exponent=1.3, seq_len=64,
+        vocab_size=16384, n_topics=64, n_function=256, function_rate=0.2, zipf_exponent=1.1,
+        seq_len=64,
         train_sequences=6000, eval_sequences=200, teacher_width=128, teacher_layers=2,
         student_width=64, student_layers=1, teacher_steps=300, student_steps=150,
         batch_size=16, learning_rate=1e-2,
     ),
     "tiny": DemoScale(
-        vocab_size=2048, n_clusters=16, branching=4, zipf_exponent=1.3, seq_len=32,
+        vocab_size=2048, n_topics=16, n_function=64, function_rate=0.2, zipf_exponent=1.1,
+        seq_len=32,
         train_sequences=256, eval_sequences=32, teacher_width=32, teacher_layers=1,
         student_width=16, student_layers=1, teacher_steps=12, student_steps=6,
         batch_size=8, learning_rate=1e-2,
@@ -96,12 +99,12 @@ def run_demo(cfg: DistillConfig) -> dict[str, float]:
     """Run the demo at `cfg.demo_scale`, print the table and return its numbers."""
     scale = SCALES[cfg.demo_scale]
     out = Path(cfg.output_dir)
-    lang = make_language(scale.vocab_size, scale.n_clusters, scale.branching,
-                         scale.zipf_exponent, seed=cfg.seed)
+    lang = make_language(scale.vocab_size, scale.n_topics, scale.n_function,
+                         scale.function_rate, scale.zipf_exponent, seed=cfg.seed)
     train = Dataset.from_dict({"input_ids": sample_corpus(
         lang, scale.train_sequences, scale.seq_len, seed=cfg.seed + 1).tolist()})
-    held_out = [{"input_ids": row} for row in sample_corpus(
-        lang, scale.eval_sequences, scale.seq_len, seed=cfg.seed + 2).tolist()]
+    eval_corpus = sample_corpus(lang, scale.eval_sequences, scale.seq_len, seed=cfg.seed + 2)
+    held_out = [{"input_ids": row} for row in eval_corpus.tolist()]
     collator = CausalCollator(pad_token_id=0)
     run_cfg = dataclasses.replace(cfg, batch_size=scale.batch_size, grad_accum=1,
                                   learning_rate=scale.learning_rate, save_steps=10**9,
@@ -132,14 +135,14 @@ def run_demo(cfg: DistillConfig) -> dict[str, float]:
     timed("KD student", distill)
     timed("CE student", lambda: train_ce(student_model(scale, cfg.seed + 3), train,
                                          student_cfg, out / "student_ce", 0))
-    _print_table(scale, true_perplexity(lang), rows)
+    _print_table(scale, bayes_perplexity(lang, eval_corpus), rows)
     return {f"{name} perplexity": ppl for name, (ppl, _) in rows.items()}
 
 
 def _print_table(scale: DemoScale, floor: float, rows: dict[str, tuple[float, float]]) -> None:
     steps = {"teacher": scale.teacher_steps}
-    print(f"\nfastkd distill demo: synthetic language, vocabulary {scale.vocab_size}, "
-          f"true perplexity {floor:.1f}")
+    print(f"\nfastkd distill demo: synthetic topic language, vocabulary {scale.vocab_size}, "
+          f"{scale.n_topics} topics; the best possible held-out perplexity is {floor:.2f}")
     print(f"{'model':<12} {'steps':>6} {'held-out ppl':>13} {'wall s':>8}")
     for name, (ppl, wall) in rows.items():
         print(f"{name:<12} {steps.get(name, scale.student_steps):>6} {ppl:>13.2f} {wall:>8.1f}")

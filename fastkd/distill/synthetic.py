@@ -1,11 +1,12 @@
 """A seeded synthetic language with a large vocabulary and learnable structure.
 
-Every token belongs to one of ``n_clusters`` clusters of equal size. The next token is drawn in
-two stages: a successor cluster from a sparse transition table over the current token's cluster
-(``branching`` successors per cluster, Zipf-weighted), then a token from that cluster's own Zipf
-distribution. A model that learns cluster membership and the within-cluster frequencies reaches
-the language's true entropy; a model that sees only sampled next tokens learns the rare members
-of each cluster slowly, which is where the soft targets of a teacher help.
+Documents are about one topic each. The vocabulary is split into `n_function` shared
+"function words" and `n_topics` disjoint topic vocabularies. Each token of a document is a
+function word with probability `function_rate` (drawn from a Zipf distribution over the function
+words), else a word of the document's topic (drawn from that topic's own Zipf distribution).
+A model must learn which topic each word belongs to, infer the topic from the context, and learn
+the frequencies of the topic's words; a model that sees only sampled next tokens learns the rare
+words of each topic slowly, which is where the soft targets of a teacher help.
 """
 
 from __future__ import annotations
@@ -17,34 +18,30 @@ import torch
 
 
 @dataclass(frozen=True)
-class MarkovLanguage:
-    """Transition tables of the synthetic language.
+class TopicLanguage:
+    """Tables of the synthetic language.
 
     Attributes:
-        cluster_of: (V,) cluster id of every token.
-        members: (C, V // C) token ids of every cluster.
-        member_probs: (C, V // C) probability of each member within its cluster.
-        successors: (C, branching) successor cluster ids of every cluster.
-        successor_probs: (C, branching) probability of each successor cluster.
+        function_words: (F,) ids of the function words.
+        function_probs: (F,) their probabilities.
+        members: (K, S) ids of the words of each topic.
+        member_probs: (K, S) probability of each word within its topic.
+        function_rate: probability that a token is a function word.
     """
 
-    cluster_of: torch.Tensor
+    function_words: torch.Tensor
+    function_probs: torch.Tensor
     members: torch.Tensor
     member_probs: torch.Tensor
-    successors: torch.Tensor
-    successor_probs: torch.Tensor
+    function_rate: float
 
     @property
     def vocab_size(self) -> int:
-        return self.cluster_of.numel()
+        return self.function_words.numel() + self.members.numel()
 
-    def entropy_rate(self) -> float:
-        """Mean next-token entropy in nats under the uniform cluster mixture (an approximation
-        of the stationary one); exp of it is the perplexity a perfect model reaches."""
-        h_member = -(self.member_probs * self.member_probs.log()).sum(-1)
-        h_succ = -(self.successor_probs * self.successor_probs.log()).sum(-1)
-        h_next = (self.successor_probs * h_member[self.successors]).sum(-1)
-        return float((h_succ + h_next).mean())
+    @property
+    def n_topics(self) -> int:
+        return self.members.shape[0]
 
 
 def _zipf(n: int, exponent: float, generator: torch.Generator) -> torch.Tensor:
@@ -55,44 +52,52 @@ def _zipf(n: int, exponent: float, generator: torch.Generator) -> torch.Tensor:
 
 def make_language(
     vocab_size: int = 16384,
-    n_clusters: int = 128,
-    branching: int = 4,
+    n_topics: int = 64,
+    n_function: int = 256,
+    function_rate: float = 0.2,
     zipf_exponent: float = 1.1,
     seed: int = 0,
-) -> MarkovLanguage:
+) -> TopicLanguage:
     """Draw a language; the same arguments always give the same tables."""
-    if vocab_size % n_clusters:
-        raise ValueError(f"vocab_size={vocab_size} must be a multiple of n_clusters={n_clusters}")
+    if (vocab_size - n_function) % n_topics:
+        raise ValueError(f"vocab_size - n_function = {vocab_size - n_function} must be a "
+                         f"multiple of n_topics = {n_topics}")
     g = torch.Generator().manual_seed(seed)
-    size = vocab_size // n_clusters
-    members = torch.randperm(vocab_size, generator=g).view(n_clusters, size)
-    cluster_of = torch.empty(vocab_size, dtype=torch.long)
-    cluster_of[members.reshape(-1)] = torch.arange(n_clusters).repeat_interleave(size)
-    member_probs = torch.stack([_zipf(size, zipf_exponent, g) for _ in range(n_clusters)])
-    successors = torch.stack(
-        [torch.randperm(n_clusters, generator=g)[:branching] for _ in range(n_clusters)]
-    )
-    successor_probs = torch.stack([_zipf(branching, 1.0, g) for _ in range(n_clusters)])
-    return MarkovLanguage(cluster_of, members, member_probs, successors, successor_probs)
+    ids = torch.randperm(vocab_size, generator=g)
+    members = ids[n_function:].view(n_topics, -1)
+    member_probs = torch.stack([_zipf(members.shape[1], zipf_exponent, g)
+                                for _ in range(n_topics)])
+    return TopicLanguage(ids[:n_function], _zipf(n_function, 1.0, g), members, member_probs,
+                         function_rate)
 
 
-def sample_corpus(
-    lang: MarkovLanguage, n_sequences: int, seq_len: int, seed: int
-) -> torch.Tensor:
-    """(n_sequences, seq_len) token ids; each sequence starts at a uniformly drawn token."""
+def sample_corpus(lang: TopicLanguage, n_documents: int, length: int, seed: int) -> torch.Tensor:
+    """(n_documents, length) token ids, one topic per document."""
     g = torch.Generator().manual_seed(seed)
-    out = torch.empty(n_sequences, seq_len, dtype=torch.long)
-    out[:, 0] = torch.randint(lang.vocab_size, (n_sequences,), generator=g)
-    rows = torch.arange(n_sequences)
-    for t in range(1, seq_len):
-        cur = lang.cluster_of[out[:, t - 1]]
-        pick = torch.multinomial(lang.successor_probs[cur], 1, generator=g).squeeze(1)
-        nxt = lang.successors[cur, pick]
-        member = torch.multinomial(lang.member_probs[nxt], 1, generator=g).squeeze(1)
-        out[rows, t] = lang.members[nxt, member]
-    return out
+    topic = torch.randint(lang.n_topics, (n_documents,), generator=g)
+    words = lang.members[topic.unsqueeze(1),
+                         torch.multinomial(lang.member_probs[topic], length, True, generator=g)]
+    shared = lang.function_words[torch.multinomial(lang.function_probs, n_documents * length,
+                                                   True, generator=g)].view(n_documents, length)
+    is_function = torch.rand(n_documents, length, generator=g) < lang.function_rate
+    return torch.where(is_function, shared, words)
 
 
-def true_perplexity(lang: MarkovLanguage) -> float:
-    """Perplexity of the language's own next-token distribution (the floor for any model)."""
-    return math.exp(lang.entropy_rate())
+def bayes_perplexity(lang: TopicLanguage, corpus: torch.Tensor) -> float:
+    """Perplexity of the exact predictive distribution on `corpus` (n, length), predicting
+    tokens 1.. from their prefixes: the floor no model can beat on this data.
+
+    Before the first topic word the topic is uniform over the K topics; after it, it is known.
+    """
+    v = lang.vocab_size
+    topic_of = torch.full((v,), -1, dtype=torch.long)
+    topic_of[lang.members.reshape(-1)] = torch.arange(lang.n_topics).repeat_interleave(
+        lang.members.shape[1])
+    p_word = torch.zeros(v, dtype=torch.float64)
+    p_word[lang.members.reshape(-1)] = (1 - lang.function_rate) * lang.member_probs.reshape(-1)
+    p_word[lang.function_words] = lang.function_rate * lang.function_probs
+    topical = topic_of[corpus] >= 0
+    known = topical.cumsum(1)[:, :-1] > 0  # a topic word among tokens 0..t-1
+    target = corpus[:, 1:]
+    prior = torch.where(topical[:, 1:] & ~known, 1.0 / lang.n_topics, 1.0)
+    return math.exp(float(-(p_word[target] * prior).log().mean()))

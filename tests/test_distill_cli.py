@@ -1,0 +1,130 @@
+"""`fastkd distill` on local model directories and data, its errors before training, and the
+embedded demo at its tiny scale."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastkd.distill.cli import main
+from tests.distill_helpers import VOCAB, llama, tokenizer, write_texts
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory) -> dict[str, str]:
+    """Local teacher (lm_head padded to 104 rows), student, mismatched teachers and data."""
+    root = tmp_path_factory.mktemp("distill_cli")
+    made = {
+        "teacher": (llama(vocab=VOCAB + 7), tokenizer()),
+        # a Llama student: transformers 5 swaps in its Qwen2 tokenizer class (byte-level BPE)
+        # for a qwen2 directory, which this word-level test tokenizer is not
+        "student": (llama(width=16, tied=True, layers=1, seed=3), tokenizer()),
+        "renamed": (llama(), tokenizer(rename=5)),
+        "small": (llama(vocab=VOCAB - 10), None),
+    }
+    out = {}
+    for name, (model, tok) in made.items():
+        model.save_pretrained(root / name)
+        if tok is not None:
+            tok.save_pretrained(root / name)
+        out[name] = str(root / name)
+    out["data"] = str(write_texts(root / "train.jsonl", 40))
+    out["eval"] = str(write_texts(root / "eval.jsonl", 8, seed=1))
+    (root / "empty.jsonl").write_text('{"text": ""}\n{"text": ""}\n')
+    out["empty"] = str(root / "empty.jsonl")
+    return out
+
+
+def distill(dirs, out, *extra: str) -> list[str]:
+    return ["distill", "--student", dirs["student"], "--teachers", dirs["teacher"],
+            "--data", dirs["data"], "--seq-len", "16", "--batch-size", "2",
+            "--output-dir", str(out), "--logging-steps", "1", *extra]
+
+
+def losses(out: Path) -> list[int]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x)["step"] for x in lines if '"loss"' in x]
+
+
+def test_cli_distills_then_resumes(dirs, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(distill(dirs, out, "--steps", "3", "--save-steps", "2", "--eval-data",
+                        dirs["eval"], "--hard-weight", "0.5", "--no-packing")) == 0
+    assert (out / "final" / "config.json").is_file()
+    assert (out / "final" / "tokenizer.json").is_file()
+    assert losses(out) == [1, 2, 3]
+    assert main(distill(dirs, out, "--steps", "4", "--resume")) == 0
+    assert losses(out)[3:] == [4]
+
+
+def test_config_file_and_flags(dirs, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"student: {dirs['student']}\nteachers: [{dirs['teacher']}]\n"
+                      f"data: {dirs['data']}\nseq_len: 16\nsteps: 5\ndivergence: jsd\n"
+                      f"output_dir: {tmp_path / 'run'}\nlogging_steps: 1\n")
+    assert main(["distill", "--config", str(config), "--steps", "2"]) == 0
+    assert losses(tmp_path / "run") == [1, 2]
+
+
+BAD = [
+    (dict(student="missing"), "student path .* does not exist"),
+    (dict(teacher="missing"), "teacher path .* does not exist"),
+    (dict(data="missing"), "data path .* does not exist"),
+    (dict(data="empty"), "training dataset is empty after tokenization"),
+    (dict(teacher="renamed"), "tokenizer differs from the student's"),
+    (dict(teacher="small"), "fewer than the student's"),
+]
+
+
+@pytest.mark.parametrize("swap, message", BAD)
+def test_bad_input_fails_before_training(dirs, tmp_path, capsys, swap, message):
+    paths = {**dirs, **{k: dirs.get(v, str(tmp_path / v)) for k, v in swap.items()}}
+    with pytest.raises(SystemExit) as exit_info:
+        main(distill(paths, tmp_path / "run", "--steps", "1"))
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seq-len", "100"], "seq_len=100 exceeds student's max_position_embeddings=64"),
+    (["--divergence", "kld"], "unknown divergence 'kld'"),
+    (["--resume"], "no checkpoint-"),
+])
+def test_bad_settings_fail_before_training(dirs, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(distill(dirs, tmp_path / "run", "--steps", "1", *extra))
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_config_key_is_named(tmp_path, capsys):
+    config = tmp_path / "c.json"
+    config.write_text('{"hard_wieght": 0.5}')
+    with pytest.raises(SystemExit):
+        main(["distill", "--config", str(config)])
+    assert "unknown config key 'hard_wieght' (did you mean 'hard_weight'?)" in \
+        capsys.readouterr().err
+
+
+def test_module_runs_the_tiny_demo(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-m", "fastkd.distill", "--demo-scale", "tiny", "--output-dir",
+         str(tmp_path), "--logging-steps", "2"], capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = dict(re.findall(r"^(teacher|KD student|CE student)\s+\d+\s+([\d.]+)", done.stdout,
+                            re.MULTILINE))
+    assert set(table) == {"teacher", "KD student", "CE student"}, done.stdout
+    assert all(1 < float(v) < 10_000 for v in table.values())
+    assert losses(tmp_path)
