@@ -25,6 +25,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -90,7 +91,7 @@ def cpu_cases(quick: bool) -> list[C.Case]:
     return [
         # issue 2: extra peak memory of fwd+bwd under 15% of the materializing loss
         _case("memory", "V", "fp32", N=1024, V=65536, Hs=128, Ht=128),
-        *[_case("vocab", "V", "fp32", N=256, V=v, Hs=128, Ht=256) for v in (8192, 32768, 65536)],
+        *[_case("vocab", "V", "fp32", N=256, V=v, Hs=128, Ht=256) for v in (8192, 16384, 32768)],
         _case("vocab", "V", "fp32", N=256, V=32768, Hs=128, Ht=256, divergence="jsd"),
         _case("logits", "V", "fp32", N=256, V=32768),
         *[_case("multi_teacher", "K", "fp32", K=k, N=256, V=16384, Hs=128, Ht=256)
@@ -287,7 +288,10 @@ def check_all(cases: list[C.Case], device: str) -> dict[tuple[str, str], dict]:
             if key not in done:
                 tol = C.tolerance(case.dtype)
                 try:
-                    err = C.check_method(method, case, device)
+                    with warnings.catch_warnings():  # interpreter: inf - inf in masked lanes
+                        warnings.filterwarnings("ignore", category=RuntimeWarning,
+                                                module="triton")
+                        err = C.check_method(method, case, device)
                     done[key] = {"rel_err": err, "tol": tol, "pass": err <= tol}
                 except Exception as error:  # noqa: BLE001 - a crashing method fails its check
                     done[key] = {"rel_err": None, "tol": tol, "pass": False,

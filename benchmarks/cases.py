@@ -471,7 +471,9 @@ def check_case(case: Case) -> Case:
              "attention": dict(B=2, L=61, Ds=32, Dt=48)}[case.suite]
     params = {**case.params, **small}
     sizes = " ".join(f"{k}={v}" for k, v in params.items() if k in SIZE_KEYS)
-    return Case(case.suite, f"{case.suite} {sizes} {params['dtype']}", params, ("fwd+bwd",))
+    loss = params.get("divergence") if case.suite != "attention" else params["loss"]
+    name = f"{case.suite} {sizes} {params['dtype']} {loss}"
+    return Case(case.suite, name, params, ("fwd+bwd",))
 
 
 def reference_loss(inputs: Inputs, case: Case) -> torch.Tensor:
