@@ -7,6 +7,8 @@ half-precision operands go to cuBLAS with an fp32 output (``out_dtype``); elsewh
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 HALF = (torch.float16, torch.bfloat16)
@@ -28,7 +30,27 @@ def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 def addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (M, N) fp32/fp64 += a (M, K) @ b (K, N), without an (M, N) temporary on CUDA."""
-    if a.dtype in HALF and a.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
+    if not (a.dtype in HALF and a.is_cuda):
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+    elif _fp32_accumulating_addmm(acc.device):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:  # bounded fp32 temporaries, SLAB_ROWS rows of acc at a time
+        for start in range(0, acc.shape[0], SLAB_ROWS):
+            rows = slice(start, start + SLAB_ROWS)
+            acc[rows] += torch.mm(a[rows], b, out_dtype=torch.float32)
+
+
+SLAB_ROWS = 8192
+
+
+@functools.cache
+def _fp32_accumulating_addmm(device: torch.device) -> bool:
+    """Whether this torch accepts an fp32 ``input`` to addmm with half operands and
+    ``out_dtype=float32`` (some releases require input to share the operands' dtype)."""
+    acc = torch.zeros(16, 16, device=device)
+    operand = torch.zeros(16, 16, device=device, dtype=torch.bfloat16)
+    try:
+        torch.addmm(acc, operand, operand, out_dtype=torch.float32, out=acc)
+    except RuntimeError:
+        return False
+    return True
