@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastkd.distill import DistillationTrainer, LogitKD
+from fastkd.distill.capture import final_hidden
 from fastkd.distill.data import CausalCollator
 from tests.distill_helpers import args, llama, qwen2, reference_loss, rows
 
@@ -93,3 +94,12 @@ def test_all_ignored_batch_gives_zero_loss(tmp_path):
     loss.backward()
     assert loss.item() == 0.0
     assert all(float(p.grad.abs().max()) == 0.0 for p in student.parameters())
+
+
+def test_final_hidden_is_what_the_lm_head_reads():
+    model = llama()
+    got = final_hidden(model, BATCH["input_ids"], BATCH["attention_mask"])
+    logits = model(input_ids=BATCH["input_ids"], attention_mask=BATCH["attention_mask"]).logits
+    assert torch.allclose(got @ model.lm_head.weight.T, logits, atol=1e-5)
+    with pytest.raises(ValueError, match="LlamaModel: get_decoder"):
+        final_hidden(model.model, BATCH["input_ids"], BATCH["attention_mask"])

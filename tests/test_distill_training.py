@@ -90,3 +90,15 @@ def test_multi_teacher_run_logs_mixing_weights(tmp_path):
     assert len(records) == 3
     for r in records:
         assert 0 < r["mixing_w0"] < 1 and abs(r["mixing_w0"] + r["mixing_w1"] - 1) < 1e-5
+
+
+def test_bf16_mixed_precision_steps(tmp_path):
+    """bf16 autocast on the student (hidden states bf16, lm_head weight fp32) and a bf16
+    teacher: the loss stays finite and close to the fp32 loss of the same first step."""
+    data, teacher = rows(4), llama()
+    run(tmp_path / "fp32", qwen2(), [teacher], data, max_steps=1)
+    run(tmp_path / "bf16", qwen2(), [llama().bfloat16()], data, max_steps=2, bf16=True,
+        use_cpu=True)
+    fp32, bf16 = logged(tmp_path / "fp32"), logged(tmp_path / "bf16")
+    assert len(bf16) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in bf16)
+    assert abs(bf16[0]["loss"] - fp32[0]["loss"]) < 0.05 * fp32[0]["loss"]

@@ -48,7 +48,11 @@ def final_hidden(
         kwargs["logits_to_keep"] = 1
     if "use_cache" in params:
         kwargs["use_cache"] = False
+    decoder = inner.get_decoder()
+    if decoder is inner:
+        raise ValueError(f"{type(inner).__name__}: get_decoder() returns the model itself; "
+                         "fastkd needs a causal LM with a separate decoder (base model)")
     store: dict[str, Any] = {}
-    with record_output(inner.get_decoder(), store, "hidden"):
+    with record_output(decoder, store, "hidden"):
         model(**kwargs)
     return store["hidden"]

@@ -14,7 +14,14 @@ from .data import CausalCollator, load_texts, tokenize
 from .evaluate import perplexity
 from .loss import LogitKD
 from .metrics import JsonlLogger
-from .models import check_seq_len, check_teacher_tokenizers, load_model, load_tokenizer
+from .models import (
+    check_seq_len,
+    check_teacher_tokenizers,
+    existing,
+    load_config,
+    load_model,
+    load_tokenizer,
+)
 from .trainer import DistillationTrainer
 from .training import training_arguments
 
@@ -40,19 +47,24 @@ def prepare(cfg: DistillConfig) -> PreparedRun:
     if cfg.student is None or not cfg.teachers or cfg.data is None:
         raise ValueError("a distillation run needs student, teachers and data (or none of "
                          "student/teachers for the embedded demo)")
+    models = [("student", cfg.student), *(("teacher", t) for t in cfg.teachers)]
+    for role, path in [*models, ("data", cfg.data), ("eval_data", cfg.eval_data),
+                       ("tokenizer", cfg.tokenizer)]:
+        if path is not None:
+            existing(path, role)
     resume = _resume_target(cfg)
+    for role, path in models:
+        check_seq_len(load_config(path, role), cfg.seq_len, role)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.student, "student")
     check_teacher_tokenizers(tokenizer, cfg.teachers)
-    dtype = torch.bfloat16 if cfg.bf16 else None
-    student = load_model(cfg.student, "student")
-    teachers = [load_model(path, "teacher", dtype) for path in cfg.teachers]
-    for role, model in [("student", student), *(("teacher", t) for t in teachers)]:
-        check_seq_len(model, cfg.seq_len, role)
     train = tokenize(load_texts(cfg.data, cfg.text_field), tokenizer, cfg.text_field,
                      cfg.seq_len, cfg.packing, "training")
     held_out = None if cfg.eval_data is None else tokenize(
         load_texts(cfg.eval_data, cfg.text_field), tokenizer, cfg.text_field, cfg.seq_len,
         cfg.packing, "evaluation")
+    dtype = torch.bfloat16 if cfg.bf16 else None
+    student = load_model(cfg.student, "student")
+    teachers = [load_model(path, "teacher", dtype) for path in cfg.teachers]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collator = CausalCollator(0 if pad is None else pad)
     out = Path(cfg.output_dir)
