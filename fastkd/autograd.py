@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch.autograd.function import once_differentiable
 
-from fastkd.chunked import Linear, chunked_kd
+from fastkd.chunked import ChunkPlan, Linear, chunked_kd
 from fastkd.matmul import accumulation_dtype
 
 RowOp = Callable[..., torch.Tensor]
@@ -54,7 +54,7 @@ class ChunkedKDFunction(torch.autograd.Function):
         row_op: RowOp,
         reduction: str,
         ignore_index: int,
-        chunk_size: int,
+        plan: ChunkPlan,
         compute_grad: bool,
     ) -> torch.Tensor:
         student = Linear(student_hidden, student_weight, student_bias)
@@ -63,14 +63,14 @@ class ChunkedKDFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(*(t for t in (labels,) if t is not None))
         acc_dtype = accumulation_dtype(student_weight)
         if reduction == "none":
-            loss, _ = chunked_kd(student, teachers, labels, row_op, None, need, chunk_size)
-            ctx.replay = (teachers, row_op, need, chunk_size)
+            loss, _ = chunked_kd(student, teachers, labels, row_op, None, need, plan)
+            ctx.replay = (teachers, row_op, need, plan)
             ctx.save_for_backward(student_hidden, student_weight, student_bias, labels)
             return loss
         count = counted_tokens(labels, student_hidden.shape[0], ignore_index, student_hidden.device)
         scale = reduction_scale(count, reduction, acc_dtype)
         loss, grads = chunked_kd(
-            student, teachers, labels, row_op, scale if any(need) else None, need, chunk_size
+            student, teachers, labels, row_op, scale if any(need) else None, need, plan
         )
         ctx.save_for_backward(  # fp32 accumulators cast to the weight's dtype
             grads.hidden,
@@ -84,13 +84,15 @@ class ChunkedKDFunction(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         if ctx.reduction == "none":  # replay the chunks with g_i = d out / d loss_i
             hidden, weight, bias, labels = ctx.saved_tensors
-            teachers, row_op, need, chunk_size = ctx.replay
+            teachers, row_op, need, plan = ctx.replay
             _, grads = chunked_kd(
                 Linear(hidden, weight, bias), teachers, labels, row_op,
-                grad_output.to(accumulation_dtype(weight)), need, chunk_size,
+                grad_output.to(accumulation_dtype(weight)), need, plan,
             )
             dtype = weight.dtype
             grads = (grads.hidden, _cast(grads.weight, dtype), _cast(grads.bias, dtype))
+        elif torch.equal(grad_output, torch.ones_like(grad_output)):  # the usual loss.backward()
+            grads = ctx.saved_tensors  # no (V, Hs) copy
         else:
             grads = tuple(None if g is None else g * grad_output.to(g.dtype)
                           for g in ctx.saved_tensors)

@@ -1,9 +1,10 @@
 """The token-chunk driver of the fused vocabulary losses (DESIGN.md section 4).
 
-For each chunk of C tokens: two GEMMs with fp32 output give the student and teacher logits
-(C, V); one row op turns them into the per-token loss and, in place of the student logits, the
-gradient d loss / d z_s; two more GEMMs accumulate grad_hidden (C, Hs) and an fp32 grad_weight
-(V, Hs). Only the chunk buffers and the fp32 grad_weight are ever extra memory.
+For each chunk of C tokens: GEMMs with fp32 output give the student and teacher logits (C, V);
+one row op turns them into the per-token loss and the gradient d loss / d z_s (in place of the
+student logits, or into a half-precision buffer that collects several chunks); two more GEMMs
+accumulate grad_hidden (C, Hs) and an fp32 grad_weight (V, Hs). Only the chunk buffers and the
+fp32 grad_weight are ever extra memory.
 
 Per-token scales g (1, 1 / n, or the incoming gradient of a ``reduction="none"`` loss) enter as
 diag(g) dlogits: grad_hidden = diag(g) (dlogits W), grad_weight += dlogits^T (diag(g) h),
@@ -20,7 +21,42 @@ import torch
 
 from fastkd.matmul import accumulation_dtype, addmm_, mm
 
-DEFAULT_CHUNK_MEMORY = 256 * 2**20  # bytes for the fp32 logit buffers of one chunk
+# Default byte budget of one chunk's working set, by backend (FASTKD_CHUNK_MEMORY overrides).
+DEFAULT_CHUNK_MEMORY = {"triton": 384 * 2**20, "torch": 128 * 2**20}
+# With half-precision weights, d loss / d z_s of GRAD_CHUNKS chunks collects in one buffer
+# before the gradient GEMMs: the fp32 grad_weight (V, Hs) is then read and written once per
+# GRAD_CHUNKS chunks, not once per chunk, while the fp32 logit buffers stay small.
+GRAD_CHUNKS = 8
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """Tokens per chunk of logits, and tokens per gradient GEMM pass (a multiple of it)."""
+
+    rows: int
+    grad_rows: int
+
+
+def working_buffers(backend: str, teachers: int) -> int:
+    """fp32 (C, V) buffers alive at a chunk's peak: the K + 1 logit buffers, plus, for the torch
+    row op, its log-softmaxes, softmaxes and elementwise temporaries (about 2K + 6)."""
+    return teachers + 1 if backend == "triton" else 3 * teachers + 7
+
+
+def plan_chunks(
+    vocab: int, teachers: int, backend: str, half_weights: bool, chunk_size: int | None = None
+) -> ChunkPlan:
+    """Chunk sizes that keep the working set within ``FASTKD_CHUNK_MEMORY`` bytes.
+
+    ``chunk_size`` (tokens) overrides the budget; rows are a multiple of 16 (at least 16).
+    """
+    grad_chunks = GRAD_CHUNKS if half_weights else 1
+    if chunk_size is None:
+        budget = int(os.environ.get("FASTKD_CHUNK_MEMORY", DEFAULT_CHUNK_MEMORY[backend]))
+        # a half gradient row of GRAD_CHUNKS chunks costs GRAD_CHUNKS / 2 fp32 rows
+        units = working_buffers(backend, teachers) + (grad_chunks / 2 if half_weights else 0)
+        chunk_size = max(16, int(budget // (4 * vocab * units)) // 16 * 16)
+    return ChunkPlan(chunk_size, chunk_size * grad_chunks)
 
 
 @dataclass
@@ -41,18 +77,6 @@ class StudentGrads:
     bias: torch.Tensor | None  # (V,), fp32
 
 
-def chunk_size_for(vocab: int, logit_buffers: int, chunk_size: int | None = None) -> int:
-    """Tokens per chunk so that ``logit_buffers`` fp32 (C, V) buffers fit the memory budget.
-
-    The budget is ``FASTKD_CHUNK_MEMORY`` bytes (default 256 MiB); ``chunk_size`` overrides it.
-    """
-    if chunk_size is not None:
-        return chunk_size
-    budget = int(os.environ.get("FASTKD_CHUNK_MEMORY", DEFAULT_CHUNK_MEMORY))
-    rows = budget // (4 * vocab * logit_buffers)
-    return max(16, rows // 16 * 16)
-
-
 def logits_fp32(linear: Linear, rows: slice, out: torch.Tensor) -> torch.Tensor:
     """fp32 logits (C, V) of the tokens in ``rows`` into ``out``; never rounded to half."""
     mm(linear.hidden[rows], linear.weight.T, out=out)
@@ -66,7 +90,7 @@ def chunked_kd(
     row_op: Callable[..., torch.Tensor],
     token_scale: torch.Tensor | None,
     need: tuple[bool, bool, bool],
-    chunk_size: int,
+    plan: ChunkPlan,
 ) -> tuple[torch.Tensor, StudentGrads]:
     """Per-token loss (N,) (fp32; fp64 for fp64) and the student gradients of sum_i g_i loss_i.
 
@@ -75,38 +99,64 @@ def chunked_kd(
     tensor (None: no gradients); ``need`` says which of the (hidden, weight, bias) gradients
     to build.
     """
-    tokens = student.hidden.shape[0]
+    tokens, vocab = student.hidden.shape[0], student.weight.shape[0]
     device = student.hidden.device
-    loss = torch.empty(tokens, dtype=accumulation_dtype(student.weight), device=device)
+    acc = dict(dtype=accumulation_dtype(student.weight), device=device)
     want_grads = token_scale is not None and any(need)
     grad_hidden = torch.empty_like(student.hidden) if want_grads and need[0] else None
-    acc = dict(dtype=accumulation_dtype(student.weight), device=device)
     grad_weight = torch.zeros(student.weight.shape, **acc) if want_grads and need[1] else None
-    grad_bias = torch.zeros(student.weight.shape[0], **acc) if want_grads and need[2] else None
+    grad_bias = torch.zeros(vocab, **acc) if want_grads and need[2] else None
+    loss = torch.empty(tokens, **acc)
 
-    vocab = student.weight.shape[0]
-    student_buffer = torch.empty(min(chunk_size, tokens), vocab, **acc)
-    teacher_buffer = torch.empty(len(teachers), min(chunk_size, tokens), vocab, **acc)
-    for start in range(0, tokens, chunk_size):
-        rows = slice(start, min(start + chunk_size, tokens))
-        count = rows.stop - rows.start
-        student_logits = logits_fp32(student, rows, student_buffer[:count])
-        teacher_logits = teacher_buffer[:, :count]
-        for k, teacher in enumerate(teachers):
-            logits_fp32(teacher, rows, teacher_logits[k])
-        chunk_labels = labels[rows] if labels is not None else None
-        grad_logits = student_logits if want_grads else None  # d loss / d z_s, in place
-        loss[rows] = row_op(rows, student_logits, teacher_logits, chunk_labels, grad_logits)
-        if not want_grads:
-            continue
-        per_token = token_scale[rows] if token_scale.dim() == 1 else token_scale.expand(count)
-        scale = per_token[:, None]
-        hidden = student.hidden[rows]
-        operand = grad_logits.to(student.weight.dtype)  # cuBLAS wants matching dtypes
-        if grad_hidden is not None:  # diag(g) (dlogits W)
-            mm(operand, student.weight, out=grad_hidden[rows]).mul_(scale)
-        if grad_weight is not None:  # dlogits^T (diag(g) h)
-            addmm_(grad_weight, operand.T, (hidden * scale).to(operand.dtype))
-        if grad_bias is not None:  # g^T dlogits
-            grad_bias += (scale.T.to(grad_logits.dtype) @ grad_logits)[0]
+    rows_per_chunk = min(plan.rows, tokens)
+    student_buffer = torch.empty(rows_per_chunk, vocab, **acc)
+    teacher_buffer = torch.empty(len(teachers), rows_per_chunk, vocab, **acc)
+    # The row op writes d loss / d z_s straight in the weight's dtype, which the gradient GEMMs
+    # read: in place of the fp32 student logits, or into a half buffer of plan.grad_rows rows.
+    in_place = student.weight.dtype == acc["dtype"]
+    grad_buffer = None
+    if want_grads and not in_place:
+        grad_buffer = torch.empty(min(plan.grad_rows, tokens), vocab, dtype=student.weight.dtype,
+                                  device=device)
+
+    for grad_start in range(0, tokens, plan.grad_rows):
+        grad_rows = slice(grad_start, min(grad_start + plan.grad_rows, tokens))
+        for start in range(grad_start, grad_rows.stop, plan.rows):
+            rows = slice(start, min(start + plan.rows, grad_rows.stop))
+            count = rows.stop - rows.start
+            student_logits = logits_fp32(student, rows, student_buffer[:count])
+            teacher_logits = teacher_buffer[:, :count]
+            for k, teacher in enumerate(teachers):
+                logits_fp32(teacher, rows, teacher_logits[k])
+            grad_logits = None
+            if want_grads:
+                grad_logits = student_logits if in_place else grad_buffer[
+                    start - grad_start : rows.stop - grad_start]
+            chunk_labels = labels[rows] if labels is not None else None
+            loss[rows] = row_op(rows, student_logits, teacher_logits, chunk_labels, grad_logits)
+        if want_grads:
+            grad_logits = student_buffer if in_place else grad_buffer
+            _accumulate(student, grad_rows, grad_logits[: grad_rows.stop - grad_rows.start],
+                        token_scale, grad_hidden, grad_weight, grad_bias)
     return loss, StudentGrads(grad_hidden, grad_weight, grad_bias)
+
+
+def _accumulate(
+    student: Linear,
+    rows: slice,
+    grad_logits: torch.Tensor,  # (R, V), the weight's dtype
+    token_scale: torch.Tensor,
+    grad_hidden: torch.Tensor | None,
+    grad_weight: torch.Tensor | None,
+    grad_bias: torch.Tensor | None,
+) -> None:
+    """The gradient GEMMs of the tokens in ``rows``, with per-token scales g."""
+    count = rows.stop - rows.start
+    per_token = token_scale[rows] if token_scale.dim() == 1 else token_scale.expand(count)
+    scale = per_token[:, None]
+    if grad_hidden is not None:  # diag(g) (dlogits W)
+        mm(grad_logits, student.weight, out=grad_hidden[rows]).mul_(scale)
+    if grad_weight is not None:  # dlogits^T (diag(g) h)
+        addmm_(grad_weight, grad_logits.T, (student.hidden[rows] * scale).to(grad_logits.dtype))
+    if grad_bias is not None:  # g^T dlogits
+        grad_bias += (scale.T.to(grad_logits.dtype) @ grad_logits)[0]

@@ -23,7 +23,8 @@ from fastkd._checks import (
     resolve_backend,
 )
 from fastkd.autograd import ChunkedKDFunction, KDLossFunction
-from fastkd.chunked import Linear, chunk_size_for
+from fastkd.chunked import ChunkPlan, Linear, plan_chunks
+from fastkd.matmul import HALF
 from fastkd.options import DIVERGENCES, KDOptions
 
 STUDENT_NAMES = ("student_hidden", "student_weight", "student_bias")
@@ -66,7 +67,8 @@ def fused_kd_loss(
         labels: (*) token ids, or None. Tokens equal to ``ignore_index`` do not count.
         reduction: "mean" over counted tokens, "sum", or "none" (per token, shape ``*``).
         backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
-        chunk_size: tokens per chunk; default from the ``FASTKD_CHUNK_MEMORY`` byte budget.
+        chunk_size: tokens per chunk; by default from the ``FASTKD_CHUNK_MEMORY`` byte budget of
+            the chunk's working set (384 MiB for "triton", 128 MiB for "torch").
 
     Returns:
         A scalar fp32 loss (fp64 for fp64 inputs), or (*) for ``reduction="none"``.
@@ -99,7 +101,8 @@ def fused_kd_loss(
     options = _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_index)
     token_labels = flat_labels(labels, leading, vocab, options)
     check_choice("reduction", reduction, REDUCTIONS)
-    row_op = _row_op(resolve_backend(backend, device), options)
+    backend = resolve_backend(backend, device)
+    row_op = _row_op(backend, options)
     student_grad = any(t is not None and t.requires_grad
                        for t in (student_hidden, student_weight, student_bias))
     loss = ChunkedKDFunction.apply(
@@ -113,7 +116,7 @@ def fused_kd_loss(
         row_op,
         reduction,
         ignore_index,
-        check_chunk_size(chunk_size, vocab, logit_buffers=2),
+        chunk_plan(chunk_size, vocab, 1, backend, student_weight),
         torch.is_grad_enabled() and student_grad,
     )
     return loss.reshape(leading) if reduction == "none" else loss
@@ -156,7 +159,8 @@ def kd_loss(
     options = _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_index)
     token_labels = flat_labels(labels, leading, vocab, options)
     check_choice("reduction", reduction, REDUCTIONS)
-    row_op = _row_op(resolve_backend(backend, device), options)
+    backend = resolve_backend(backend, device)
+    row_op = _row_op(backend, options)
     loss = KDLossFunction.apply(
         student_logits.reshape(-1, vocab).contiguous(),
         teacher_logits.detach().reshape(-1, vocab).contiguous(),
@@ -164,7 +168,7 @@ def kd_loss(
         row_op,
         reduction,
         ignore_index,
-        chunk_size_for(vocab, logit_buffers=3),
+        plan_chunks(vocab, 1, backend, half_weights=False).rows,
         torch.is_grad_enabled() and student_logits.requires_grad,
     )
     return loss.reshape(leading) if reduction == "none" else loss
@@ -231,11 +235,13 @@ def flat_labels(labels, leading: torch.Size, vocab: int, options) -> torch.Tenso
     return labels.reshape(-1).contiguous()
 
 
-def check_chunk_size(chunk_size: int | None, vocab: int, logit_buffers: int) -> int:
-    """``chunk_size`` if valid, else the budget's chunk size for ``logit_buffers`` (C, V)."""
+def chunk_plan(
+    chunk_size: int | None, vocab: int, teachers: int, backend: str, weight: torch.Tensor
+) -> ChunkPlan:
+    """The chunk plan for ``chunk_size`` tokens per chunk (checked), or from the byte budget."""
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    return chunk_size_for(vocab, logit_buffers, chunk_size)
+    return plan_chunks(vocab, teachers, backend, weight.dtype in HALF, chunk_size)
 
 
 def _row_op(backend: str, options: KDOptions):

@@ -21,7 +21,7 @@ from fastkd._checks import (
 )
 from fastkd.autograd import ChunkedKDFunction
 from fastkd.chunked import Linear
-from fastkd.functional import STUDENT_NAMES, check_chunk_size, check_linear, flat_labels
+from fastkd.functional import STUDENT_NAMES, check_linear, chunk_plan, flat_labels
 from fastkd.options import FUSIONS, WEIGHTINGS, MultiTeacherOptions
 
 
@@ -102,7 +102,8 @@ def multi_teacher_kd_loss(
     labels = flat_labels(labels, leading, vocab, options)
     tokens = leading.numel()
     mixing = torch.empty(tokens, len(teachers), dtype=torch.float32, device=device)
-    row_op = _row_op(resolve_backend(backend, device), options, mixing)
+    backend = resolve_backend(backend, device)
+    row_op = _row_op(backend, options, mixing)
     student_grad = any(t is not None and t.requires_grad
                        for t in (student_hidden, student_weight, student_bias))
     loss = ChunkedKDFunction.apply(
@@ -114,7 +115,7 @@ def multi_teacher_kd_loss(
         row_op,
         reduction,
         ignore_index,
-        check_chunk_size(chunk_size, vocab, logit_buffers=len(teachers) + 1),
+        chunk_plan(chunk_size, vocab, len(teachers), backend, student_weight),
         torch.is_grad_enabled() and student_grad,
     )
     loss = loss.reshape(leading) if reduction == "none" else loss
