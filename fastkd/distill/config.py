@@ -69,7 +69,8 @@ class DistillConfig:
     logging_steps: int = _opt(10, "log every N steps (metrics.jsonl, progress bar)")
     save_steps: int = _opt(500, "checkpoint every N steps")
     training_args: dict[str, Any] = _opt({}, "extra transformers.TrainingArguments (file only)")
-    demo_scale: str = _opt("default", f"embedded demo size, one of {DEMO_SCALES}")
+    demo_scale: str = _opt("default", f"embedded demo size, one of {DEMO_SCALES}; the scale "
+                           "sets the demo's steps, batch size and learning rate")
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))

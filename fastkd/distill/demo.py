@@ -60,7 +60,7 @@ SCALES = {
         vocab_size=16384, n_topics=64, n_function=256, function_rate=0.2, zipf_exponent=1.1,
         seq_len=64,
         train_sequences=6000, eval_sequences=200, teacher_width=128, teacher_layers=2,
-        student_width=64, student_layers=1, teacher_steps=300, student_steps=150,
+        student_width=64, student_layers=1, teacher_steps=300, student_steps=100,
         batch_size=16, learning_rate=1e-2,
     ),
     "tiny": DemoScale(

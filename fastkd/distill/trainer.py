@@ -103,7 +103,13 @@ class DistillationTrainer(Trainer):
     def distill_loss_sum(
         self, model: nn.Module, inputs: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss summed over the batch's counted tokens, number of counted tokens)."""
+        """(loss summed over the batch's counted tokens, number of counted tokens).
+
+        The extension point for more loss terms (feature alignment): a subclass runs its
+        captures around `super().distill_loss_sum(...)` (`capture.record_output` hooks, the
+        attention registry) and adds its own sums; the normalization in `compute_loss` then
+        applies to every term alike.
+        """
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")
         targets = shift_labels(inputs["labels"])
         student_hidden = final_hidden(model, ids, mask)
