@@ -146,3 +146,6 @@ def _print_table(scale: DemoScale, floor: float, rows: dict[str, tuple[float, fl
     print(f"{'model':<12} {'steps':>6} {'held-out ppl':>13} {'wall s':>8}")
     for name, (ppl, wall) in rows.items():
         print(f"{name:<12} {steps.get(name, scale.student_steps):>6} {ppl:>13.2f} {wall:>8.1f}")
+    teacher, kd, ce = (rows[name][0] for name in ("teacher", "KD student", "CE student"))
+    print(f"perplexity above the teacher's: KD student {kd / teacher - 1:+.0%}, "
+          f"CE-only student {ce / teacher - 1:+.0%}")
