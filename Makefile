@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 setup: $(VENV)/.installed
 
 demo: setup
-	$(BIN)/python benchmarks/bench_kernels.py
+	$(BIN)/python -m fastkd.distill
 
 test: setup
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
