@@ -54,6 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = args.pop("config")
         base = DistillConfig.from_file(path).to_dict() if path else {}
         cfg = DistillConfig.from_dict({**base, **args})
+        if cfg.ablation:
+            from .ablation import run_ablation
+
+            run_ablation(cfg)
+            return 0
         if cfg.is_demo:
             from .demo import run_demo
 

@@ -53,6 +53,17 @@ class DistillConfig:
     teacher_priors: list[float] | None = _opt(None, "multi-teacher prior weights", nargs="+")
     fusion: str = _opt("mixture", f"multi-teacher fusion, one of {FUSIONS}")
     backend: str = _opt("auto", "fastkd backend: auto, triton or torch")
+    # feature alignment of mapped layers (0 = off)
+    hidden_weight: float = _opt(0.0, "weight of hidden-state alignment (learned projections)")
+    hidden_loss: str = _opt("mse", "hidden-state alignment loss: mse or cosine")
+    attention_weight: float = _opt(0.0, "weight of attention-map alignment")
+    attention_loss: str = _opt("kl", "attention alignment loss: mse or kl")
+    relation_heads: int | None = _opt(None, "MiniLMv2 relation heads R, used where student and "
+                                      "teacher query-head counts differ")
+    ffn_weight: float = _opt(0.0, "weight of feed-forward (MLP output) alignment, MaKD")
+    layer_map: str | list[list[int]] = _opt(
+        "uniform", "'uniform' (student layer i -> teacher round((i+1) Lt / Ls) - 1) or "
+        "student:teacher pairs 's:t,s:t'")
     # optimisation
     steps: int = _opt(1000, "optimizer steps")
     batch_size: int = _opt(8, "sequences per device per micro-batch")
@@ -71,6 +82,8 @@ class DistillConfig:
     training_args: dict[str, Any] = _opt({}, "extra transformers.TrainingArguments (file only)")
     demo_scale: str = _opt("default", f"embedded demo size, one of {DEMO_SCALES}; the scale "
                            "sets the demo's steps, batch size and learning rate")
+    ablation: bool = _opt(False, "embedded demo only: train the student with CE only, logit KD, "
+                          "+ hidden, + attention, + FFN and all terms; print perplexities")
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -98,6 +111,11 @@ class DistillConfig:
                 f"teacher_priors has {len(self.teacher_priors)} entries for "
                 f"{len(self.teachers)} teachers"
             )
+        if self.ablation and not self.is_demo:
+            raise ValueError("ablation runs on the embedded demo: name no student or teachers")
+        from .features import FeatureSettings  # imports torch: only once the types are checked
+
+        FeatureSettings.from_config(self)  # checks weights, loss names, relation_heads, layer_map
 
     @property
     def is_demo(self) -> bool:

@@ -26,6 +26,7 @@ from transformers import (
 from .config import DistillConfig
 from .data import CausalCollator
 from .evaluate import perplexity
+from .features import FeatureSettings
 from .loss import LogitKD
 from .metrics import JsonlLogger
 from .synthetic import bayes_perplexity, make_language, sample_corpus
@@ -95,47 +96,73 @@ def student_model(scale: DemoScale, seed: int) -> PreTrainedModel:
     ))
 
 
-def run_demo(cfg: DistillConfig) -> dict[str, float]:
-    """Run the demo at `cfg.demo_scale`, print the table and return its numbers."""
+@dataclass
+class DemoSetup:
+    """The demo's language, data and run settings (shared by the demo and the ablation)."""
+
+    scale: DemoScale
+    train: Dataset
+    held_out: list[dict[str, list[int]]]
+    floor: float  # the language's own held-out perplexity
+    collator: CausalCollator
+    teacher_cfg: DistillConfig
+    student_cfg: DistillConfig
+
+
+def demo_setup(cfg: DistillConfig) -> DemoSetup:
+    """Sample the language and corpora of `cfg.demo_scale` and fix the demo's schedules."""
     scale = SCALES[cfg.demo_scale]
-    out = Path(cfg.output_dir)
     lang = make_language(scale.vocab_size, scale.n_topics, scale.n_function,
                          scale.function_rate, scale.zipf_exponent, seed=cfg.seed)
     train = Dataset.from_dict({"input_ids": sample_corpus(
         lang, scale.train_sequences, scale.seq_len, seed=cfg.seed + 1).tolist()})
     eval_corpus = sample_corpus(lang, scale.eval_sequences, scale.seq_len, seed=cfg.seed + 2)
-    held_out = [{"input_ids": row} for row in eval_corpus.tolist()]
-    collator = CausalCollator(pad_token_id=0)
     run_cfg = dataclasses.replace(cfg, batch_size=scale.batch_size, grad_accum=1,
                                   learning_rate=scale.learning_rate, save_steps=10**9,
                                   training_args={"save_strategy": "no", **cfg.training_args})
-    teacher_cfg = dataclasses.replace(run_cfg, steps=scale.teacher_steps)
-    student_cfg = dataclasses.replace(run_cfg, steps=scale.student_steps)
+    return DemoSetup(
+        scale=scale, train=train, held_out=[{"input_ids": row} for row in eval_corpus.tolist()],
+        floor=bayes_perplexity(lang, eval_corpus), collator=CausalCollator(pad_token_id=0),
+        teacher_cfg=dataclasses.replace(run_cfg, steps=scale.teacher_steps),
+        student_cfg=dataclasses.replace(run_cfg, steps=scale.student_steps),
+    )
 
+
+def train_teacher(setup: DemoSetup, cfg: DistillConfig, output_dir: Path) -> PreTrainedModel:
+    """The demo's teacher, trained with cross-entropy."""
+    return train_ce(teacher_model(setup.scale, cfg.seed), setup.train, setup.teacher_cfg,
+                    output_dir, 0)
+
+
+def run_demo(cfg: DistillConfig) -> dict[str, float]:
+    """Run the demo at `cfg.demo_scale`, print the table and return its numbers."""
+    setup = demo_setup(cfg)
+    scale, train, collator = setup.scale, setup.train, setup.collator
+    out = Path(cfg.output_dir)
     rows: dict[str, tuple[float, float]] = {}
 
     def timed(name: str, train_fn) -> PreTrainedModel:
         start = time.perf_counter()
         model = train_fn()
-        rows[name] = (perplexity(model, held_out, collator), time.perf_counter() - start)
+        rows[name] = (perplexity(model, setup.held_out, collator), time.perf_counter() - start)
         return model
 
-    teacher = timed("teacher", lambda: train_ce(teacher_model(scale, cfg.seed), train,
-                                                teacher_cfg, out / "teacher", 0))
+    teacher = timed("teacher", lambda: train_teacher(setup, cfg, out / "teacher"))
 
     def distill() -> PreTrainedModel:
         student = student_model(scale, cfg.seed + 3)
         DistillationTrainer(
-            model=student, args=training_arguments(student_cfg, out / "student_kd"),
+            model=student, args=training_arguments(setup.student_cfg, out / "student_kd"),
             train_dataset=train, data_collator=collator, teachers=[teacher],
-            kd=LogitKD.from_config(cfg), callbacks=[JsonlLogger(out / "metrics.jsonl")],
+            kd=LogitKD.from_config(cfg), features=FeatureSettings.from_config(cfg),
+            callbacks=[JsonlLogger(out / "metrics.jsonl")],
         ).train()
         return student
 
     timed("KD student", distill)
     timed("CE student", lambda: train_ce(student_model(scale, cfg.seed + 3), train,
-                                         student_cfg, out / "student_ce", 0))
-    _print_table(scale, bayes_perplexity(lang, eval_corpus), rows)
+                                         setup.student_cfg, out / "student_ce", 0))
+    _print_table(scale, setup.floor, rows)
     return {f"{name} perplexity": ppl for name, (ppl, _) in rows.items()}
 
 

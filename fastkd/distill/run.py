@@ -12,6 +12,7 @@ import torch
 from .config import DistillConfig
 from .data import CausalCollator, load_texts, tokenize
 from .evaluate import perplexity
+from .features import FeatureSettings
 from .loss import LogitKD
 from .metrics import JsonlLogger
 from .models import (
@@ -71,7 +72,8 @@ def prepare(cfg: DistillConfig) -> PreparedRun:
     trainer = DistillationTrainer(
         model=student, args=training_arguments(cfg, out), train_dataset=train,
         data_collator=collator, teachers=teachers, kd=LogitKD.from_config(cfg),
-        vocab_size=len(tokenizer), callbacks=[JsonlLogger(out / "metrics.jsonl")],
+        features=FeatureSettings.from_config(cfg), vocab_size=len(tokenizer),
+        callbacks=[JsonlLogger(out / "metrics.jsonl")],
     )
 
     def finish() -> dict[str, float]:

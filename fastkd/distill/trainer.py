@@ -1,14 +1,18 @@
-"""`DistillationTrainer`: a `transformers.Trainer` whose loss is fastkd's logit distillation.
+"""`DistillationTrainer`: a `transformers.Trainer` whose loss is fastkd's logit distillation,
+plus feature alignment of mapped layers when asked (`fastkd.distill.features`).
 
 accelerate brings DDP / FSDP, mixed precision, gradient accumulation, checkpointing and resume;
 this class only replaces the loss. The loss of an optimizer step is the sum over every counted
 token of the step (all micro-batches, all processes) divided by their number, so it equals the
-loss of one big batch on one process.
+loss of one big batch on one process. Feature-alignment projections train with the student and
+are checkpointed with the optimizer state (restored on resume, left out of the saved student).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 from typing import Any
 
 import torch
@@ -17,10 +21,14 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer
 
 from .capture import final_hidden
+from .features import FeatureAlignment, Features, FeatureSettings
+from .features.projection_updates import ProjectionUpdates
 from .heads import Head, check_plain_logits, output_head, vocab_rows
 from .loss import IGNORE_INDEX, LogitKD, shift_labels
 from .metrics import StepMeter
 from .vocab import teacher_rows
+
+logger = logging.getLogger(__name__)
 
 
 class DistillationTrainer(Trainer):
@@ -33,6 +41,8 @@ class DistillationTrainer(Trainer):
         kd: the loss settings.
         vocab_size: tokens in use (the tokenizer's length) or None when unknown; checked
             against the lm_heads.
+        features: feature-alignment terms (hidden states, attention, FFN) or None; settings
+            without a positive weight add nothing.
         *args, **kwargs: as for `transformers.Trainer` (model = the student). Batches carry
             input_ids, attention_mask and unshifted labels (IGNORE_INDEX at padding).
     """
@@ -47,6 +57,7 @@ class DistillationTrainer(Trainer):
         teachers: Sequence[PreTrainedModel],
         kd: LogitKD,
         vocab_size: int | None = None,
+        features: FeatureSettings | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -64,6 +75,13 @@ class DistillationTrainer(Trainer):
             used = teacher_rows(rows, vocab_rows(teacher), vocab_size, name)
             self.teacher_heads.append(output_head(teacher, used))
         self.meter = StepMeter()
+        self.features: FeatureAlignment | None = None
+        if features is not None and features.active:
+            self.features = FeatureAlignment(features, self.model, self.teachers)
+            self.features.to(self.args.device)
+            self.add_callback(ProjectionUpdates(self.features))
+            logger.info("feature alignment (%s), layer map:\n%s", ", ".join(features.active),
+                        self.features.describe())
 
     def get_batch_samples(
         self, epoch_iterator: Iterator, num_batches: int, device: torch.device
@@ -105,26 +123,42 @@ class DistillationTrainer(Trainer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss summed over the batch's counted tokens, number of counted tokens).
 
-        The extension point for more loss terms (feature alignment): a subclass runs its
-        captures around `super().distill_loss_sum(...)` (`capture.record_output` hooks, the
-        attention registry) and adds its own sums; the normalization in `compute_loss` then
-        applies to every term alike.
+        Feature terms (when configured) read captures of the same forwards and add their sums
+        over the counted tokens; the normalization in `compute_loss` applies to every term
+        alike.
         """
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")
         targets = shift_labels(inputs["labels"])
-        student_hidden = final_hidden(model, ids, mask)
-        with torch.no_grad():
-            teacher_hiddens = [final_hidden(t, ids, mask) for t in self.teachers]
+        with ExitStack() as captures:
+            features = self._record_features(captures, model)
+            student_hidden = final_hidden(model, ids, mask)
+            with torch.no_grad():
+                teacher_hiddens = [final_hidden(t, ids, mask) for t in self.teachers]
         student = output_head(extract_model_from_parallel(model), self.student_rows)
-        loss_sum, mixing = self.kd(student_hidden, student, teacher_hiddens, self.teacher_heads,
-                                   targets)
+        logit_sum, mixing = self.kd(student_hidden, student, teacher_hiddens, self.teacher_heads,
+                                    targets)
         counted_mask = targets != IGNORE_INDEX
         counted = counted_mask.sum()
+        loss_sum, parts = logit_sum, {}
+        if self.features is not None:
+            feature_sum, parts = self.features(*features, mask, counted_mask, mixing)
+            loss_sum = logit_sum + feature_sum
         self.meter.add_tokens(int(ids.numel() if mask is None else mask.sum()))
         if model.training and self._logs_this_step():
-            self._measure_parts(student_hidden, student, teacher_hiddens, targets, loss_sum,
-                                mixing, counted_mask)
+            self._measure_parts(student_hidden, student, teacher_hiddens, targets, logit_sum,
+                                mixing, counted_mask, parts)
         return loss_sum, counted
+
+    def _record_features(
+        self, captures: ExitStack, model: nn.Module
+    ) -> tuple[Features, list[Features]] | None:
+        """Enter the feature captures of the student and every teacher (None: no features)."""
+        if self.features is None:
+            return None
+        student = captures.enter_context(self.features.record_student(model))
+        teachers = [captures.enter_context(self.features.record_teacher(k, t))
+                    for k, t in enumerate(self.teachers)]
+        return student, teachers
 
     def _logs_this_step(self) -> bool:
         """Whether the Trainer logs at the end of the optimizer step now being computed."""
@@ -142,9 +176,11 @@ class DistillationTrainer(Trainer):
         loss_sum: torch.Tensor,
         mixing: torch.Tensor | None,
         counted_mask: torch.Tensor,
+        feature_parts: dict[str, torch.Tensor],
     ) -> None:
         """Record the divergence and the cross-entropy separately (one extra forward-only loss
-        call), and the mean mixing weight of each teacher over counted tokens."""
+        call), each feature term, and the mean mixing weight of each teacher over counted
+        tokens."""
         args = (student_hidden, student, teacher_hiddens, self.teacher_heads, targets)
         total, kd = loss_sum.detach().float(), self.kd
         if kd.hard_weight == 0:
@@ -154,6 +190,7 @@ class DistillationTrainer(Trainer):
             soft = kd(*args, soft_weight=1.0, hard_weight=0.0)[0].float()
             hard = (total - kd.soft_weight * soft) / kd.hard_weight
         sums = {"kd_divergence": soft.item(), "kd_hard_ce": hard.item()}
+        sums.update({f"feature_{name}": v.item() for name, v in feature_parts.items()})
         if mixing is not None:
             w = (mixing.float() * counted_mask.unsqueeze(-1)).sum(dim=(0, 1))
             sums.update({f"mixing_w{k}": v for k, v in enumerate(w.tolist())})
@@ -164,3 +201,27 @@ class DistillationTrainer(Trainer):
         if "loss" in logs:
             logs = {**logs, **self.meter.flush()}
         super().log(logs, start_time)
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, plus a parameter group for the feature projections."""
+        optimizer = super().create_optimizer(model)
+        if self.features is not None and not any(
+            group.get("name") == "feature_projections" for group in optimizer.param_groups
+        ):
+            optimizer.add_param_group({"params": list(self.features.parameters()),
+                                       "weight_decay": self.args.weight_decay,
+                                       "name": "feature_projections"})
+        return optimizer
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Checkpoint the training state, the feature projections included (they are not part
+        of the student model that `save_model` exports)."""
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.features is not None and self.args.should_save:
+            self.features.projections.save(output_dir)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Restore the training state of a checkpoint, the feature projections included."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if self.features is not None and checkpoint is not None:
+            self.features.projections.load(checkpoint)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate.utils import extract_model_from_parallel
@@ -19,7 +20,7 @@ from torch import nn
 from .attention_capture import enable_attention_capture
 from .capture import FeatureRequest, Features, record_features
 from .layer_capture import decoder_layers, layer_module
-from .layer_map import LayerPairs, describe, layer_pairs
+from .layer_map import LayerPairs, describe, layer_pairs, parse_pairs
 from .projections import FeatureProjections
 from .teacher_weights import WEIGHTINGS, teacher_feature_weights
 from .terms import (
@@ -29,6 +30,9 @@ from .terms import (
     check_relation_heads,
     feature_term,
 )
+
+if TYPE_CHECKING:
+    from ..config import DistillConfig
 
 TERMS = ("hidden", "attention", "ffn")
 
@@ -60,6 +64,18 @@ class FeatureSettings:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {choices}")
         if self.relation_heads is not None and self.relation_heads < 1:
             raise ValueError(f"relation_heads must be >= 1, got {self.relation_heads}")
+        if self.layer_map != "uniform":
+            parse_pairs(self.layer_map)
+
+    @classmethod
+    def from_config(cls, cfg: DistillConfig) -> FeatureSettings:
+        """The feature settings of a `DistillConfig`."""
+        layer_map = cfg.layer_map if isinstance(cfg.layer_map, str) else tuple(
+            tuple(pair) for pair in cfg.layer_map)
+        priors = None if cfg.teacher_priors is None else tuple(cfg.teacher_priors)
+        return cls(cfg.hidden_weight, cfg.hidden_loss, cfg.attention_weight, cfg.attention_loss,
+                   cfg.relation_heads, cfg.ffn_weight, layer_map, cfg.weighting, priors,
+                   cfg.backend)
 
     def weight(self, term: str) -> float:
         return getattr(self, f"{term}_weight")
