@@ -134,3 +134,19 @@ def test_bad_feature_settings_fail_at_construction(tmp_path, features, match):
 def test_inactive_features_add_nothing(tmp_path):
     trainer = trainer_for(tmp_path, qwen2(), [llama()], features=FeatureSettings())
     assert trainer.features is None
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    """Feature terms are sums over counted tokens, so 4 micro-batches of 1 row give the same
+    update of the student and the projections as one batch of 4."""
+    data, teacher = rows(4, seed=3), llama()
+    big = trainer_for(tmp_path / "big", qwen2(layers=2), [teacher], data=data,
+                      per_device_train_batch_size=4)
+    big.train()
+    acc = trainer_for(tmp_path / "acc", qwen2(layers=2), [teacher], data=data,
+                      per_device_train_batch_size=1, gradient_accumulation_steps=4)
+    acc.train()
+    assert abs(logged(tmp_path / "big")[0]["loss"] - logged(tmp_path / "acc")[0]["loss"]) < 1e-6
+    for (name, a), b in zip([*big.model.named_parameters(), *big.features.named_parameters()],
+                            [*acc.model.parameters(), *acc.features.parameters()], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
