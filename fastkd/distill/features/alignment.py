@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
+from transformers import PretrainedConfig
 
 from .attention_capture import enable_attention_capture
 from .capture import FeatureRequest, Features, record_features
@@ -192,7 +193,8 @@ class FeatureAlignment(nn.Module):
         return total, parts
 
 
-def _text_config(model: nn.Module):
+def _text_config(model: nn.Module) -> PretrainedConfig:
+    """The (text) config of a possibly wrapped model."""
     return extract_model_from_parallel(model).config.get_text_config()
 
 
