@@ -28,15 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
+from fastkd.kernels.row_common import cross_entropy_grad, raw_sum_update, row_label, xlogy
 from fastkd.options import KDOptions
 
 DIVERGENCE_IDS = {"kl": 0, "reverse_kl": 1, "jsd": 2}
-
-
-@triton.jit
-def _xlogy(w, x):
-    # w * x with 0 * anything = 0 (a probability that underflowed); NaN weights still propagate.
-    return tl.where(w == 0.0, 0.0, w * x)
 
 
 @triton.jit
@@ -81,12 +76,7 @@ def _kd_rows_kernel(
     t_row = t_ptr + row * stride_t
     inv_temperature = 1.0 / temperature
 
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + row).to(tl.int64)
-        counted = label != ignore_index
-    else:
-        label = -1
-        counted = row >= 0  # every row counts (a tensor, so tl.where accepts it)
+    label, counted = row_label(labels_ptr, row, ignore_index, HAS_LABELS)
 
     # ---- pass 1: running maxima m and sums l = sum e^{x - m}; a block raising m to m'
     # rescales every running sum by e^{m - m'}.
@@ -110,13 +100,11 @@ def _kd_rows_kernel(
         l_s = l_s * alpha_s + tl.sum(e_s, axis=0)
         l_t = l_t * alpha_t + tl.sum(e_t, axis=0)
         if HAS_HARD:
-            l_z = l_z * tl.exp((m_s - m_s_new) * temperature) + tl.sum(
-                tl.exp(z - m_s_new * temperature), axis=0
-            )
+            l_z = raw_sum_update(l_z, z, m_s, m_s_new, temperature)
         if DIVERGENCE == 0:
-            a = a * alpha_t + tl.sum(_xlogy(e_t, t - s), axis=0)
+            a = a * alpha_t + tl.sum(xlogy(e_t, t - s), axis=0)
         if DIVERGENCE == 1:
-            a = a * alpha_s + tl.sum(_xlogy(e_s, s - t), axis=0)
+            a = a * alpha_s + tl.sum(xlogy(e_s, s - t), axis=0)
         m_s = m_s_new
         m_t = m_t_new
     lse_s = m_s + tl.log(l_s)
@@ -134,8 +122,8 @@ def _kd_rows_kernel(
         for start in range(0, V, BLOCK_V):
             cols, in_vocab, z, s, t = _load_block(s_row, t_row, start, V, inv_temperature, BLOCK_V)
             x = _jsd_x(s, t, lse_s, lse_t, log_odds_beta)
-            eq_sp += tl.sum(_xlogy(tl.exp(s - lse_s), _softplus(x)), axis=0)  # 0 past the end
-            ep_sp += tl.sum(_xlogy(tl.exp(t - lse_t), _softplus(-x)), axis=0)
+            eq_sp += tl.sum(xlogy(tl.exp(s - lse_s), _softplus(x)), axis=0)  # 0 past the end
+            ep_sp += tl.sum(xlogy(tl.exp(t - lse_t), _softplus(-x)), axis=0)
         binary_entropy = -beta * tl.log(beta) - (1.0 - beta) * tl.log(1.0 - beta)
         divergence = binary_entropy - beta * ep_sp - (1.0 - beta) * eq_sp
 
@@ -158,14 +146,14 @@ def _kd_rows_kernel(
                 g = q - tl.exp(t - lse_t)  # kl: q - p
             elif DIVERGENCE == 1:
                 # reverse: q (log q - log p - KL(q||p)) = q ((s - t) - E_q[s - t])
-                g = _xlogy(q, (s - t) - a / l_s)
+                g = xlogy(q, (s - t) - a / l_s)
             else:
                 # jsd: (1 - beta) q (log(q / M) - KL(q || M)) = (1 - beta) q (E_q[sp(x)] - sp(x))
                 x = _jsd_x(s, t, lse_s, lse_t, log_odds_beta)
-                g = (1.0 - beta) * _xlogy(q, eq_sp - _softplus(x))
+                g = (1.0 - beta) * xlogy(q, eq_sp - _softplus(x))
             g = g * (soft_weight * inv_temperature)
             if HAS_HARD:
-                g += hard_weight * (tl.exp(z - lse_z) - tl.where(cols == label, 1.0, 0.0))
+                g += hard_weight * cross_entropy_grad(z, lse_z, cols, label)
             g = tl.where(counted, g, 0.0)
             not_top = in_vocab & (cols != j_top)
             g_others += tl.sum(tl.where(not_top, g, 0.0), axis=0)

@@ -23,13 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastkd.kernels.row_common import cross_entropy_grad, raw_sum_update, row_label, xlogy
 from fastkd.options import MultiTeacherOptions
-
-
-@triton.jit
-def _xlogy(w, x):
-    # w * x with 0 * anything = 0 (probabilities that underflowed); NaN weights propagate.
-    return tl.where(w == 0.0, 0.0, w * x)
 
 
 @triton.jit
@@ -67,12 +62,7 @@ def _multi_teacher_rows_kernel(
     k = tl.arange(0, K_PAD)
     is_teacher = k < K
 
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + row).to(tl.int64)
-        counted = label != ignore_index
-    else:
-        label = -1
-        counted = row >= 0  # every row counts (a tensor, so tl.where accepts it)
+    label, counted = row_label(labels_ptr, row, ignore_index, HAS_LABELS)
 
     # ---- pass 1: per-teacher running max, sum, entropy and KL accumulators
     m_s = -float("inf")
@@ -88,17 +78,15 @@ def _multi_teacher_rows_kernel(
         m_s_new = tl.maximum(m_s, tl.max(s, axis=0))
         l_s = l_s * tl.exp(m_s - m_s_new) + tl.sum(tl.exp(s - m_s_new), axis=0)
         if HAS_HARD:
-            l_z = l_z * tl.exp((m_s - m_s_new) * temperature) + tl.sum(
-                tl.exp(z - m_s_new * temperature), axis=0
-            )
+            l_z = raw_sum_update(l_z, z, m_s, m_s_new, temperature)
         m_s = m_s_new
         m_k_new = tl.maximum(m_k, tl.max(t, axis=1))
         alpha = tl.exp(m_k - m_k_new)
         e = tl.exp(t - m_k_new[:, None])
         l_k = l_k * alpha + tl.sum(e, axis=1)
-        b_k = b_k * alpha + tl.sum(_xlogy(e, t), axis=1)
+        b_k = b_k * alpha + tl.sum(xlogy(e, t), axis=1)
         if not MIXTURE:
-            a_k = a_k * alpha + tl.sum(_xlogy(e, t - s[None, :]), axis=1)
+            a_k = a_k * alpha + tl.sum(xlogy(e, t - s[None, :]), axis=1)
         m_k = m_k_new
     lse_s = m_s + tl.log(l_s)
     lse_k = m_k + tl.log(l_k)
@@ -133,12 +121,12 @@ def _multi_teacher_rows_kernel(
             mix = tl.exp(log_mix)
             log_q = s - lse_s
             if MIXTURE:
-                kl_terms = _xlogy(mix, log_mix - log_q)
+                kl_terms = xlogy(mix, log_mix - log_q)
                 mixture_kl += tl.sum(tl.where(in_vocab, kl_terms, 0.0), axis=0)
             if COMPUTE_GRAD:
                 g = (tl.exp(log_q) - mix) * (soft_weight * inv_temperature)  # q - P
                 if HAS_HARD:
-                    g += hard_weight * (tl.exp(z - lse_z) - tl.where(cols == label, 1.0, 0.0))
+                    g += hard_weight * cross_entropy_grad(z, lse_z, cols, label)
                 g = tl.where(counted, g, 0.0)
                 tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=in_vocab)
         if MIXTURE:
