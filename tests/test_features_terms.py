@@ -109,7 +109,7 @@ def test_hidden_and_ffn_terms_and_total(hidden_loss):
 
     def per_token(xs, xt, how):
         if how == "mse":
-            return (xs - xt).pow(2).mean(-1)
+            return (xs - xt).pow(2).sum(-1) / xt.pow(2).sum(-1)
         return 1 - (xs * xt).sum(-1) / (xs.norm(dim=-1) * xt.norm(dim=-1))
 
     hidden = masked_pair_mean([per_token(projected("hidden", s, t), ft.hidden[t].double(),

@@ -55,7 +55,7 @@ class DistillConfig:
     backend: str = _opt("auto", "fastkd backend: auto, triton or torch")
     # feature alignment of mapped layers (0 = off)
     hidden_weight: float = _opt(0.0, "weight of hidden-state alignment (learned projections)")
-    hidden_loss: str = _opt("mse", "hidden-state alignment loss: mse or cosine")
+    hidden_loss: str = _opt("mse", "hidden-state loss: mse (relative to the teacher) or cosine")
     attention_weight: float = _opt(0.0, "weight of attention-map alignment")
     attention_loss: str = _opt("kl", "attention alignment loss: mse or kl")
     relation_heads: int | None = _opt(None, "MiniLMv2 relation heads R, used where student and "

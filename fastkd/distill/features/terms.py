@@ -4,8 +4,11 @@ tokens and averaged over the layer pairs.
 Counted tokens are those that carry a target (the tokens the logit terms average over), so the
 trainer divides every term by the same count and gradient accumulation stays exact. Per token:
 
-- hidden / FFN, "mse": mean over the teacher's Ht features of (P x_s - x_t)^2, with P the
-  learned projection of the pair; "cosine": 1 - cos(P x_s, x_t).
+- hidden / FFN, "mse": the squared error of the projected student features relative to the
+  teacher's, ||P x_s - x_t||^2 / ||x_t||^2 (P the learned projection of the pair). Pre-norm
+  residual streams grow with depth and training (RMS in the hundreds), so an unscaled MSE
+  would swamp every other term; relative to the teacher it is scale-free and 1 for P x_s = 0.
+  "cosine": 1 - cos(P x_s, x_t).
 - attention, same query-head counts: mean over heads of each query row's `attention_kd_loss`
   (MSE: the row's sum of squares over the L key columns / L; KL: KL(A_t row || A_s row)), the
   maps built from the layer's own softmax scale, causal, padded keys removed.
@@ -28,6 +31,7 @@ from .layer_map import LayerPairs
 from .projections import FeatureProjections
 
 FEATURE_LOSSES = ("mse", "cosine")
+_TINY = 1e-12  # guards the relative error of an all-zero teacher vector
 ATTENTION_LOSSES = ("mse", "kl")
 
 
@@ -66,7 +70,7 @@ def feature_term(
             raise ValueError(f"{kind} pair ({s}, {t}): projected student features "
                              f"{tuple(xs.shape)} and teacher features {tuple(xt.shape)} differ")
         if loss == "mse":
-            per_token = (xs - xt).pow(2).mean(-1)
+            per_token = (xs - xt).pow(2).sum(-1) / xt.pow(2).sum(-1).clamp_min(_TINY)
         else:
             per_token = 1 - F.cosine_similarity(xs, xt, dim=-1)
         total = total + torch.where(token_mask, per_token, 0).sum()
