@@ -28,73 +28,97 @@ def kd_rows_torch(
     math_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     z_s = student_logits.to(math_dtype)
     T = options.temperature
-    log_q = torch.log_softmax(z_s / T, dim=-1)  # student, tempered
-    log_p = torch.log_softmax(teacher_logits.to(math_dtype) / T, dim=-1)  # teacher, tempered
-    q, p = log_q.exp(), log_p.exp()
+    log_q = _tempered_log_softmax(z_s, T)  # student
+    log_p = _tempered_log_softmax(teacher_logits.to(math_dtype), T)  # teacher
+    want_grad = grad_out is not None
+    grad = None
 
     if options.divergence == "kl":  # KL(p || q); d/ds = q - p
-        divergence = _xlogy_sum(p, log_p - log_q)
-        grad = q - p
+        p = log_p.exp()
+        divergence = _xlogy(p, log_p - log_q).sum(-1)
+        if want_grad:
+            grad = log_q.exp().sub_(p)
     elif options.divergence == "reverse_kl":  # KL(q || p); d/ds = q (log q - log p - KL)
-        divergence = _xlogy_sum(q, log_q - log_p)
-        grad = _xlogy(q, log_q - log_p - divergence[:, None])
+        q = log_q.exp()
+        log_ratio = log_q - log_p
+        divergence = _xlogy(q, log_ratio).sum(-1)
+        if want_grad:
+            grad = _xlogy(q, log_ratio.sub_(divergence[:, None]), out=log_ratio)
     else:
         # generalized JSD with M = beta p + (1 - beta) q and x = log(beta p / ((1 - beta) q)):
         # log q - log M = -log(1 - beta) - softplus(x), log p - log M = -log beta - softplus(-x),
         # so JSD = H(beta) - beta E_p[sp(-x)] - (1 - beta) E_q[sp(x)] and
         # d/ds = (1 - beta) q (E_q[sp(x)] - sp(x)), free of the constant log(1 - beta).
         beta = options.beta
-        x = math.log(beta / (1 - beta)) + log_p - log_q
-        eq_sp = _xlogy_sum(q, F.softplus(x))
+        x = (log_p - log_q).add_(math.log(beta / (1 - beta)))
+        q = log_q.exp()
+        sp_x = F.softplus(x)
+        eq_sp = _xlogy(q, sp_x).sum(-1)
+        ep_sp_neg = _xlogy(log_p.exp(), F.softplus(x.neg_())).sum(-1)
         binary_entropy = -beta * math.log(beta) - (1 - beta) * math.log(1 - beta)
-        divergence = binary_entropy - beta * _xlogy_sum(p, F.softplus(-x)) - (1 - beta) * eq_sp
-        grad = (1 - beta) * _xlogy(q, eq_sp[:, None] - F.softplus(x))
+        divergence = binary_entropy - beta * ep_sp_neg - (1 - beta) * eq_sp
+        if want_grad:
+            grad = _xlogy(q, sp_x.neg_().add_(eq_sp[:, None]), out=sp_x).mul_(1 - beta)
     loss = options.soft_weight * divergence
-    grad = grad * (options.soft_weight / T)  # chain rule through s = z_s / T
-    return _finish(z_s, labels, loss, grad, grad_out, options)
+    if grad is not None and options.soft_weight != T:
+        grad.mul_(options.soft_weight / T)  # chain rule through s = z_s / T
+    # q - p has no cancelling constant: only reverse KL and JSD need the top-logit rewrite
+    exact_top = options.divergence != "kl"
+    return _finish(z_s, labels, loss, grad, grad_out, options, log_q if T == 1 else None,
+                   exact_top)
+
+
+def _xlogy(
+    weight: torch.Tensor, values: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """weight * values with 0 * anything = 0 (guards 0 * log 0 where weights underflow).
+
+    Only an exact zero weight is masked, so NaN weights still propagate.
+    """
+    return torch.mul(weight, values, out=out).masked_fill_(weight == 0, 0.0)
+
+
+def _tempered_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.log_softmax(logits if temperature == 1 else logits / temperature, dim=-1)
 
 
 def _finish(
     z_s: torch.Tensor,
     labels: torch.Tensor | None,
     loss: torch.Tensor,
-    grad: torch.Tensor,
+    grad: torch.Tensor | None,
     grad_out: torch.Tensor | None,
     options: KDOptions | MultiTeacherOptions,
+    log_q1: torch.Tensor | None = None,
+    exact_top: bool = False,
 ) -> torch.Tensor:
-    """Add the hard CE term, zero ignored tokens, write the gradient; returns the loss (C,)."""
-    counted = torch.ones_like(loss, dtype=torch.bool)
+    """Add the hard CE term, zero ignored tokens, write the gradient; returns the loss (C,).
+
+    ``log_q1`` is log_softmax(z_s) when the caller has it already (T = 1); ``exact_top``
+    rewrites the gradient at the top student logit (below).
+    """
+    counted = None
     if labels is not None:
         counted = labels != options.ignore_index
         if options.hard_weight > 0:  # CE at T = 1: LSE(z_s) - z_s[y]; grad softmax(z_s) - onehot
-            safe = torch.where(counted, labels, torch.zeros_like(labels)).long()
-            log_q1 = torch.log_softmax(z_s, dim=-1)
-            loss = loss - options.hard_weight * log_q1.gather(1, safe[:, None]).squeeze(1)
-            grad = grad + options.hard_weight * log_q1.exp()
-            grad.scatter_add_(1, safe[:, None], torch.full_like(grad[:, :1], -options.hard_weight))
-
-    loss = torch.where(counted, loss, torch.zeros_like(loss))
+            safe = torch.where(counted, labels, torch.zeros_like(labels)).long()[:, None]
+            log_q1 = torch.log_softmax(z_s, dim=-1) if log_q1 is None else log_q1
+            loss = loss - options.hard_weight * log_q1.gather(1, safe).squeeze(1)
+            if grad is not None:
+                grad.add_(log_q1.exp(), alpha=options.hard_weight)
+                grad.scatter_add_(1, safe, torch.full_like(grad[:, :1], -options.hard_weight))
+        loss = loss.masked_fill(~counted, 0.0)
     if grad_out is not None:
-        grad = torch.where(counted[:, None], grad, torch.zeros_like(grad))
-        # Rows sum to zero (softmax is shift invariant). At the top student logit the formulas
-        # cancel when q is near one-hot, so that entry is -(sum of the others) instead.
-        top = z_s.argmax(dim=-1, keepdim=True)
-        grad.scatter_(1, top, 0.0)
-        grad.scatter_(1, top, -grad.sum(dim=-1, keepdim=True))
+        if counted is not None:
+            grad.masked_fill_(~counted[:, None], 0.0)
+        if exact_top:
+            # Rows sum to zero (softmax is shift invariant). At the top student logit the
+            # formulas cancel when q is near one-hot, so that entry is -(sum of the others).
+            top = z_s.argmax(dim=-1, keepdim=True)
+            grad.scatter_(1, top, 0.0)
+            grad.scatter_(1, top, -grad.sum(dim=-1, keepdim=True))
         grad_out.copy_(grad)
     return loss
-
-
-def _xlogy(weight: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
-    """weight * log_ratio with 0 * anything = 0 (guards 0 * log 0 where weights underflow).
-
-    Only an exact zero weight is masked, so NaN weights still propagate.
-    """
-    return torch.where(weight == 0, torch.zeros_like(weight), weight * log_ratio)
-
-
-def _xlogy_sum(weight: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
-    return _xlogy(weight, log_ratio).sum(-1)
 
 
 def multi_teacher_rows_torch(
@@ -112,21 +136,25 @@ def multi_teacher_rows_torch(
     math_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     z_s = student_logits.to(math_dtype)
     T = options.temperature
-    log_q = torch.log_softmax(z_s / T, dim=-1)
-    log_p = torch.log_softmax(teacher_logits.to(math_dtype) / T, dim=-1)  # (K, C, V)
+    log_q = _tempered_log_softmax(z_s, T)
+    log_p = _tempered_log_softmax(teacher_logits.to(math_dtype), T)  # (K, C, V)
     p = log_p.exp()
     log_prior = options.priors.to(log_p).log()[:, None]  # (K, 1)
     if options.weighting == "entropy":  # w = softmax_k(log pi_k - H_k / tau)
-        entropy = -_xlogy_sum(p, log_p)  # (K, C)
+        entropy = -_xlogy(p, log_p).sum(-1)  # (K, C)
         weights = torch.softmax(log_prior - entropy / options.entropy_tau, dim=0)
     else:
         weights = log_prior.exp().expand(-1, z_s.shape[0])
     weights_out.copy_(weights.T)
     mixture = (weights[..., None] * p).sum(0)  # P = sum_k w_k p_k, (C, V)
     if options.fusion == "mixture":  # KL(P || q)
-        divergence = _xlogy_sum(mixture, mixture.log() - log_q)
+        divergence = _xlogy(mixture, mixture.log() - log_q).sum(-1)
     else:  # sum_k w_k KL(p_k || q)
-        divergence = (weights * _xlogy_sum(p, log_p - log_q)).sum(0)
+        divergence = (weights * _xlogy(p, log_p - log_q).sum(-1)).sum(0)
     loss = options.soft_weight * divergence
-    grad = (log_q.exp() - mixture) * (options.soft_weight / T)  # q - P, chain rule through z / T
-    return _finish(z_s, labels, loss, grad, grad_out, options)
+    grad = None
+    if grad_out is not None:  # q - P, chain rule through z / T
+        grad = log_q.exp().sub_(mixture)
+        if options.soft_weight != T:
+            grad.mul_(options.soft_weight / T)
+    return _finish(z_s, labels, loss, grad, grad_out, options, log_q if T == 1 else None)
