@@ -1,0 +1,41 @@
+"""Run by test_features_ddp.py, under torchrun or alone: one SGD step of DistillationTrainer
+with every feature term on a fixed global batch of 4 rows; the main process saves the logged
+loss, the updated student parameters and the updated projections to OUT/result.pt.
+
+usage: features_ddp_worker.py OUT PER_DEVICE_BATCH
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from fastkd.distill import DistillationTrainer, FeatureSettings, LogitKD
+from fastkd.distill.data import CausalCollator
+from tests.distill_helpers import args, llama, qwen2, rows
+
+FEATURES = FeatureSettings(hidden_weight=0.5, attention_weight=0.3, relation_heads=4,
+                           ffn_weight=0.2)
+
+
+def main() -> None:
+    out, per_device = Path(sys.argv[1]), int(sys.argv[2])
+    backend = {"ddp_backend": "gloo", "use_cpu": True} if "WORLD_SIZE" in os.environ else {}
+    student = qwen2(layers=2)
+    trainer = DistillationTrainer(
+        model=student, teachers=[llama()], kd=LogitKD(hard_weight=0.5), features=FEATURES,
+        args=args(out, per_device_train_batch_size=per_device, **backend),
+        train_dataset=rows(4, seed=11), data_collator=CausalCollator(0),
+    )
+    trainer.train()
+    if trainer.is_world_process_zero():
+        torch.save({"loss": trainer.state.log_history[0]["loss"],
+                    "world_size": trainer.args.world_size,
+                    "params": {n: p.detach() for n, p in student.named_parameters()},
+                    "projections": trainer.features.state_dict()},
+                   out / "result.pt")
+
+
+if __name__ == "__main__":
+    main()
