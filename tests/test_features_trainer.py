@@ -150,3 +150,16 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     for (name, a), b in zip([*big.model.named_parameters(), *big.features.named_parameters()],
                             [*acc.model.parameters(), *acc.features.parameters()], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_bf16_mixed_precision_with_feature_terms(tmp_path):
+    """bf16 autocast on the student and a bf16 teacher: captured features are bf16, the terms
+    run in fp32, and every logged term stays close to the fp32 run's first step."""
+    data = rows(4)
+    trainer_for(tmp_path / "fp32", qwen2(layers=2), [llama()], data=data, max_steps=1).train()
+    trainer_for(tmp_path / "bf16", qwen2(layers=2), [llama().bfloat16()], data=data,
+                max_steps=2, bf16=True, use_cpu=True).train()
+    fp32, bf16 = logged(tmp_path / "fp32"), logged(tmp_path / "bf16")
+    assert len(bf16) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in bf16)
+    for key in ("loss", "feature_hidden", "feature_attention", "feature_ffn"):
+        assert abs(bf16[0][key] - fp32[0][key]) < 0.05 * fp32[0][key], key
