@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.4,torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo ablation test bench lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(BIN)/python -m fastkd.distill
+
+ablation: setup
+	$(BIN)/python -m fastkd.distill --ablation
 
 test: setup
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
