@@ -81,17 +81,8 @@ def fused_kd_loss(
     check_linear(STUDENT_NAMES, student_hidden, student_weight, student_bias)
     check_linear(("teacher_hidden", "teacher_weight", "teacher_bias"),
                  teacher_hidden, teacher_weight, teacher_bias)
-    if teacher_weight.shape[0] != student_weight.shape[0]:
-        raise ValueError(
-            f"teacher vocab size {teacher_weight.shape[0]} (teacher_weight "
-            f"{tuple(teacher_weight.shape)}) differs from student vocab size "
-            f"{student_weight.shape[0]} (student_weight {tuple(student_weight.shape)})"
-        )
-    if teacher_hidden.shape[:-1] != leading:
-        raise ValueError(
-            f"teacher_hidden leading shape {tuple(teacher_hidden.shape[:-1])} differs from "
-            f"student_hidden leading shape {tuple(leading)}: token counts must match"
-        )
+    check_teacher_matches(("teacher_hidden", "teacher_weight"), teacher_hidden, teacher_weight,
+                          student_hidden, student_weight)
     vocab = student_weight.shape[0]
     device = check_same_device([
         ("student_hidden", student_hidden), ("student_weight", student_weight),
@@ -205,6 +196,28 @@ def check_linear(
         if bias.dtype != weight.dtype:
             raise TypeError(f"{bias_name} dtype {bias.dtype} differs from {weight_name} dtype "
                             f"{weight.dtype}")
+
+
+def check_teacher_matches(
+    names: tuple[str, str],
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+) -> None:
+    """A teacher's weight (V, Ht) has the student's vocab, its hidden (*, Ht) the same tokens."""
+    hidden_name, weight_name = names
+    if weight.shape[0] != student_weight.shape[0]:
+        raise ValueError(
+            f"{weight_name} {tuple(weight.shape)} has vocab size {weight.shape[0]} but "
+            f"student_weight {tuple(student_weight.shape)} has {student_weight.shape[0]}"
+        )
+    if hidden.shape[:-1] != student_hidden.shape[:-1]:
+        raise ValueError(
+            f"{hidden_name} leading shape {tuple(hidden.shape[:-1])} differs from "
+            f"student_hidden leading shape {tuple(student_hidden.shape[:-1])}: token counts "
+            "must match"
+        )
 
 
 def _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_index) -> KDOptions:

@@ -21,7 +21,13 @@ from fastkd._checks import (
 )
 from fastkd.autograd import ChunkedKDFunction
 from fastkd.chunked import Linear
-from fastkd.functional import STUDENT_NAMES, check_linear, chunk_plan, flat_labels
+from fastkd.functional import (
+    STUDENT_NAMES,
+    check_linear,
+    check_teacher_matches,
+    chunk_plan,
+    flat_labels,
+)
 from fastkd.options import FUSIONS, WEIGHTINGS, MultiTeacherOptions
 
 
@@ -134,7 +140,6 @@ def _check_teachers(student_hidden, student_weight, hiddens, weights, biases) ->
                          f"{len(weights)}: one lm_head weight per teacher")
     if biases is not None and len(biases) != len(hiddens):
         raise ValueError(f"teacher_biases has {len(biases)} entries for {len(hiddens)} teachers")
-    leading, vocab = student_hidden.shape[:-1], student_weight.shape[0]
     teachers = []
     for k, (hidden, weight) in enumerate(zip(hiddens, weights)):
         hidden = check_floating(f"teacher_hiddens[{k}]", hidden)
@@ -142,16 +147,8 @@ def _check_teachers(student_hidden, student_weight, hiddens, weights, biases) ->
         bias = None if biases is None else biases[k]
         check_linear((f"teacher_hiddens[{k}]", f"teacher_weights[{k}]", f"teacher_biases[{k}]"),
                      hidden, weight, bias)
-        if weight.shape[0] != vocab:
-            raise ValueError(
-                f"teacher_weights[{k}] {tuple(weight.shape)} has vocab size {weight.shape[0]} "
-                f"but student_weight {tuple(student_weight.shape)} has {vocab}"
-            )
-        if hidden.shape[:-1] != leading:
-            raise ValueError(
-                f"teacher_hiddens[{k}] leading shape {tuple(hidden.shape[:-1])} differs from "
-                f"student_hidden leading shape {tuple(leading)}: token counts must match"
-            )
+        check_teacher_matches((f"teacher_hiddens[{k}]", f"teacher_weights[{k}]"), hidden, weight,
+                              student_hidden, student_weight)
         teachers.append(Linear(hidden.detach().reshape(-1, hidden.shape[-1]).contiguous(),
                                weight.detach(), None if bias is None else bias.detach()))
     return teachers

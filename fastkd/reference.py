@@ -69,6 +69,19 @@ def kd_loss_reference(
     z_s = student_logits.reshape(-1, student_logits.shape[-1]).double()
     z_t = teacher_logits.reshape(-1, teacher_logits.shape[-1]).double()
     loss = soft_weight * _divergence_per_token(z_s, z_t, divergence, beta, temperature)
+    return _hard_ce_and_reduce(loss, z_s, labels, hard_weight, ignore_index, reduction, leading)
+
+
+def _hard_ce_and_reduce(
+    loss: torch.Tensor,
+    z_s: torch.Tensor,
+    labels: torch.Tensor | None,
+    hard_weight: float,
+    ignore_index: int,
+    reduction: str,
+    leading: torch.Size,
+) -> torch.Tensor:
+    """loss (N,) + hard_weight * CE(z_s, label) on counted tokens, then the reduction."""
     if labels is None:
         counted = torch.ones(z_s.shape[0], dtype=torch.bool, device=z_s.device)
     else:
@@ -148,21 +161,12 @@ def multi_teacher_kd_loss_reference(
         weights = priors.expand(-1, log_q.shape[0])
     if fusion == "mixture":
         mixture = (weights[..., None] * p).sum(0)
-        divergence = (mixture * (mixture.log() - log_q)).nan_to_num().sum(-1)
+        divergence = (torch.xlogy(mixture, mixture) - mixture * log_q).sum(-1)  # 0 log 0 = 0
     else:
         divergence = (weights * (p * (log_p - log_q)).sum(-1)).sum(0)
-    loss = soft_weight * divergence
     z_s = _logits(student_hidden, student_weight, student_bias)
-    if labels is None:
-        counted = torch.ones(loss.shape[0], dtype=torch.bool, device=loss.device)
-    else:
-        flat_labels = labels.reshape(-1).long()
-        counted = flat_labels != ignore_index
-        if hard_weight > 0:
-            safe = torch.where(counted, flat_labels, torch.zeros_like(flat_labels))
-            loss = loss + hard_weight * F.cross_entropy(z_s, safe, reduction="none")
-    out = _reduce(loss, counted, reduction)
-    out = out.reshape(leading) if reduction == "none" else out
+    out = _hard_ce_and_reduce(soft_weight * divergence, z_s, labels, hard_weight, ignore_index,
+                              reduction, leading)
     if return_mixing:
         return out, weights.T.reshape(*leading, teachers)
     return out

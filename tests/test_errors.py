@@ -29,7 +29,7 @@ def call(**changes):
 
 
 CASES = [
-    (dict(teacher_weight=torch.randn(V + 1, HT)), ValueError, r"teacher vocab size 21 .* 20"),
+    (dict(teacher_weight=torch.randn(V + 1, HT)), ValueError, r"teacher_weight \(21, 10\) has vocab size 21 but student_weight \(20, 6\) has 20"),
     (dict(teacher_hidden=torch.randn(N + 1, HT)), ValueError, r"token counts must match"),
     (dict(student_hidden=torch.randn(N, HS + 1)), ValueError, r"student_hidden \(4, 7\).*expects 6"),
     (dict(teacher_hidden=torch.randn(N, 3)), ValueError, r"teacher_hidden \(4, 3\).*expects 10"),
