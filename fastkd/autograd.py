@@ -39,8 +39,8 @@ class ChunkedKDFunction(torch.autograd.Function):
     """Loss of student logits ``h_s W_s^T + b_s`` against fixed teacher logits, chunked.
 
     One Function serves ``fused_kd_loss`` (one teacher) and ``multi_teacher_kd_loss`` (K
-    teachers): they differ only in the row op, which sees the student chunk and the list of
-    teacher chunks.
+    teachers): they differ only in the row op, which sees the student chunk (C, V) and the
+    teachers' chunks (K, C, V).
     """
 
     @staticmethod
