@@ -12,7 +12,18 @@ from fastkd.functional import fused_kd_loss, kd_loss
 from fastkd.multi_teacher import multi_teacher_kd_loss
 
 
-class FusedKDLoss(nn.Module):
+class _LossModule(nn.Module):
+    """Holds the keyword options a loss function is called with; shows them in its repr."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        self.options = options
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class FusedKDLoss(_LossModule):
     """``fused_kd_loss`` with fixed options; forward takes hidden states and lm_head weights.
 
     Example::
@@ -20,10 +31,6 @@ class FusedKDLoss(nn.Module):
         loss_fn = FusedKDLoss(divergence="jsd", temperature=2.0, hard_weight=0.5)
         loss = loss_fn(h_s, student.lm_head.weight, h_t, teacher.lm_head.weight, labels)
     """
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__()
-        self.options = options
 
     def forward(
         self,
@@ -40,16 +47,9 @@ class FusedKDLoss(nn.Module):
             student_bias=student_bias, teacher_bias=teacher_bias, **self.options,
         )
 
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
-
-class KDLoss(nn.Module):
+class KDLoss(_LossModule):
     """``kd_loss`` with fixed options; forward takes student and teacher logits (*, V)."""
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__()
-        self.options = options
 
     def forward(
         self,
@@ -59,19 +59,12 @@ class KDLoss(nn.Module):
     ) -> torch.Tensor:
         return kd_loss(student_logits, teacher_logits, labels, **self.options)
 
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
-
-class MultiTeacherKDLoss(nn.Module):
+class MultiTeacherKDLoss(_LossModule):
     """``multi_teacher_kd_loss`` with fixed options (weighting, fusion, priors, ...).
 
     Forward takes the student's hidden states and lm_head weight and lists of the teachers'.
     """
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__()
-        self.options = options
 
     def forward(
         self,
@@ -88,11 +81,8 @@ class MultiTeacherKDLoss(nn.Module):
             student_bias=student_bias, teacher_biases=teacher_biases, **self.options,
         )
 
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
-
-class AttentionKDLoss(nn.Module):
+class AttentionKDLoss(_LossModule):
     """``attention_kd_loss`` with fixed options; forward takes q (B, H, L, D), k (B, H_kv, L, D).
 
     Example::
@@ -100,10 +90,6 @@ class AttentionKDLoss(nn.Module):
         loss_fn = AttentionKDLoss(loss="kl", causal=True)
         loss = loss_fn(q_s, k_s, q_t, k_t, attention_mask=batch["attention_mask"])
     """
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__()
-        self.options = options
 
     def forward(
         self,
@@ -117,6 +103,3 @@ class AttentionKDLoss(nn.Module):
             student_q, student_k, teacher_q, teacher_k, attention_mask=attention_mask,
             **self.options,
         )  # fmt: skip
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
