@@ -13,6 +13,7 @@ import torch
 
 from fastkd.distill import DistillationTrainer, LogitKD
 from fastkd.distill.data import CausalCollator
+from fastkd.distill.training import end_process_group
 from tests.distill_helpers import args, llama, qwen2, rows
 
 
@@ -31,6 +32,7 @@ def main() -> None:
                     "world_size": trainer.args.world_size,
                     "params": {n: p.detach() for n, p in student.named_parameters()}},
                    out / "result.pt")
+    end_process_group()
 
 
 if __name__ == "__main__":

@@ -65,9 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_demo(cfg)
             return 0
         from .run import prepare
+        from .training import end_process_group
 
         job = prepare(cfg)
     except (ValueError, TypeError, OSError) as err:
         parser.exit(2, f"fastkd distill: error: {err}\n")
     job()
+    end_process_group()
     return 0

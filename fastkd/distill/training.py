@@ -49,3 +49,14 @@ def train_ce(
                       data_collator=CausalCollator(pad_token_id))
     trainer.train()
     return model
+
+
+def end_process_group() -> None:
+    """Wait for every process, then tear the process group down (torchrun jobs only).
+
+    A process that exits with its process group alive can abort in the collective library's
+    destructor ("terminate called without an active exception") while the others still run.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
