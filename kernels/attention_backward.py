@@ -28,11 +28,14 @@ from .attention_common import (
     block_d,
     causal_key_end,
     causal_query_start,
+    key_head,
     load_cols,
+    load_row_stat,
     load_rows,
+    query_tiles,
     scaled_scores,
+    score_tiles,
     token_ok,
-    visible_pairs,
     visible_pairs_t,
 )
 
@@ -48,6 +51,16 @@ def _score_grad(a_s, a_t, w, delta, LOSS_MSE: tl.constexpr):
 
 
 @triton.jit
+def _weight_and_delta(w_ptr, delta_ptr, bh, offs_m, L, LOSS_MSE: tl.constexpr):
+    """w_i and, for MSE, delta_i of query rows offs_m (for KL delta is unused: w again)."""
+    w = load_row_stat(w_ptr, bh, offs_m, L)
+    delta = w
+    if LOSS_MSE:
+        delta = load_row_stat(delta_ptr, bh, offs_m, L)
+    return w, delta
+
+
+@triton.jit
 def _dq_kernel(
     qs_ptr, ks_ptr, qt_ptr, kt_ptr, ok_ptr,
     lse_s_ptr, lse_t_ptr, delta_ptr, w_ptr, dq_ptr,
@@ -58,44 +71,30 @@ def _dq_kernel(
 ):  # fmt: skip
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)  # b * H + h
-    b = bh // H
-    h = bh % H
-    qs_ptr += bh * L * DS
-    qt_ptr += bh * L * DT
-    dq_ptr += bh * L * DS
-    ks_ptr += (b * (H // GROUP_S) + h // GROUP_S) * L * DS
-    kt_ptr += (b * (H // GROUP_T) + h // GROUP_T) * L * DT
-    ok_ptr += b * L
-
+    ks_ptr += key_head(bh, H, GROUP_S) * L * DS
+    kt_ptr += key_head(bh, H, GROUP_T) * L * DT
+    ok_ptr += (bh // H) * L
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_ds = tl.arange(0, BLOCK_DS)
-    offs_dt = tl.arange(0, BLOCK_DT)
-    in_range = offs_m < L
-    row_ok = token_ok(ok_ptr, offs_m, L, HAS_MASK)
-    q_s = load_rows(qs_ptr, offs_m, L, offs_ds, DS)
-    q_t = load_rows(qt_ptr, offs_m, L, offs_dt, DT)
-    lse_s = tl.load(lse_s_ptr + bh * L + offs_m, mask=in_range, other=0.0)[:, None]
-    lse_t = tl.load(lse_t_ptr + bh * L + offs_m, mask=in_range, other=0.0)[:, None]
-    w = tl.load(w_ptr + bh * L + offs_m, mask=in_range, other=0.0)[:, None]
-    delta = w  # unused by KL
-    if LOSS_MSE:
-        delta = tl.load(delta_ptr + bh * L + offs_m, mask=in_range, other=0.0)[:, None]
+    row_ok, q_s, q_t = query_tiles(qs_ptr + bh * L * DS, qt_ptr + bh * L * DT, ok_ptr, offs_m,
+                                   L, DS, DT, HAS_MASK, BLOCK_DS, BLOCK_DT)
+    lse_s = load_row_stat(lse_s_ptr, bh, offs_m, L)[:, None]
+    lse_t = load_row_stat(lse_t_ptr, bh, offs_m, L)[:, None]
+    w, delta = _weight_and_delta(w_ptr, delta_ptr, bh, offs_m, L, LOSS_MSE)
 
     dq = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
     for start_n in range(0, causal_key_end(start_m, L, BLOCK_M, CAUSAL), BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        key_ok = token_ok(ok_ptr, offs_n, L, HAS_MASK)
-        visible = visible_pairs(row_ok, key_ok, offs_m, offs_n, CAUSAL)
-        k_s_t = load_cols(ks_ptr, offs_n, L, offs_ds, DS)  # (BLOCK_DS, BLOCK_N)
-        a_s = tl.exp(scaled_scores(q_s, k_s_t, scale_s, visible) - lse_s)
-        t = scaled_scores(q_t, load_cols(kt_ptr, offs_n, L, offs_dt, DT), scale_t, visible)
-        ds = _score_grad(a_s, tl.exp(t - lse_t), w, delta, LOSS_MSE)
+        s, t, _, k_s_t = score_tiles(q_s, q_t, ks_ptr, kt_ptr, ok_ptr, row_ok, offs_m, start_n,
+                                     L, DS, DT, scale_s, scale_t, CAUSAL, HAS_MASK, BLOCK_N,
+                                     BLOCK_DS, BLOCK_DT)
+        ds = _score_grad(tl.exp(s - lse_s), tl.exp(t - lse_t), w[:, None], delta[:, None],
+                         LOSS_MSE)
         # dQ += dS K_s
         dq += tl.dot(ds.to(k_s_t.dtype), tl.trans(k_s_t), input_precision="ieee")
 
     dq *= scale_s
-    ptrs = dq_ptr + offs_m[:, None] * DS + offs_ds[None, :]
-    mask = in_range[:, None] & (offs_ds[None, :] < DS)
+    offs_ds = tl.arange(0, BLOCK_DS)
+    ptrs = dq_ptr + bh * L * DS + offs_m[:, None] * DS + offs_ds[None, :]
+    mask = (offs_m[:, None] < L) & (offs_ds[None, :] < DS)
     tl.store(ptrs, dq.to(dq_ptr.dtype.element_ty), mask=mask)
 
 
@@ -123,25 +122,19 @@ def _dk_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
     for g in range(0, GROUP_S):
         bh = bhk * GROUP_S + g  # b * H + h for the query heads h of this key head
-        h = bh % H
-        kt_head_ptr = kt_ptr + (b * (H // GROUP_T) + h // GROUP_T) * L * DT
-        k_t = load_rows(kt_head_ptr, offs_n, L, offs_dt, DT)
+        k_t = load_rows(kt_ptr + key_head(bh, H, GROUP_T) * L * DT, offs_n, L, offs_dt, DT)
         for start_m in range(causal_query_start(start_n, BLOCK_M, CAUSAL), L, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            in_range = offs_m < L
             row_ok = token_ok(ok_ptr, offs_m, L, HAS_MASK)
             visible = visible_pairs_t(row_ok, key_ok, offs_m, offs_n, CAUSAL)
             q_s_t = load_cols(qs_ptr + bh * L * DS, offs_m, L, offs_ds, DS)  # (BLOCK_DS, BLOCK_M)
             q_t_t = load_cols(qt_ptr + bh * L * DT, offs_m, L, offs_dt, DT)
-            lse_s = tl.load(lse_s_ptr + bh * L + offs_m, mask=in_range, other=0.0)[None, :]
-            lse_t = tl.load(lse_t_ptr + bh * L + offs_m, mask=in_range, other=0.0)[None, :]
-            w = tl.load(w_ptr + bh * L + offs_m, mask=in_range, other=0.0)[None, :]
-            delta = w  # unused by KL
-            if LOSS_MSE:
-                delta = tl.load(delta_ptr + bh * L + offs_m, mask=in_range, other=0.0)[None, :]
+            lse_s = load_row_stat(lse_s_ptr, bh, offs_m, L)[None, :]
+            lse_t = load_row_stat(lse_t_ptr, bh, offs_m, L)[None, :]
+            w, delta = _weight_and_delta(w_ptr, delta_ptr, bh, offs_m, L, LOSS_MSE)
             a_s = tl.exp(scaled_scores(k_s, q_s_t, scale_s, visible) - lse_s)  # A_s^T
             a_t = tl.exp(scaled_scores(k_t, q_t_t, scale_t, visible) - lse_t)
-            ds = _score_grad(a_s, a_t, w, delta, LOSS_MSE)  # dS^T
+            ds = _score_grad(a_s, a_t, w[None, :], delta[None, :], LOSS_MSE)  # dS^T
             # dK += dS^T Q_s
             dk += tl.dot(ds.to(q_s_t.dtype), tl.trans(q_s_t), input_precision="ieee")
 

@@ -32,6 +32,18 @@ def load_cols(base_ptr, offs_row, n_rows, offs_d, d):
 
 
 @triton.jit
+def key_head(bh, H, GROUP):
+    """Index b * H_kv + h // GROUP of the key head that query head bh = b * H + h reads (GQA)."""
+    return (bh // H) * (H // GROUP) + (bh % H) // GROUP
+
+
+@triton.jit
+def load_row_stat(stat_ptr, bh, offs_m, L):
+    """Per-row statistic stat[bh, offs_m] of a (B * H, L) fp32 array, 0 past the end."""
+    return tl.load(stat_ptr + bh * L + offs_m, mask=offs_m < L, other=0.0)
+
+
+@triton.jit
 def token_ok(ok_row_ptr, offs, L, HAS_MASK: tl.constexpr):
     """Tokens offs that exist (< L) and, with a mask, are real (mask == 1)."""
     ok = offs < L
@@ -67,6 +79,39 @@ def scaled_scores(a, b_t, scale, visible):
     """
     s = tl.dot(a, b_t, input_precision="ieee") * scale
     return tl.where(visible, s, float("-inf"))
+
+
+@triton.jit
+def query_tiles(qs_ptr, qt_ptr, ok_ptr, offs_m, L, DS, DT, HAS_MASK: tl.constexpr,
+                BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr):
+    """(row_ok, Q_s tile, Q_t tile) of query rows offs_m: which rows count, and their queries.
+
+    qs_ptr, qt_ptr point at the (L, D) queries of one head, ok_ptr at the mask row of its batch.
+    """
+    row_ok = token_ok(ok_ptr, offs_m, L, HAS_MASK)
+    q_s = load_rows(qs_ptr, offs_m, L, tl.arange(0, BLOCK_DS), DS)
+    q_t = load_rows(qt_ptr, offs_m, L, tl.arange(0, BLOCK_DT), DT)
+    return row_ok, q_s, q_t
+
+
+@triton.jit
+def score_tiles(q_s, q_t, ks_ptr, kt_ptr, ok_ptr, row_ok, offs_m, start_n, L, DS, DT,
+                scale_s, scale_t, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr):
+    """Student and teacher scores of query rows offs_m against key tile [start_n, + BLOCK_N).
+
+    Returns (s, t, visible, K_s^T): s = scale_s Q_s K_s^T and t = scale_t Q_t K_t^T, each
+    (BLOCK_M, BLOCK_N) fp32 and -inf where the pair is not visible; K_s^T (BLOCK_DS, BLOCK_N)
+    is the student key tile, which dQ multiplies by.
+    """
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    key_ok = token_ok(ok_ptr, offs_n, L, HAS_MASK)
+    visible = visible_pairs(row_ok, key_ok, offs_m, offs_n, CAUSAL)
+    k_s_t = load_cols(ks_ptr, offs_n, L, tl.arange(0, BLOCK_DS), DS)
+    s = scaled_scores(q_s, k_s_t, scale_s, visible)
+    t = scaled_scores(q_t, load_cols(kt_ptr, offs_n, L, tl.arange(0, BLOCK_DT), DT), scale_t,
+                      visible)
+    return s, t, visible, k_s_t
 
 
 @triton.jit

@@ -21,11 +21,10 @@ from .attention_common import (
     attention_blocks,
     block_d,
     causal_key_end,
-    load_cols,
-    load_rows,
-    scaled_scores,
-    token_ok,
-    visible_pairs,
+    key_head,
+    load_row_stat,
+    query_tiles,
+    score_tiles,
 )
 
 
@@ -40,37 +39,27 @@ def _attention_mse_kernel(
 ):  # fmt: skip
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)  # b * H + h
-    b = bh // H
-    h = bh % H
-    qs_ptr += bh * L * DS
-    qt_ptr += bh * L * DT
-    ks_ptr += (b * (H // GROUP_S) + h // GROUP_S) * L * DS
-    kt_ptr += (b * (H // GROUP_T) + h // GROUP_T) * L * DT
-    ok_ptr += b * L
-
+    ks_ptr += key_head(bh, H, GROUP_S) * L * DS
+    kt_ptr += key_head(bh, H, GROUP_T) * L * DT
+    ok_ptr += (bh // H) * L
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_ds = tl.arange(0, BLOCK_DS)
-    offs_dt = tl.arange(0, BLOCK_DT)
-    in_range = offs_m < L
-    row_ok = token_ok(ok_ptr, offs_m, L, HAS_MASK)
-    q_s = load_rows(qs_ptr, offs_m, L, offs_ds, DS)
-    q_t = load_rows(qt_ptr, offs_m, L, offs_dt, DT)
-    lse_s = tl.load(lse_s_ptr + bh * L + offs_m, mask=in_range, other=0.0)
-    lse_t = tl.load(lse_t_ptr + bh * L + offs_m, mask=in_range, other=0.0)
+    row_ok, q_s, q_t = query_tiles(qs_ptr + bh * L * DS, qt_ptr + bh * L * DT, ok_ptr, offs_m,
+                                   L, DS, DT, HAS_MASK, BLOCK_DS, BLOCK_DT)
+    lse_s = load_row_stat(lse_s_ptr, bh, offs_m, L)[:, None]
+    lse_t = load_row_stat(lse_t_ptr, bh, offs_m, L)[:, None]
 
     loss = tl.zeros([BLOCK_M], tl.float32)
     delta = tl.zeros([BLOCK_M], tl.float32)
     for start_n in range(0, causal_key_end(start_m, L, BLOCK_M, CAUSAL), BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        key_ok = token_ok(ok_ptr, offs_n, L, HAS_MASK)
-        visible = visible_pairs(row_ok, key_ok, offs_m, offs_n, CAUSAL)
-        s = scaled_scores(q_s, load_cols(ks_ptr, offs_n, L, offs_ds, DS), scale_s, visible)
-        t = scaled_scores(q_t, load_cols(kt_ptr, offs_n, L, offs_dt, DT), scale_t, visible)
-        a_s = tl.exp(s - lse_s[:, None])  # exp(-inf) = 0 where invisible
-        diff = a_s - tl.exp(t - lse_t[:, None])
+        s, t, _, _ = score_tiles(q_s, q_t, ks_ptr, kt_ptr, ok_ptr, row_ok, offs_m, start_n, L,
+                                 DS, DT, scale_s, scale_t, CAUSAL, HAS_MASK, BLOCK_N, BLOCK_DS,
+                                 BLOCK_DT)
+        a_s = tl.exp(s - lse_s)  # exp(-inf) = 0 where invisible
+        diff = a_s - tl.exp(t - lse_t)
         loss += tl.sum(diff * diff, 1)
         delta += tl.sum(a_s * diff, 1)
 
+    in_range = offs_m < L
     tl.store(loss_ptr + bh * L + offs_m, loss, mask=in_range)
     tl.store(delta_ptr + bh * L + offs_m, delta, mask=in_range)
 

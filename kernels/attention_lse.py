@@ -23,11 +23,9 @@ from .attention_common import (
     attention_blocks,
     block_d,
     causal_key_end,
-    load_cols,
-    load_rows,
-    scaled_scores,
-    token_ok,
-    visible_pairs,
+    key_head,
+    query_tiles,
+    score_tiles,
 )
 
 
@@ -54,20 +52,12 @@ def _attention_lse_kernel(
 ):  # fmt: skip
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)  # b * H + h; int64 so that bh * L * D cannot overflow
-    b = bh // H
-    h = bh % H
-    qs_ptr += bh * L * DS
-    qt_ptr += bh * L * DT
-    ks_ptr += (b * (H // GROUP_S) + h // GROUP_S) * L * DS
-    kt_ptr += (b * (H // GROUP_T) + h // GROUP_T) * L * DT
-    ok_ptr += b * L
-
+    ks_ptr += key_head(bh, H, GROUP_S) * L * DS
+    kt_ptr += key_head(bh, H, GROUP_T) * L * DT
+    ok_ptr += (bh // H) * L
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_ds = tl.arange(0, BLOCK_DS)
-    offs_dt = tl.arange(0, BLOCK_DT)
-    row_ok = token_ok(ok_ptr, offs_m, L, HAS_MASK)
-    q_s = load_rows(qs_ptr, offs_m, L, offs_ds, DS)
-    q_t = load_rows(qt_ptr, offs_m, L, offs_dt, DT)
+    row_ok, q_s, q_t = query_tiles(qs_ptr + bh * L * DS, qt_ptr + bh * L * DT, ok_ptr, offs_m,
+                                   L, DS, DT, HAS_MASK, BLOCK_DS, BLOCK_DT)
 
     m_s = tl.full([BLOCK_M], NEG_BIG, tl.float32)
     m_t = tl.full([BLOCK_M], NEG_BIG, tl.float32)
@@ -75,11 +65,9 @@ def _attention_lse_kernel(
     l_t = tl.zeros([BLOCK_M], tl.float32)
     a = tl.zeros([BLOCK_M], tl.float32)
     for start_n in range(0, causal_key_end(start_m, L, BLOCK_M, CAUSAL), BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        key_ok = token_ok(ok_ptr, offs_n, L, HAS_MASK)
-        visible = visible_pairs(row_ok, key_ok, offs_m, offs_n, CAUSAL)
-        s = scaled_scores(q_s, load_cols(ks_ptr, offs_n, L, offs_ds, DS), scale_s, visible)
-        t = scaled_scores(q_t, load_cols(kt_ptr, offs_n, L, offs_dt, DT), scale_t, visible)
+        s, t, visible, _ = score_tiles(q_s, q_t, ks_ptr, kt_ptr, ok_ptr, row_ok, offs_m, start_n,
+                                       L, DS, DT, scale_s, scale_t, CAUSAL, HAS_MASK, BLOCK_N,
+                                       BLOCK_DS, BLOCK_DT)
         m_s, l_s, p_s, alpha_s = _online_update(m_s, l_s, s)
         m_t, l_t, p_t, alpha_t = _online_update(m_t, l_t, t)
         if COMPUTE_KL:
