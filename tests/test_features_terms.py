@@ -91,11 +91,12 @@ def test_relation_heads_when_head_counts_differ(loss, r):
             torch.testing.assert_close(g, w.float(), rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("hidden_loss", ["mse", "cosine"])
-def test_hidden_and_ffn_terms_and_total(hidden_loss):
+@pytest.mark.parametrize(("hidden_loss", "ffn_loss"), [("relative_mse", "relative_mse"),
+                                                      ("mse", "cosine"), ("cosine", "mse")])
+def test_hidden_and_ffn_terms_and_total(hidden_loss, ffn_loss):
     student, teacher = qwen2(), llama()
     settings = FeatureSettings(hidden_weight=1.5, hidden_loss=hidden_loss, ffn_weight=0.5,
-                               attention_weight=2.0, relation_heads=4)
+                               ffn_loss=ffn_loss, attention_weight=2.0, relation_heads=4)
     fa = FeatureAlignment(settings, student, [teacher])
     data = batch(seed=2)
     fs, (ft,) = capture(fa, student, [teacher], data)
@@ -108,13 +109,15 @@ def test_hidden_and_ffn_terms_and_total(hidden_loss):
         return src[s].double() @ w.T
 
     def per_token(xs, xt, how):
-        if how == "mse":
+        if how == "relative_mse":
             return (xs - xt).pow(2).sum(-1) / xt.pow(2).sum(-1)
+        if how == "mse":
+            return (xs - xt).pow(2).sum(-1) / xt.shape[-1]
         return 1 - (xs * xt).sum(-1) / (xs.norm(dim=-1) * xt.norm(dim=-1))
 
     hidden = masked_pair_mean([per_token(projected("hidden", s, t), ft.hidden[t].double(),
                                          hidden_loss) for s, t in fa.pairs[0]], data["counted"])
-    ffn = masked_pair_mean([per_token(projected("ffn", s, t), ft.ffn[t].double(), "mse")
+    ffn = masked_pair_mean([per_token(projected("ffn", s, t), ft.ffn[t].double(), ffn_loss)
                             for s, t in fa.pairs[0]], data["counted"])
     torch.testing.assert_close(parts["hidden"].double(), hidden, rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(parts["ffn"].double(), ffn, rtol=1e-5, atol=1e-8)
@@ -172,6 +175,7 @@ def test_bad_alignment(settings, match):
 @pytest.mark.parametrize(("settings", "match"), [
     (dict(hidden_weight=-1.0), "hidden_weight must be >= 0"),
     (dict(hidden_loss="l1"), "unknown hidden_loss 'l1'"),
+    (dict(ffn_loss="kl"), "unknown ffn_loss 'kl'"),
     (dict(attention_loss="cosine"), "unknown attention_loss 'cosine'"),
     (dict(weighting="mean"), "unknown weighting 'mean'"),
     (dict(relation_heads=0), "relation_heads must be >= 1"),

@@ -55,12 +55,14 @@ class DistillConfig:
     backend: str = _opt("auto", "fastkd backend: auto, triton or torch")
     # feature alignment of mapped layers (0 = off)
     hidden_weight: float = _opt(0.0, "weight of hidden-state alignment (learned projections)")
-    hidden_loss: str = _opt("mse", "hidden-state loss: mse (relative to the teacher) or cosine")
+    hidden_loss: str = _opt("relative_mse", "hidden-state loss: relative_mse "
+                            "(||P x_s - x_t||^2 / ||x_t||^2), mse or cosine")
     attention_weight: float = _opt(0.0, "weight of attention-map alignment")
     attention_loss: str = _opt("kl", "attention alignment loss: mse or kl")
     relation_heads: int | None = _opt(None, "MiniLMv2 relation heads R, used where student and "
                                       "teacher query-head counts differ")
     ffn_weight: float = _opt(0.0, "weight of feed-forward (MLP output) alignment, MaKD")
+    ffn_loss: str = _opt("relative_mse", "feed-forward loss: relative_mse, mse or cosine")
     layer_map: str | list[list[int]] = _opt(
         "uniform", "'uniform' (student layer i -> teacher round((i+1) Lt / Ls) - 1) or "
         "student:teacher pairs 's:t,s:t'")

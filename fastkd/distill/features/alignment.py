@@ -43,11 +43,12 @@ class FeatureSettings:
     """Weights and options of the feature terms (see `DistillConfig` for their meaning)."""
 
     hidden_weight: float = 0.0
-    hidden_loss: str = "mse"
+    hidden_loss: str = "relative_mse"
     attention_weight: float = 0.0
     attention_loss: str = "mse"
     relation_heads: int | None = None
     ffn_weight: float = 0.0
+    ffn_loss: str = "relative_mse"
     layer_map: str | tuple[tuple[int, int], ...] = "uniform"
     weighting: str = "entropy"
     teacher_priors: tuple[float, ...] | None = None
@@ -60,6 +61,7 @@ class FeatureSettings:
                                  f"{getattr(self, f'{term}_weight')}")
         for name, value, choices in (("hidden_loss", self.hidden_loss, FEATURE_LOSSES),
                                      ("attention_loss", self.attention_loss, ATTENTION_LOSSES),
+                                     ("ffn_loss", self.ffn_loss, FEATURE_LOSSES),
                                      ("weighting", self.weighting, WEIGHTINGS)):
             if value not in choices:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {choices}")
@@ -74,9 +76,11 @@ class FeatureSettings:
         layer_map = cfg.layer_map if isinstance(cfg.layer_map, str) else tuple(
             tuple(pair) for pair in cfg.layer_map)
         priors = None if cfg.teacher_priors is None else tuple(cfg.teacher_priors)
-        return cls(cfg.hidden_weight, cfg.hidden_loss, cfg.attention_weight, cfg.attention_loss,
-                   cfg.relation_heads, cfg.ffn_weight, layer_map, cfg.weighting, priors,
-                   cfg.backend)
+        return cls(hidden_weight=cfg.hidden_weight, hidden_loss=cfg.hidden_loss,
+                   attention_weight=cfg.attention_weight, attention_loss=cfg.attention_loss,
+                   relation_heads=cfg.relation_heads, ffn_weight=cfg.ffn_weight,
+                   ffn_loss=cfg.ffn_loss, layer_map=layer_map, weighting=cfg.weighting,
+                   teacher_priors=priors, backend=cfg.backend)
 
     def weight(self, term: str) -> float:
         return getattr(self, f"{term}_weight")
@@ -187,7 +191,7 @@ class FeatureAlignment(nn.Module):
                 else:
                     values.append(feature_term(
                         getattr(student, term), getattr(feats, term), pairs, self.projections,
-                        k, term, token_mask, s.hidden_loss if term == "hidden" else "mse"))
+                        k, term, token_mask, getattr(s, f"{term}_loss")))
             parts[term] = (torch.stack(values) * w).sum()
         total = sum(s.weight(term) * value for term, value in parts.items())
         return total, parts

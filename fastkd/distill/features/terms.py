@@ -4,10 +4,11 @@ tokens and averaged over the layer pairs.
 Counted tokens are those that carry a target (the tokens the logit terms average over), so the
 trainer divides every term by the same count and gradient accumulation stays exact. Per token:
 
-- hidden / FFN, "mse": the squared error of the projected student features relative to the
-  teacher's, ||P x_s - x_t||^2 / ||x_t||^2 (P the learned projection of the pair). Pre-norm
-  residual streams grow with depth and training (RMS in the hundreds), so an unscaled MSE
-  would swamp every other term; relative to the teacher it is scale-free and 1 for P x_s = 0.
+- hidden / FFN (P the learned projection of the pair, x_t of width Ht):
+  "relative_mse": ||P x_s - x_t||^2 / ||x_t||^2. Pre-norm residual streams grow with depth
+  and training (RMS in the hundreds), so a plain MSE can swamp every other term; relative to
+  the teacher it is scale-free and 1 for P x_s = 0.
+  "mse": ||P x_s - x_t||^2 / Ht, the mean squared error over the features.
   "cosine": 1 - cos(P x_s, x_t).
 - attention, same query-head counts: mean over heads of each query row's `attention_kd_loss`
   (MSE: the row's sum of squares over the L key columns / L; KL: KL(A_t row || A_s row)), the
@@ -30,7 +31,7 @@ from .attention_capture import CapturedAttention
 from .layer_map import LayerPairs
 from .projections import FeatureProjections
 
-FEATURE_LOSSES = ("mse", "cosine")
+FEATURE_LOSSES = ("relative_mse", "mse", "cosine")
 _TINY = 1e-12  # guards the relative error of an all-zero teacher vector
 ATTENTION_LOSSES = ("mse", "kl")
 
@@ -43,7 +44,7 @@ def feature_term(
     teacher_index: int,
     kind: str,
     token_mask: torch.Tensor,
-    loss: str = "mse",
+    loss: str = "relative_mse",
 ) -> torch.Tensor:
     """Hidden-state or FFN-output alignment through the learned projections.
 
@@ -55,7 +56,7 @@ def feature_term(
         teacher_index: which teacher's projections to use.
         kind: "hidden" or "ffn".
         token_mask: (B, T) bool, the counted tokens.
-        loss: "mse" or "cosine".
+        loss: "relative_mse", "mse" or "cosine".
 
     Returns:
         fp32 scalar: sum over counted tokens of the per-token loss, mean over pairs.
@@ -69,8 +70,10 @@ def feature_term(
         if xs.shape != xt.shape:
             raise ValueError(f"{kind} pair ({s}, {t}): projected student features "
                              f"{tuple(xs.shape)} and teacher features {tuple(xt.shape)} differ")
-        if loss == "mse":
+        if loss == "relative_mse":
             per_token = (xs - xt).pow(2).sum(-1) / xt.pow(2).sum(-1).clamp_min(_TINY)
+        elif loss == "mse":
+            per_token = (xs - xt).pow(2).mean(-1)
         else:
             per_token = 1 - F.cosine_similarity(xs, xt, dim=-1)
         total = total + torch.where(token_mask, per_token, 0).sum()
