@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.4,torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo ablation test bench lint clean
+.PHONY: setup demo ablation test bench lint clean gpu-wheels
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,14 @@ bench: setup
 
 lint: setup
 	$(BIN)/ruff check fastkd kernels benchmarks tests
+
+# Wheels that a lent GPU machine (torch and triton installed, no network) lacks: the peer
+# library of the benchmark and the trainer's datasets. Used by benchmarks/gpu_session.sh.
+GPU_WHEELS ?= liger-kernel==0.8.5 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

@@ -61,12 +61,13 @@ def _case(suite: str, sweep: str, dtype: str, **params) -> C.Case:
 def gpu_cases(quick: bool) -> list[C.Case]:
     """The headline shape of DESIGN.md section 6 and the sweeps of issue 5."""
     head = dict(N=8192, V=128256, Hs=2048, Ht=4096)
-    attn = dict(B=4, H=32, Hkv=8, Ds=64, Dt=128, causal=True, loss="mse")
+    # issue 4's shape: one sequence, 32 heads of dim 128 on both sides, causal
+    attn = dict(B=1, H=32, Hkv=32, Ds=128, Dt=128, causal=True, loss="mse")
     if quick:
         return [_case("vocab", "V", "bf16", **head),
                 _case("logits", "V", "bf16", N=8192, V=128256),
                 _case("multi_teacher", "K", "bf16", K=2, **{**head, "N": 4096}),
-                _case("attention", "L", "bf16", L=2048, **attn)]
+                _case("attention", "L", "bf16", L=4096, **attn)]
     out = [_case("vocab", "V", "bf16", **{**head, "V": v}) for v in (32000, 128256, 151936, 256000)]
     out.append(_case("vocab", "V", "bf16", divergence="jsd", **head))
     out += [_case("vocab", "N", "bf16", **{**head, "N": n}) for n in (1024, 4096, 16384)]
@@ -76,7 +77,11 @@ def gpu_cases(quick: bool) -> list[C.Case]:
     out += [_case("logits", "V", "bf16", N=8192, V=v, divergence=d)
             for v in (32000, 128256) for d in ("kl", "jsd")]
     out += [_case("multi_teacher", "K", "bf16", K=k, **{**head, "N": 4096}) for k in (1, 2, 3, 4)]
-    out += [_case("attention", "L", "bf16", L=length, **attn) for length in (1024, 2048, 4096)]
+    out.append(_case("multi_teacher", "N", "bf16", K=3, **head))  # issue 3's goal: K=3, N=8192
+    # L=16384: the materialized maps (32 GiB each in fp32) do not fit; fastkd's do not exist
+    out += [_case("attention", "L", "bf16", L=length, **attn) for length in (1024, 4096, 16384)]
+    out.append(_case("attention", "L", "bf16", L=4096, **{**attn, "Hkv": 8, "Ds": 64,
+                                                          "loss": "kl"}))  # GQA, dims differ
     return out
 
 
