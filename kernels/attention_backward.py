@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .attention_common import (
-    attention_blocks,
+    attention_tiles,
     block_d,
     causal_key_end,
     causal_query_start,
@@ -170,17 +170,23 @@ def attention_backward(
     d_t = q_t.shape[-1]
     dq = torch.empty_like(q_s)
     dk = torch.empty_like(k_s)
-    block_m, block_n, num_warps = attention_blocks(d_s, d_t, interpreted)
+    tiles = attention_tiles(d_s, d_t, (q_s.dtype, q_t.dtype), interpreted)
+    dq_tiles, dk_tiles = tiles["dq"], tiles["dk"]
     args = (
         q_s, k_s, q_t, k_t, token_mask if token_mask is not None else lse_s,
         lse_s, lse_t, delta if delta is not None else lse_s, row_weight,
     )  # fmt: skip
     sizes = (scale_s, scale_t, heads, length, d_s, d_t, heads // heads_kv_s, heads // k_t.shape[1])
-    meta = dict(
+    flags = dict(
         CAUSAL=causal, HAS_MASK=token_mask is not None, LOSS_MSE=delta is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DS=block_d(d_s), BLOCK_DT=block_d(d_t),
-        num_warps=num_warps,
+        BLOCK_DS=block_d(d_s), BLOCK_DT=block_d(d_t),
     )  # fmt: skip
-    _dq_kernel[(triton.cdiv(length, block_m), batch * heads)](*args, dq, *sizes, **meta)
-    _dk_kernel[(triton.cdiv(length, block_n), batch * heads_kv_s)](*args, dk, *sizes, **meta)
+    _dq_kernel[(triton.cdiv(length, dq_tiles.block_m), batch * heads)](
+        *args, dq, *sizes, **flags, BLOCK_M=dq_tiles.block_m, BLOCK_N=dq_tiles.block_n,
+        num_warps=dq_tiles.num_warps,
+    )  # fmt: skip
+    _dk_kernel[(triton.cdiv(length, dk_tiles.block_n), batch * heads_kv_s)](
+        *args, dk, *sizes, **flags, BLOCK_M=dk_tiles.block_m, BLOCK_N=dk_tiles.block_n,
+        num_warps=dk_tiles.num_warps,
+    )  # fmt: skip
     return dq, dk

@@ -7,6 +7,9 @@ contiguous; per-row statistics ``(B, H, L)`` in fp32; the token mask ``(B, L)`` 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 import triton
 import triton.language as tl
 
@@ -144,16 +147,38 @@ def block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def attention_blocks(d_student: int, d_teacher: int, interpreted: bool) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for the given head dims.
+@dataclass(frozen=True)
+class Tiles:
+    """Block sizes and warp count of one attention kernel launch."""
 
-    The interpreter runs on CPU, where 32-row tiles keep tests fast and still cross tile edges.
-    """
+    block_m: int  # query rows per tile
+    block_n: int  # keys per tile
+    num_warps: int
+
+
+# Compiled tiles of 16-bit inputs, by the widest padded head dim: the forward passes (LSE, MSE),
+# dQ and dK.
+# Picked from the sm_90 register use that ptxas reports (tests/test_compile_hopper.py checks the
+# spills): at head dim 128 in bf16 the dK kernel spills 296 bytes per thread with 64 x 64 tiles
+# and 8 with 128 x 32; fp32 inputs (exact "ieee" dots, no tensor cores) spill kilobytes above
+# 32 x 32 tiles. Their speed on a GPU is still to be measured.
+_SIXTEEN_BIT_TILES = {
+    64: dict(forward=Tiles(64, 64, 4), dq=Tiles(64, 64, 4), dk=Tiles(64, 64, 8)),
+    128: dict(forward=Tiles(64, 64, 8), dq=Tiles(64, 64, 8), dk=Tiles(128, 32, 8)),
+    256: dict(forward=Tiles(32, 32, 8), dq=Tiles(32, 32, 8), dk=Tiles(32, 32, 8)),
+}
+_FP32_TILES = dict(forward=Tiles(32, 32, 4), dq=Tiles(32, 32, 4), dk=Tiles(32, 32, 8))
+# The interpreter runs on CPU: large tiles keep the tests fast, and lengths such as 70 still
+# cross tile edges.
+_INTERPRETED_TILES = dict(forward=Tiles(64, 64, 4), dq=Tiles(64, 64, 4), dk=Tiles(64, 64, 4))
+
+
+def attention_tiles(
+    d_student: int, d_teacher: int, dtypes: tuple[torch.dtype, ...], interpreted: bool
+) -> dict[str, Tiles]:
+    """The tiles of the "forward", "dq" and "dk" kernels for these head dims and input dtypes."""
     if interpreted:
-        return 64, 64, 4
-    widest = max(block_d(d_student), block_d(d_teacher))
-    if widest <= 64:
-        return 64, 64, 4
-    if widest <= 128:
-        return 64, 64, 8
-    return 32, 32, 8
+        return _INTERPRETED_TILES
+    if not all(dtype in (torch.bfloat16, torch.float16) for dtype in dtypes):
+        return _FP32_TILES
+    return _SIXTEEN_BIT_TILES[max(64, block_d(d_student), block_d(d_teacher))]

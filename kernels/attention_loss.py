@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .attention_common import (
-    attention_blocks,
+    attention_tiles,
     block_d,
     causal_key_end,
     key_head,
@@ -86,15 +86,15 @@ def attention_mse(
     d_t = q_t.shape[-1]
     loss = torch.empty_like(lse_s)
     delta = torch.empty_like(lse_s)
-    block_m, block_n, num_warps = attention_blocks(d_s, d_t, interpreted)
-    grid = (triton.cdiv(length, block_m), batch * heads)
+    tiles = attention_tiles(d_s, d_t, (q_s.dtype, q_t.dtype), interpreted)["forward"]
+    grid = (triton.cdiv(length, tiles.block_m), batch * heads)
     _attention_mse_kernel[grid](
         q_s, k_s, q_t, k_t, token_mask if token_mask is not None else lse_s,
         lse_s, lse_t, loss, delta,
         scale_s, scale_t, heads, length, d_s, d_t,
         heads // k_s.shape[1], heads // k_t.shape[1],
         CAUSAL=causal, HAS_MASK=token_mask is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DS=block_d(d_s), BLOCK_DT=block_d(d_t),
-        num_warps=num_warps,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+        BLOCK_DS=block_d(d_s), BLOCK_DT=block_d(d_t), num_warps=tiles.num_warps,
     )  # fmt: skip
     return loss, delta

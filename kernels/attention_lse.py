@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .attention_common import (
     NEG_BIG,
-    attention_blocks,
+    attention_tiles,
     block_d,
     causal_key_end,
     key_head,
@@ -113,15 +113,15 @@ def attention_lse(
     lse_s = torch.empty((batch, heads, length), device=q_s.device, dtype=torch.float32)
     lse_t = torch.empty_like(lse_s)
     kl = torch.empty_like(lse_s) if compute_kl else lse_s  # lse_s is a placeholder, never read
-    block_m, block_n, num_warps = attention_blocks(d_s, d_t, interpreted)
-    grid = (triton.cdiv(length, block_m), batch * heads)
+    tiles = attention_tiles(d_s, d_t, (q_s.dtype, q_t.dtype), interpreted)["forward"]
+    grid = (triton.cdiv(length, tiles.block_m), batch * heads)
     _attention_lse_kernel[grid](
         q_s, k_s, q_t, k_t, token_mask if token_mask is not None else lse_s,
         lse_s, lse_t, kl,
         scale_s, scale_t, heads, length, d_s, d_t,
         heads // k_s.shape[1], heads // k_t.shape[1],
         CAUSAL=causal, HAS_MASK=token_mask is not None, COMPUTE_KL=compute_kl,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DS=block_d(d_s), BLOCK_DT=block_d(d_t),
-        num_warps=num_warps,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+        BLOCK_DS=block_d(d_s), BLOCK_DT=block_d(d_t), num_warps=tiles.num_warps,
     )  # fmt: skip
     return lse_s, lse_t, kl if compute_kl else None

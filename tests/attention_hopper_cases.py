@@ -1,18 +1,24 @@
 """Ahead-of-time sm_90 compile cases of the attention kernels, for tests/hopper_compile.py.
 
-Two corners per kernel and flag: bf16 / causal / padded / head dim 128 (8 warps), and
-fp32 / full / unpadded / head dim 64 (4 warps). All constexpr combinations were compiled once
-by hand (112 variants, all ok); these keep the test short.
+Three corners per kernel and flag, each compiled with the tiles its launcher picks
+(``attention_tiles``): bf16 / causal / padded / head dim 128 (issue 4's benchmark shape),
+bf16 / full / unpadded / head dim 64, and fp32 / full / unpadded / head dims 64 and 32. All
+constexpr combinations were compiled once by hand (112 variants, all ok); these keep the test
+short.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
+import torch
+
 CORNERS = [
-    ("bf16", dict(CAUSAL=True, HAS_MASK=True, BLOCK_M=64, BLOCK_N=64, BLOCK_DS=128,
-                  BLOCK_DT=128), 8),
-    ("fp32", dict(CAUSAL=False, HAS_MASK=False, BLOCK_M=64, BLOCK_N=64, BLOCK_DS=64,
-                  BLOCK_DT=32), 4),
-]  # fmt: skip
+    ("bf16", 128, 128, dict(CAUSAL=True, HAS_MASK=True)),
+    ("bf16", 64, 64, dict(CAUSAL=False, HAS_MASK=False)),
+    ("fp32", 64, 32, dict(CAUSAL=False, HAS_MASK=False)),
+]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def _signature(dtype: str, *extra: str, out: str | None = None) -> dict:
@@ -26,24 +32,31 @@ def _signature(dtype: str, *extra: str, out: str | None = None) -> dict:
     return sig
 
 
+def _meta(flags: dict, block_ds: int, block_dt: int, tiles, **more) -> dict:
+    return {**flags, "BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n, "BLOCK_DS": block_ds,
+            "BLOCK_DT": block_dt, **more}
+
+
 def attention_cases():
     from fastkd.kernels.attention_backward import _dk_kernel, _dq_kernel
+    from fastkd.kernels.attention_common import attention_tiles, block_d
     from fastkd.kernels.attention_loss import _attention_mse_kernel
     from fastkd.kernels.attention_lse import _attention_lse_kernel
 
-    for dtype, meta, warps in CORNERS:
+    for dtype, d_s, d_t, flags in CORNERS:
+        tiles = attention_tiles(d_s, d_t, (DTYPES[dtype],) * 2, interpreted=False)
+        meta = partial(_meta, flags, block_d(d_s), block_d(d_t))
+
+        corner = f"{dtype}-d{d_s}"
+        forward = tiles["forward"]
         for kl in (True, False):
             sig = _signature(dtype, "lse_s_ptr", "lse_t_ptr", "kl_ptr")
-            yield (
-                f"attn_lse-{dtype}-kl{kl}",
-                _attention_lse_kernel,
-                sig,
-                {**meta, "COMPUTE_KL": kl},
-                warps,
-            )
+            yield (f"attn_lse-{corner}-kl{kl}", _attention_lse_kernel, sig,
+                   meta(forward, COMPUTE_KL=kl), forward.num_warps)
         sig = _signature(dtype, "lse_s_ptr", "lse_t_ptr", "loss_ptr", "delta_ptr")
-        yield f"attn_mse-{dtype}", _attention_mse_kernel, sig, meta, warps
+        yield f"attn_mse-{corner}", _attention_mse_kernel, sig, meta(forward), forward.num_warps
         for mse in (True, False):
             for name, kernel, out in (("dq", _dq_kernel, "dq_ptr"), ("dk", _dk_kernel, "dk_ptr")):
                 sig = _signature(dtype, "lse_s_ptr", "lse_t_ptr", "delta_ptr", "w_ptr", out=out)
-                yield f"attn_{name}-{dtype}-mse{mse}", kernel, sig, {**meta, "LOSS_MSE": mse}, warps
+                yield (f"attn_{name}-{corner}-mse{mse}", kernel, sig,
+                       meta(tiles[name], LOSS_MSE=mse), tiles[name].num_warps)

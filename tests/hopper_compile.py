@@ -1,8 +1,9 @@
 """Compile every Triton kernel for Hopper (sm_90) ahead of time; no GPU needed.
 
 Run as a script (``python tests/hopper_compile.py``) with the interpreter off: it prints one
-JSON object mapping each case name to "ok" or the compiler's error. Kernel modules register
-their cases in CASES below.
+JSON object mapping each case name to "ok" or the compiler's error, and the bytes of stack each
+thread of the compiled kernel spills registers to (``cuobjdump --dump-resource-usage``). Kernel
+modules register their cases in CASES below.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
+import subprocess
+import tempfile
 
 os.environ["TRITON_INTERPRET"] = "0"
 
@@ -69,16 +73,27 @@ def compile_for_hopper(kernel, signature: dict, constexprs: dict, num_warps: int
     return triton.compile(source, target=HOPPER, options={"num_warps": num_warps})
 
 
+def spilled_bytes(cubin: bytes) -> int:
+    """Stack bytes per thread of a cubin's kernel: registers that did not fit spill there."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage",
+                                file.name], capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"STACK:(\d+)", usage).group(1))
+
+
 def main() -> None:
-    results = {}
+    results, spills = {}, {}
     for family in CASES:
         for name, kernel, signature, constexprs, num_warps in family():
             try:
                 compiled = compile_for_hopper(kernel, signature, constexprs, num_warps)
                 results[name] = "ok" if compiled.asm.get("cubin") else "no cubin"
+                spills[name] = spilled_bytes(compiled.asm["cubin"])
             except Exception as error:  # noqa: BLE001 - reported back to the test
                 results[name] = f"{type(error).__name__}: {error}"[:2000]
-    print(json.dumps(results))
+    print(json.dumps({"results": results, "spills": spills}))
 
 
 if __name__ == "__main__":

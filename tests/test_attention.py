@@ -16,6 +16,7 @@ import fastkd.kernels.attention_backward as kernel_backward
 import fastkd.kernels.attention_loss as kernel_loss
 import fastkd.kernels.attention_lse as kernel_lse
 from fastkd.attention import attention_kd_loss
+from fastkd.kernels.attention_common import Tiles
 from fastkd.reference_attention import attention_kd_loss_reference
 from tests.conftest import DEVICE
 from tests.helpers import rel_err, tolerance
@@ -131,11 +132,13 @@ def test_given_scales(backend):
 
 @pytest.mark.parametrize("block_m, block_n", [(16, 32), (32, 16)])
 def test_kernel_tiles_other_than_default(monkeypatch, block_m, block_n):
-    # Many tiles per row and per column, BLOCK_M != BLOCK_N: the causal loop bounds of all
-    # three passes (rows stop at their last key; dK columns start at their first query tile).
-    blocks = lambda *args: (block_m, block_n, 4)  # noqa: E731
+    # Many tiles per row and per column, BLOCK_M != BLOCK_N, and dQ / dK tiles that differ from
+    # the forward ones: the causal loop bounds of all passes (rows stop at their last key; dK
+    # columns start at their first query tile).
+    tiles = dict(forward=Tiles(block_m, block_n, 4), dq=Tiles(block_n, block_m, 4),
+                 dk=Tiles(block_m, block_n, 2))
     for module in (kernel_lse, kernel_loss, kernel_backward):
-        monkeypatch.setattr(module, "attention_blocks", blocks)
+        monkeypatch.setattr(module, "attention_tiles", lambda *args: tiles)
     inputs = make_inputs(1, 2, 70, 16, 16, 1, 2, seed=block_m)
     for loss in ("mse", "kl"):
         check_against_oracle(
