@@ -1,0 +1,28 @@
+"""With the student sharded by FSDP2 over 2 processes (torchrun, gloo, CPU), the trainer's loss
+and the student's gradients equal those of 1 unsharded process on the same global batch: the
+lm_head that fastkd's fused loss reads outside the model's forward is whole there (FSDP keeps
+the root module's parameters gathered from forward to backward), and its gradient is reduced
+like any other."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from tests.ddp_launch import TORCHRUN, launch
+
+WORKER = Path(__file__).with_name("distill_fsdp_worker.py")
+
+
+def test_fsdp2_sharded_student_matches_one_process(tmp_path):
+    sharded = launch(WORKER, tmp_path / "fsdp", TORCHRUN, per_device=2)
+    single = launch(WORKER, tmp_path / "single", [sys.executable], per_device=4)
+    assert sharded["world_size"] == 2 and single["world_size"] == 1
+    torch.testing.assert_close(sharded["loss"], single["loss"], rtol=1e-5, atol=0)
+    assert sharded["grads"].keys() == single["grads"].keys()
+    for name, grad in single["grads"].items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(sharded["grads"][name], grad, rtol=1e-4, atol=1e-6,
+                                   msg=name)
