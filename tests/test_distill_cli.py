@@ -62,7 +62,13 @@ def test_cli_distills_then_resumes(dirs, tmp_path, capsys):
     assert (out / "final" / "tokenizer.json").is_file()
     assert losses(out) == [1, 2, 3]
     assert main(distill(dirs, out, "--steps", "4", "--resume")) == 0
-    assert losses(out)[3:] == [4]
+    assert losses(out) == [1, 2, 3, 4]
+    # metrics.jsonl holds one history: resuming from an earlier checkpoint drops the lines
+    # after it, and a fresh run into the same folder starts the file again.
+    assert main(distill(dirs, out, "--steps", "4", "--resume", str(out / "checkpoint-2"))) == 0
+    assert losses(out) == [1, 2, 3, 4]
+    assert main(distill(dirs, out, "--steps", "1")) == 0
+    assert losses(out) == [1]
 
 
 def test_config_file_and_flags(dirs, tmp_path):
@@ -91,6 +97,17 @@ def test_bad_input_fails_before_training(dirs, tmp_path, capsys, swap, message):
         main(distill(paths, tmp_path / "run", "--steps", "1"))
     assert exit_info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_one_token_documents_are_refused_before_training(dirs, tmp_path, capsys):
+    # Unpacked, each document is a sequence of its own; one token predicts nothing.
+    data = tmp_path / "one_word.jsonl"
+    data.write_text('{"text": "w5"}\n{"text": "w7"}\n')
+    with pytest.raises(SystemExit) as exit_info:
+        main(distill({**dirs, "data": str(data)}, tmp_path / "run", "--no-packing"))
+    assert exit_info.value.code == 2
+    assert "training dataset is empty after tokenization" in capsys.readouterr().err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 

@@ -37,6 +37,8 @@ def test_unknown_key_is_named_with_a_suggestion(tmp_path):
     ({"soft_weight": 0, "hard_weight": 0}, ValueError, "not both 0"),
     ({"divergence": "jsd", "beta": 1.0}, ValueError, "beta must be in"),
     ({"teachers": ["a"], "teacher_priors": [1.0, 2.0]}, ValueError, "2 entries for 1"),
+    ({"seq_len": 1}, ValueError, "seq_len must be >= 2"),
+    ({"teachers": ["a", "b"], "divergence": "jsd"}, ValueError, "'jsd' is for one teacher"),
 ])
 def test_bad_values_are_refused(values, error, match):
     with pytest.raises(error, match=match):

@@ -96,15 +96,24 @@ class DistillConfig:
         _check_choice("fusion", self.fusion, FUSIONS)
         _check_choice("backend", self.backend, ("auto", "triton", "torch"))
         _check_choice("demo_scale", self.demo_scale, DEMO_SCALES)
-        for name in ("seq_len", "steps", "batch_size", "grad_accum", "logging_steps", "save_steps"):
+        for name in ("steps", "batch_size", "grad_accum", "logging_steps", "save_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2 (a token predicts the next one), got "
+                             f"{self.seq_len}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.soft_weight < 0 or self.hard_weight < 0 or self.soft_weight + self.hard_weight == 0:
             raise ValueError(
                 f"soft_weight and hard_weight must be >= 0 and not both 0, got "
                 f"{self.soft_weight} and {self.hard_weight}"
+            )
+        if len(self.teachers) > 1 and self.divergence != "kl":
+            raise ValueError(
+                f"divergence {self.divergence!r} is for one teacher; several teachers are fused "
+                "by KL to their mixture or by weighted per-teacher KLs (fusion: "
+                f"{' or '.join(FUSIONS)})"
             )
         if self.divergence == "jsd" and not 0 < self.beta < 1:
             raise ValueError(f"beta must be in (0, 1) for divergence 'jsd', got {self.beta}")

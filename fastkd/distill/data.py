@@ -52,7 +52,8 @@ def tokenize(
 
     packing: documents (each followed by EOS when the tokenizer has one) are concatenated and cut
     into blocks of `seq_len` (per map batch of 1000 documents, whose last block may be shorter);
-    otherwise each document is truncated to `seq_len`. Raises `ValueError` when no token remains.
+    otherwise each document is truncated to `seq_len`. Raises `ValueError` when no block holds
+    a token to predict (at least two tokens).
     """
     eos = [tokenizer.eos_token_id] if packing and tokenizer.eos_token_id is not None else []
 
@@ -64,8 +65,9 @@ def tokenize(
         return {"input_ids": [flat[i:i + seq_len] for i in range(0, len(flat), seq_len)]}
 
     out = ds.map(encode, batched=True, batch_size=1000, remove_columns=ds.column_names)
-    if len(out) == 0 or sum(len(x) for x in out["input_ids"]) < 2:
-        raise ValueError(f"{name} dataset is empty after tokenization")
+    if len(out) == 0 or not any(len(x) >= 2 for x in out["input_ids"]):
+        raise ValueError(f"{name} dataset is empty after tokenization (no sequence of two or "
+                         "more tokens, so nothing to predict)")
     return out
 
 

@@ -53,10 +53,21 @@ def _memory() -> dict[str, float]:
 
 
 class JsonlLogger(TrainerCallback):
-    """Appends each log event of the main process to `path` as one JSON object per line."""
+    """Appends each log event of the main process to `path` as one JSON object per line.
+
+    The file holds one run's history: a fresh run starts it empty, and a resumed run keeps the
+    lines up to the step of its checkpoint (later ones were trained again or never kept).
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
+        if not state.is_world_process_zero or not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if json.loads(line)["step"] <= state.global_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs) -> None:
         if not state.is_world_process_zero or not logs:
