@@ -7,6 +7,7 @@ with a message that names the argument and the shapes or values involved.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Iterable
 
@@ -49,6 +50,14 @@ def check_labels(labels: object, leading_shape: torch.Size, name: str = "labels"
     return tensor
 
 
+def check_vocab(name: str, shape: torch.Size, dim: int) -> int:
+    """The vocab size ``shape[dim]`` of tensor ``name``; a softmax needs at least one entry."""
+    vocab = shape[dim]
+    if vocab == 0:
+        raise ValueError(f"{name} {tuple(shape)} has an empty vocab dimension (size 0)")
+    return vocab
+
+
 def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
     """Every counted label lies in [0, vocab)."""
     counted = labels[labels != ignore_index]
@@ -75,18 +84,45 @@ def check_same_device(named: Iterable[tuple[str, torch.Tensor | None]]) -> torch
     return device
 
 
-def check_positive(name: str, value: float) -> float:
+def check_real(name: str, value: object) -> float:
+    """A real number: a Python or NumPy scalar, not a bool and not a tensor."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        hint = " (pass a Python number: tensor.item())" if isinstance(value, torch.Tensor) else ""
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}{hint}")
+    return float(value)
+
+
+def check_int(name: str, value: object) -> int:
+    """An integer: a Python or NumPy integer, not a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def check_positive(name: str, value: object) -> float:
     """A finite number > 0."""
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    number = check_real(name, value)
+    if not math.isfinite(number) or number <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return number
 
 
-def check_non_negative(name: str, value: float) -> float:
+def check_non_negative(name: str, value: object) -> float:
     """A finite number >= 0."""
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    number = check_real(name, value)
+    if not math.isfinite(number) or number < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+    return number
+
+
+def check_loss_weights(soft_weight: object, hard_weight: object) -> tuple[float, float]:
+    """soft_weight and hard_weight, each >= 0, not both 0 (the loss would be identically 0)."""
+    soft = check_non_negative("soft_weight", soft_weight)
+    hard = check_non_negative("hard_weight", hard_weight)
+    if soft == 0 and hard == 0:
+        raise ValueError("soft_weight and hard_weight are both 0: the loss would be 0 for any "
+                         "input")
+    return soft, hard
 
 
 def check_choice(name: str, value: object, choices: Iterable[str]) -> str:

@@ -15,11 +15,14 @@ from fastkd._checks import (
     REDUCTIONS,
     check_choice,
     check_floating,
+    check_int,
     check_label_range,
     check_labels,
-    check_non_negative,
+    check_loss_weights,
     check_positive,
+    check_real,
     check_same_device,
+    check_vocab,
     resolve_backend,
 )
 from fastkd.autograd import ChunkedKDFunction, KDLossFunction
@@ -83,7 +86,7 @@ def fused_kd_loss(
                  teacher_hidden, teacher_weight, teacher_bias)
     check_teacher_matches(("teacher_hidden", "teacher_weight"), teacher_hidden, teacher_weight,
                           student_hidden, student_weight)
-    vocab = student_weight.shape[0]
+    vocab = check_vocab("student_weight", student_weight.shape, 0)
     device = check_same_device([
         ("student_hidden", student_hidden), ("student_weight", student_weight),
         ("student_bias", student_bias), ("teacher_hidden", teacher_hidden),
@@ -146,7 +149,8 @@ def kd_loss(
         )
     device = check_same_device([("student_logits", student_logits),
                                 ("teacher_logits", teacher_logits), ("labels", labels)])
-    leading, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+    leading = student_logits.shape[:-1]
+    vocab = check_vocab("student_logits", student_logits.shape, -1)
     options = _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_index)
     token_labels = flat_labels(labels, leading, vocab, options)
     check_choice("reduction", reduction, REDUCTIONS)
@@ -222,17 +226,16 @@ def check_teacher_matches(
 
 def _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_index) -> KDOptions:
     check_choice("divergence", divergence, DIVERGENCES)
-    if divergence == "jsd" and not (isinstance(beta, (int, float)) and 0 < beta < 1):
+    if divergence == "jsd" and not 0 < check_real("beta", beta) < 1:
         raise ValueError(f"beta must lie in (0, 1) for divergence='jsd', got {beta!r}")
-    if not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    soft_weight, hard_weight = check_loss_weights(soft_weight, hard_weight)
     return KDOptions(
         divergence=divergence,
         beta=float(beta) if divergence == "jsd" else 0.5,
         temperature=check_positive("temperature", temperature),
-        soft_weight=check_non_negative("soft_weight", soft_weight),
-        hard_weight=check_non_negative("hard_weight", hard_weight),
-        ignore_index=ignore_index,
+        soft_weight=soft_weight,
+        hard_weight=hard_weight,
+        ignore_index=check_int("ignore_index", ignore_index),
     )
 
 

@@ -14,9 +14,11 @@ from fastkd._checks import (
     REDUCTIONS,
     check_choice,
     check_floating,
-    check_non_negative,
+    check_int,
+    check_loss_weights,
     check_positive,
     check_same_device,
+    check_vocab,
     resolve_backend,
 )
 from fastkd.autograd import ChunkedKDFunction
@@ -80,9 +82,10 @@ def multi_teacher_kd_loss(
     student_hidden = check_floating("student_hidden", student_hidden)
     student_weight = check_floating("student_weight", student_weight, ndim=2)
     check_linear(STUDENT_NAMES, student_hidden, student_weight, student_bias)
+    vocab = check_vocab("student_weight", student_weight.shape, 0)
     teachers = _check_teachers(student_hidden, student_weight, teacher_hiddens, teacher_weights,
                                teacher_biases)
-    leading, vocab = student_hidden.shape[:-1], student_weight.shape[0]
+    leading = student_hidden.shape[:-1]
     device = check_same_device(
         [("student_hidden", student_hidden), ("student_weight", student_weight),
          ("student_bias", student_bias), ("labels", labels)]
@@ -93,17 +96,16 @@ def multi_teacher_kd_loss(
     check_choice("weighting", weighting, WEIGHTINGS)
     check_choice("fusion", fusion, FUSIONS)
     check_choice("reduction", reduction, REDUCTIONS)
-    if not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    soft_weight, hard_weight = check_loss_weights(soft_weight, hard_weight)
     options = MultiTeacherOptions(
         priors=_normalized_priors(teacher_priors, len(teachers)),
         temperature=check_positive("temperature", temperature),
         weighting=weighting,
         entropy_tau=check_positive("entropy_tau", entropy_tau),
         fusion=fusion,
-        soft_weight=check_non_negative("soft_weight", soft_weight),
-        hard_weight=check_non_negative("hard_weight", hard_weight),
-        ignore_index=ignore_index,
+        soft_weight=soft_weight,
+        hard_weight=hard_weight,
+        ignore_index=check_int("ignore_index", ignore_index),
     )
     labels = flat_labels(labels, leading, vocab, options)
     tokens = leading.numel()

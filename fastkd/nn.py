@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -13,10 +16,27 @@ from fastkd.multi_teacher import multi_teacher_kd_loss
 
 
 class _LossModule(nn.Module):
-    """Holds the keyword options a loss function is called with; shows them in its repr."""
+    """Holds the keyword options a loss function is called with; shows them in its repr.
+
+    Subclasses name the function (``loss_fn``) and the keyword arguments their forward passes
+    itself (``forward_keywords``); every other keyword-only parameter of the function is an
+    option, and an unknown option name is a ``TypeError`` at construction.
+    """
+
+    loss_fn: Callable[..., Any]
+    forward_keywords: tuple[str, ...] = ()
 
     def __init__(self, **options: Any) -> None:
         super().__init__()
+        parameters = inspect.signature(type(self).loss_fn).parameters
+        allowed = [name for name, p in parameters.items()
+                   if p.kind is p.KEYWORD_ONLY and name not in self.forward_keywords]
+        for name in options:
+            if name not in allowed:
+                close = difflib.get_close_matches(name, allowed, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise TypeError(f"{type(self).__name__}: unknown option {name!r}{hint}; "
+                                f"options are {allowed}")
         self.options = options
 
     def extra_repr(self) -> str:
@@ -31,6 +51,9 @@ class FusedKDLoss(_LossModule):
         loss_fn = FusedKDLoss(divergence="jsd", temperature=2.0, hard_weight=0.5)
         loss = loss_fn(h_s, student.lm_head.weight, h_t, teacher.lm_head.weight, labels)
     """
+
+    loss_fn = staticmethod(fused_kd_loss)
+    forward_keywords = ("student_bias", "teacher_bias")
 
     def forward(
         self,
@@ -51,6 +74,8 @@ class FusedKDLoss(_LossModule):
 class KDLoss(_LossModule):
     """``kd_loss`` with fixed options; forward takes student and teacher logits (*, V)."""
 
+    loss_fn = staticmethod(kd_loss)
+
     def forward(
         self,
         student_logits: torch.Tensor,
@@ -65,6 +90,9 @@ class MultiTeacherKDLoss(_LossModule):
 
     Forward takes the student's hidden states and lm_head weight and lists of the teachers'.
     """
+
+    loss_fn = staticmethod(multi_teacher_kd_loss)
+    forward_keywords = ("student_bias", "teacher_biases")
 
     def forward(
         self,
@@ -90,6 +118,9 @@ class AttentionKDLoss(_LossModule):
         loss_fn = AttentionKDLoss(loss="kl", causal=True)
         loss = loss_fn(q_s, k_s, q_t, k_t, attention_mask=batch["attention_mask"])
     """
+
+    loss_fn = staticmethod(attention_kd_loss)
+    forward_keywords = ("attention_mask",)
 
     def forward(
         self,

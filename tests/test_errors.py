@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 import fastkd._checks as checks
 from fastkd import fused_kd_loss, kd_loss
+from fastkd.nn import AttentionKDLoss, FusedKDLoss, KDLoss, MultiTeacherKDLoss
 
 V, HS, HT, N = 20, 6, 10, 4
 
@@ -54,6 +56,12 @@ CASES = [
     (dict(student_bias=torch.randn(V + 2)), ValueError, r"student_bias shape \(22,\) must be \(20,\)"),
     (dict(chunk_size=0), ValueError, r"chunk_size must be a positive int"),
     (dict(student_weight=torch.randn(V, HS, device="meta")), ValueError, r"student_weight is on meta"),
+    (dict(temperature=torch.tensor(2.0)), TypeError, r"temperature must be a real number, got Tensor \(pass a Python number"),
+    (dict(soft_weight="1"), TypeError, r"soft_weight must be a real number, got str"),
+    (dict(ignore_index=True), TypeError, r"ignore_index must be an int, got bool"),
+    (dict(ignore_index=-100.0), TypeError, r"ignore_index must be an int, got float"),
+    (dict(soft_weight=0.0, hard_weight=0.0), ValueError, r"soft_weight and hard_weight are both 0"),
+    (dict(student_weight=torch.randn(0, HS), teacher_weight=torch.randn(0, HT)), ValueError, r"student_weight \(0, 6\) has an empty vocab"),
 ]
 
 
@@ -68,6 +76,32 @@ def test_kd_loss_rejects_mismatched_logits():
         kd_loss(torch.randn(3, 5), torch.randn(3, 6))
     with pytest.raises(TypeError, match="teacher_logits must be a floating"):
         kd_loss(torch.randn(3, 5), torch.ones(3, 5, dtype=torch.int32))
+
+
+def test_kd_loss_rejects_an_empty_vocab():
+    with pytest.raises(ValueError, match=r"student_logits \(3, 0\) has an empty vocab"):
+        kd_loss(torch.randn(3, 0), torch.randn(3, 0))
+
+
+def test_numpy_scalars_are_numbers():
+    args = good()
+    want = fused_kd_loss(**args, temperature=2.0, ignore_index=-1, divergence="jsd", beta=0.25)
+    got = fused_kd_loss(**args, temperature=np.float32(2.0), ignore_index=np.int64(-1),
+                        divergence="jsd", beta=np.float64(0.25))
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("module, options, pattern", [
+    (FusedKDLoss, dict(temprature=2.0), r"FusedKDLoss: unknown option 'temprature' \(did you "
+                                        r"mean 'temperature'\?\)"),
+    (FusedKDLoss, dict(student_bias=None), r"unknown option 'student_bias'"),
+    (KDLoss, dict(loss="kl"), r"KDLoss: unknown option 'loss'"),
+    (MultiTeacherKDLoss, dict(divergence="kl"), r"MultiTeacherKDLoss: unknown option"),
+    (AttentionKDLoss, dict(divergence="kl"), r"AttentionKDLoss: unknown option 'divergence'"),
+])
+def test_modules_reject_unknown_options_at_construction(module, options, pattern):
+    with pytest.raises(TypeError, match=pattern):
+        module(**options)
 
 
 def test_triton_forced_on_cpu_without_interpreter(monkeypatch):

@@ -153,6 +153,9 @@ def bad_call(**changes):
     (dict(teacher_biases=[None]), ValueError, r"teacher_biases has 1 entries for 2 teachers"),
     (dict(labels=torch.zeros(3, dtype=torch.long)), ValueError, r"labels shape \(3,\)"),
     (dict(temperature=-1.0), ValueError, r"temperature must be a finite number > 0"),
+    (dict(soft_weight=0.0), ValueError, r"soft_weight and hard_weight are both 0"),
+    (dict(ignore_index=False), TypeError, r"ignore_index must be an int, got bool"),
+    (dict(student_weight=torch.randn(0, 8)), ValueError, r"student_weight \(0, 8\) has an empty vocab"),
 ])
 def test_rejects(changes, error, pattern):
     with pytest.raises(error, match=pattern):

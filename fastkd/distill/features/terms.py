@@ -138,8 +138,9 @@ def check_relation_heads(
     widths.update({f"teacher {k}": v for k, v in teacher_widths.items()})
     bad = {k: v for k, v in widths.items() if relation_heads < 1 or v % relation_heads}
     if bad:
+        which = "divides none of them" if len(bad) == len(widths) else f"does not divide {bad}"
         raise ValueError(f"relation_heads={relation_heads} must divide both sides' q / k / v "
-                         f"widths (heads x head dim) {widths}; it does not divide {bad}")
+                         f"widths (heads x head dim) {widths}; it {which}")
     return relation_heads
 
 
