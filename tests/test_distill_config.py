@@ -7,6 +7,7 @@ import json
 import pytest
 
 from fastkd.distill import DistillConfig
+from fastkd.distill.cli import build_parser
 
 
 def test_yaml_and_json_give_the_same_config(tmp_path):
@@ -54,3 +55,10 @@ def test_config_file_errors(tmp_path):
     (tmp_path / "c.yaml").write_text("- a\n- b\n")
     with pytest.raises(ValueError, match="mapping"):
         DistillConfig.from_file(tmp_path / "c.yaml")
+
+
+def test_repeated_list_flags_extend():
+    args = vars(build_parser().parse_args(["distill", "--teachers", "a", "--teachers", "b", "c",
+                                           "--teacher-priors", "1", "--teacher-priors", "2",
+                                           "3"]))
+    assert args["teachers"] == ["a", "b", "c"] and args["teacher_priors"] == [1.0, 2.0, 3.0]

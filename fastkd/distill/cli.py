@@ -15,7 +15,8 @@ from .config import DistillConfig
 
 
 def _flag_options(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
-    """argparse options for one config field (bool -> --x/--no-x, list -> several values)."""
+    """argparse options for one config field (bool -> --x/--no-x, list -> several values, also
+    over repeated flags)."""
     options: dict[str, Any] = {"help": f.metadata["help"], "default": argparse.SUPPRESS}
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
@@ -23,7 +24,7 @@ def _flag_options(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
     if hint is bool:
         return {**options, "action": argparse.BooleanOptionalAction}
     if typing.get_origin(hint) is list:
-        return {**options, "nargs": "+", "type": typing.get_args(hint)[0]}
+        return {**options, "nargs": "+", "action": "extend", "type": typing.get_args(hint)[0]}
     extra = {k: v for k, v in f.metadata.items() if k != "help"}
     return {**options, "type": hint, **extra}
 
