@@ -4,6 +4,7 @@
 # Here (with network):   make gpu-wheels        # liger-kernel and datasets as wheels in .whl/
 # There, one call each (every call carries .whl; each stays inside a 10-minute limit):
 #   bash benchmarks/gpu_session.sh tests                    # the suite, kernels compiled
+#   bash benchmarks/gpu_session.sh demo                     # fastkd distill's demo, triton
 #   bash benchmarks/gpu_session.sh bench vocab              # bench_kernels.py --only vocab
 #   bash benchmarks/gpu_session.sh bench logits multi_teacher attention
 # Logs and JSON go to $OUT (default benchmarks/results); plots come from the JSON afterwards
@@ -22,13 +23,17 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$out/gpu.
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' \
     >>"$out/gpu.txt"
 
-stage=${1:?usage: gpu_session.sh tests | bench SUITE...}
+stage=${1:?usage: gpu_session.sh tests | demo | bench SUITE...}
 shift
 case $stage in
 tests)
     # test_packaging builds a wheel in an isolated build env, which needs PyPI; CI runs it.
     python3 -m pytest tests -q -ra --durations=15 --deselect tests/test_packaging.py \
         --junitxml "$out/gpu-tests.xml" 2>&1 | tee "$out/gpu-tests.log"
+    exit "${PIPESTATUS[0]}"
+    ;;
+demo)
+    python3 -m fastkd.distill --output-dir /tmp/fastkd-demo 2>&1 | tee "$out/gpu-demo.log"
     exit "${PIPESTATUS[0]}"
     ;;
 bench)
@@ -40,7 +45,7 @@ bench)
     exit "${PIPESTATUS[0]}"
     ;;
 *)
-    echo "unknown stage $stage: expected tests or bench" >&2
+    echo "unknown stage $stage: expected tests, demo or bench" >&2
     exit 2
     ;;
 esac
