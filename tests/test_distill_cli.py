@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from datasets import Dataset
 
 from fastkd.distill.cli import main
+from fastkd.distill.data import tokenize
 from tests.distill_helpers import VOCAB, llama, tokenizer, write_texts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,3 +155,19 @@ def test_module_runs_the_tiny_demo(tmp_path):
     # seeded: distillation already puts the student ahead of cross-entropy after 6 steps
     assert float(table["KD student"]) < float(table["CE student"])
     assert losses(tmp_path)
+
+
+class _NoTokens:
+    """A tokenizer that maps every text to no ids (as a mismatched tokenizer class can)."""
+
+    eos_token_id = None
+
+    def __call__(self, texts, add_special_tokens=True):
+        return {"input_ids": [[] for _ in texts]}
+
+
+def test_a_tokenizer_that_gives_no_tokens_is_named():
+    texts = Dataset.from_dict({"text": ["w1 w2 w3", "w4 w5", ""]})
+    with pytest.raises(ValueError, match=r"its 2 non-empty texts gave 0 tokens: does the "
+                                         r"tokenizer \(_NoTokens\) fit this data\?"):
+        tokenize(texts, _NoTokens(), "text", 8, True, "training")

@@ -66,8 +66,12 @@ def tokenize(
 
     out = ds.map(encode, batched=True, batch_size=1000, remove_columns=ds.column_names)
     if len(out) == 0 or not any(len(x) >= 2 for x in out["input_ids"]):
+        texts = sum(1 for text in ds[text_field] if text and text.strip())
+        tokens = sum(len(x) for x in out["input_ids"]) if len(out) else 0
+        hint = (f"; its {texts} non-empty texts gave {tokens} tokens: does the tokenizer "
+                f"({type(tokenizer).__name__}) fit this data?" if texts and tokens < texts else "")
         raise ValueError(f"{name} dataset is empty after tokenization (no sequence of two or "
-                         "more tokens, so nothing to predict)")
+                         f"more tokens, so nothing to predict){hint}")
     return out
 
 
