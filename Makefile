@@ -1,6 +1,8 @@
 # Every target sets up what it needs in a local virtual environment (.venv) and then runs.
-# TORCH_SPEC chooses the torch build: a CPU wheel where no GPU is visible, the default
-# (CUDA) wheel where nvidia-smi is present. Override it: make test TORCH_SPEC='torch==2.9.1'.
+# TORCH_SPEC chooses the torch requirement: torch==2.13.0 where no GPU is visible (a CPU build
+# where pip finds one locally, as on the CI machines; elsewhere set
+# PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu), torch>=2.4 where nvidia-smi is found.
+# Override it: make test TORCH_SPEC='torch==2.9.1'.
 
 PYTHON ?= python3
 VENV ?= .venv

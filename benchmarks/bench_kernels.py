@@ -1,7 +1,7 @@
 """Side-by-side benchmark of fastkd's losses against what a user would otherwise write.
 
     python benchmarks/bench_kernels.py                 # CPU-sized default here, headline on GPU
-    python benchmarks/bench_kernels.py --quick         # one small case per suite
+    python benchmarks/bench_kernels.py --quick         # one small case per suite (memory left out)
     python benchmarks/bench_kernels.py --only vocab    # suites: vocab logits multi_teacher
                                                        #         attention memory
 
@@ -59,9 +59,9 @@ def _case(suite: str, sweep: str, dtype: str, **params) -> C.Case:
 
 
 def gpu_cases(quick: bool) -> list[C.Case]:
-    """The headline shape of DESIGN.md section 6 and the sweeps of issue 5."""
+    """The headline shape of docs/design.md section 6 and the sweeps around it."""
     head = dict(N=8192, V=128256, Hs=2048, Ht=4096)
-    # issue 4's shape: one sequence, 32 heads of dim 128 on both sides, causal
+    # the attention goal's shape: one sequence, 32 heads of dim 128 on both sides, causal
     attn = dict(B=1, H=32, Hkv=32, Ds=128, Dt=128, causal=True, loss="mse")
     if quick:
         return [_case("vocab", "V", "bf16", **head),
@@ -77,7 +77,7 @@ def gpu_cases(quick: bool) -> list[C.Case]:
     out += [_case("logits", "V", "bf16", N=8192, V=v, divergence=d)
             for v in (32000, 128256) for d in ("kl", "jsd")]
     out += [_case("multi_teacher", "K", "bf16", K=k, **{**head, "N": 4096}) for k in (1, 2, 3, 4)]
-    out.append(_case("multi_teacher", "N", "bf16", K=3, **head))  # issue 3's goal: K=3, N=8192
+    out.append(_case("multi_teacher", "N", "bf16", K=3, **head))  # multi-teacher goal: K=3
     # L=16384: the materialized maps (32 GiB each in fp32) do not fit; fastkd's do not exist
     out += [_case("attention", "L", "bf16", L=length, **attn) for length in (1024, 4096, 16384)]
     out.append(_case("attention", "L", "bf16", L=4096, **{**attn, "Hkv": 8, "Ds": 64,
@@ -94,7 +94,7 @@ def cpu_cases(quick: bool) -> list[C.Case]:
                 _case("multi_teacher", "K", "fp32", K=2, N=128, V=16384, Hs=128, Ht=256),
                 _case("attention", "L", "fp32", L=256, **attn)]
     return [
-        # issue 2: extra peak memory of fwd+bwd under 15% of the materializing loss
+        # the CPU memory goal: extra peak of fwd+bwd under 15% of the materializing loss
         _case("memory", "V", "fp32", N=1024, V=65536, Hs=128, Ht=128),
         *[_case("vocab", "V", "fp32", N=256, V=v, Hs=128, Ht=256) for v in (8192, 16384, 32768)],
         _case("vocab", "V", "fp32", N=256, V=32768, Hs=128, Ht=256, divergence="jsd"),
@@ -445,7 +445,8 @@ def print_memory_figure(figure: dict | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one small case per suite")
+    parser.add_argument("--quick", action="store_true",
+                        help="one small case per suite (memory left out)")
     parser.add_argument("--only", action="append", metavar="NAME",
                         help="a suite (vocab, logits, multi_teacher, attention, memory) or a "
                              "piece of a case name such as V=32768; repeatable")

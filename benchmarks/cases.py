@@ -11,7 +11,7 @@ Suites (``--only`` takes these names):
 - ``logits``: the same loss on logits that are already materialized (``kd_loss``);
 - ``multi_teacher``: K teachers fused by entropy weights (``multi_teacher_kd_loss``);
 - ``attention``: attention-map alignment (``attention_kd_loss``);
-- ``memory``: the CPU memory figure of issue 2 (N=1024, V=65536, H=128, fwd+bwd).
+- ``memory``: the CPU memory goal (N=1024, V=65536, H=128, fwd+bwd).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ LossFn = Callable[[], torch.Tensor]
 Inputs = dict[str, torch.Tensor]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-LOGIT_STD = 8.0  # realistic logit spread (DESIGN.md section 5), not torch.rand in [0, 1)
+LOGIT_STD = 8.0  # realistic logit spread (docs/design.md section 5), not torch.rand in [0, 1)
 ENTROPY_TAU = 1.0
 SIZE_KEYS = ("K", "N", "V", "Hs", "Ht", "B", "H", "Hkv", "L", "Ds", "Dt")
 
@@ -121,7 +121,7 @@ def teachers(inputs: Inputs) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# FLOPs (DESIGN.md sections 4 and 6)
+# FLOPs (docs/design.md sections 4 and 6)
 
 
 def flops(case: Case, mode: str) -> float | None:
@@ -505,7 +505,7 @@ def reference_loss(inputs: Inputs, case: Case) -> torch.Tensor:
 
 
 def tolerance(dtype: torch.dtype) -> float:
-    """DESIGN.md section 5: fp32 under 1e-4, bf16 / fp16 under 1e-2."""
+    """docs/design.md section 5: fp32 under 1e-4, bf16 / fp16 under 1e-2."""
     return 1e-4 if dtype in (torch.float32, torch.float64) else 1e-2
 
 

@@ -1,4 +1,4 @@
-"""The token-chunk driver of the fused vocabulary losses (DESIGN.md section 4).
+"""The token-chunk driver of the fused vocabulary losses (docs/design.md section 4).
 
 For each chunk of C tokens: GEMMs with fp32 output give the student and teacher logits (C, V);
 one row op turns them into the per-token loss and the gradient d loss / d z_s (in place of the

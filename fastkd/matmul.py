@@ -1,6 +1,6 @@
 """GEMMs with fp32 accumulation for the chunk driver.
 
-Logits are never rounded to bf16/fp16 before the softmax math (DESIGN.md section 4): on CUDA,
+Logits are never rounded to bf16/fp16 before the softmax math (docs/design.md section 4): on CUDA,
 half-precision operands go to cuBLAS with an fp32 output (``out_dtype``); elsewhere, where
 ``out_dtype`` is unavailable, the operands are upcast. fp32 and fp64 operands are used as given.
 """

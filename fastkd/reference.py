@@ -1,7 +1,7 @@
 """Float64 oracles: slow, obvious, materializing versions of every loss.
 
 Imported by the tests and the benchmarks only. Each function materializes the full logits in
-float64 and follows DESIGN.md section 2 word for word; gradients come from autograd through it.
+float64 and follows docs/design.md section 2 word for word; gradients come from autograd through it.
 """
 
 from __future__ import annotations

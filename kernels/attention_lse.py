@@ -6,7 +6,7 @@ running max m and running sum l = sum_j exp(x_j - m); when a tile raises m to m'
 by exp(m - m'). LSE = m + log l.
 
 With ``COMPUTE_KL`` the same sweep gives the MiniLM loss KL(A_t row || A_s row) in one pass
-(DESIGN.md section 3): keep a = sum_j exp(t_j - m_t) (t_j - s_j), rescaled like l_t; then
+(docs/design.md section 3): keep a = sum_j exp(t_j - m_t) (t_j - s_j), rescaled like l_t; then
 KL = sum_j A_t,ij (t_ij - LSE_t - s_ij + LSE_s) = a / l_t - LSE_t + LSE_s.
 
 Rows of padded query tokens get LSE 0 and loss 0; every real row sees at least its own key.

@@ -4,7 +4,7 @@ For one row with raw student logits z_s and teacher logits z_t (V each), tempere
 s = z_s / T, t = z_t / T, q = softmax(s), p = softmax(t), it computes in fp32:
 
   pass 1  online log-sum-exps of s and t (and of z_s for the hard CE term); for "kl" and
-          "reverse_kl" also the divergence, in the same pass (DESIGN.md section 3):
+          "reverse_kl" also the divergence, in the same pass (docs/design.md section 3):
             a = sum_j e^{t_j - m_t} (t_j - s_j)      KL(p||q) = a / l_t - LSE_t + LSE_s
   pass 2  "jsd" only: with M = beta p + (1 - beta) q and x = log(beta p / ((1 - beta) q)),
           log q - log M = -log(1 - beta) - softplus(x), log p - log M = -log beta - softplus(-x):

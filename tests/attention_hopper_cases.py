@@ -1,7 +1,7 @@
 """Ahead-of-time sm_90 compile cases of the attention kernels, for tests/hopper_compile.py.
 
 Three corners per kernel and flag, each compiled with the tiles its launcher picks
-(``attention_tiles``): bf16 / causal / padded / head dim 128 (issue 4's benchmark shape),
+(``attention_tiles``): bf16 / causal / padded / head dim 128 (the attention benchmark's shape),
 bf16 / full / unpadded / head dim 64, and fp32 / full / unpadded / head dims 64 and 32. All
 constexpr combinations were compiled once by hand (112 variants, all ok); these keep the test
 short.

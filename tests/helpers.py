@@ -41,5 +41,5 @@ def random_labels(leading, vocab, generator, device, ignore_fraction=0.25, ignor
 
 
 def tolerance(dtype: torch.dtype) -> float:
-    """DESIGN.md section 5: fp32 under 1e-4, bf16 / fp16 under 1e-2."""
+    """docs/design.md section 5: fp32 under 1e-4, bf16 / fp16 under 1e-2."""
     return 1e-4 if dtype in (torch.float32, torch.float64) else 1e-2
