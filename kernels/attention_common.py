@@ -156,18 +156,20 @@ class Tiles:
     num_warps: int
 
 
-# Compiled tiles of 16-bit inputs, by the widest padded head dim: the forward passes (LSE, MSE),
-# dQ and dK.
-# Picked from the sm_90 register use that ptxas reports (tests/test_compile_hopper.py checks the
-# spills): at head dim 128 in bf16 the dK kernel spills 296 bytes per thread with 64 x 64 tiles
-# and 8 with 128 x 32; fp32 inputs (exact "ieee" dots, no tensor cores) spill kilobytes above
-# 32 x 32 tiles. Their speed on a GPU is still to be measured.
-_SIXTEEN_BIT_TILES = {
-    64: dict(forward=Tiles(64, 64, 4), dq=Tiles(64, 64, 4), dk=Tiles(64, 64, 8)),
-    128: dict(forward=Tiles(64, 64, 8), dq=Tiles(64, 64, 8), dk=Tiles(128, 32, 8)),
-    256: dict(forward=Tiles(32, 32, 8), dq=Tiles(32, 32, 8), dk=Tiles(32, 32, 8)),
+# Compiled tiles by (16-bit inputs, widest padded head dim): the forward passes (LSE, MSE), dQ
+# and dK. Picked from the sm_90 register use that ptxas reports (tests/test_compile_hopper.py
+# checks the spills): at head dim 128 in bf16 the dK kernel spills 296 bytes per thread with
+# 64 x 64 tiles and 8 with 128 x 32; fp32 inputs (exact "ieee" dots, no tensor cores) spill
+# kilobytes above 32 x 32 tiles. Every entry spills at most 32 bytes, except fp32 dK at head
+# dim 256 (112). Their speed on a GPU is still to be measured.
+_COMPILED_TILES = {
+    (True, 64): dict(forward=Tiles(64, 64, 4), dq=Tiles(64, 64, 4), dk=Tiles(64, 64, 8)),
+    (True, 128): dict(forward=Tiles(64, 64, 8), dq=Tiles(64, 64, 8), dk=Tiles(128, 32, 8)),
+    (True, 256): dict(forward=Tiles(64, 32, 8), dq=Tiles(16, 32, 4), dk=Tiles(32, 32, 8)),
+    (False, 64): dict(forward=Tiles(32, 32, 4), dq=Tiles(32, 32, 4), dk=Tiles(32, 32, 8)),
+    (False, 128): dict(forward=Tiles(32, 32, 8), dq=Tiles(32, 32, 8), dk=Tiles(16, 32, 8)),
+    (False, 256): dict(forward=Tiles(16, 16, 4), dq=Tiles(16, 16, 4), dk=Tiles(16, 16, 8)),
 }
-_FP32_TILES = dict(forward=Tiles(32, 32, 4), dq=Tiles(32, 32, 4), dk=Tiles(32, 32, 8))
 # The interpreter runs on CPU: large tiles keep the tests fast, and lengths such as 70 still
 # cross tile edges.
 _INTERPRETED_TILES = dict(forward=Tiles(64, 64, 4), dq=Tiles(64, 64, 4), dk=Tiles(64, 64, 4))
@@ -179,6 +181,5 @@ def attention_tiles(
     """The tiles of the "forward", "dq" and "dk" kernels for these head dims and input dtypes."""
     if interpreted:
         return _INTERPRETED_TILES
-    if not all(dtype in (torch.bfloat16, torch.float16) for dtype in dtypes):
-        return _FP32_TILES
-    return _SIXTEEN_BIT_TILES[max(64, block_d(d_student), block_d(d_teacher))]
+    sixteen_bit = all(dtype in (torch.bfloat16, torch.float16) for dtype in dtypes)
+    return _COMPILED_TILES[(sixteen_bit, max(64, block_d(d_student), block_d(d_teacher)))]

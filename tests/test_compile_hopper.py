@@ -29,7 +29,7 @@ def compiled() -> dict:
 
 def test_every_kernel_variant_compiles_for_sm90(compiled):
     results = compiled["results"]
-    assert len(results) >= 12 + 32 + 21
+    assert len(results) >= 12 + 32 + 35
     failures = {name: message for name, message in results.items() if message != "ok"}
     assert not failures, failures
 
@@ -37,10 +37,10 @@ def test_every_kernel_variant_compiles_for_sm90(compiled):
 def test_register_spills_stay_small(compiled):
     # Spilled registers go to local memory, which costs bandwidth in every loop iteration. The
     # row kernels spill nothing; the attention tiles were chosen so that no variant spills more
-    # than a few words (the recomputing backward kernels at head dim 128 hold two score tiles,
-    # two key tiles and the accumulator at once).
+    # than 8 words (dQ at head dim 128 in bf16 does: the recomputing backward kernels hold two
+    # score tiles, two key tiles and the accumulator at once).
     spills = compiled["spills"]
     rows = {name: n for name, n in spills.items() if not name.startswith("attn") and n}
     assert not rows, rows
-    attention = {name: n for name, n in spills.items() if name.startswith("attn") and n > 64}
+    attention = {name: n for name, n in spills.items() if name.startswith("attn") and n > 32}
     assert not attention, attention
