@@ -382,7 +382,24 @@ def liger_fused_linear_jsd(inputs: Inputs, case: Case) -> LossFn:
     p = case.params
     (h_t, w_t), = teachers(inputs)
     module = LigerFusedLinearJSD(jsd_beta=p["beta"], temperature=p["T"])
-    return lambda: module(inputs["h_s"], inputs["w_s"], h_t, w_t)
+    return lambda: module(inputs["h_s"], inputs["w_s"], h_t, w_t, None)  # no shift_labels
+
+
+def liger_fused_linear_kl(inputs: Inputs, case: Case) -> LossFn:
+    """``LigerFusedLinearKLDivLoss``: the student's lm_head GEMM fused with KL; its API takes
+    the teacher's probabilities, so they are materialized (inside the timed call)."""
+    from liger_kernel.transformers import LigerFusedLinearKLDivLoss
+
+    p = case.params
+    (h_t, w_t), = teachers(inputs)
+    module = LigerFusedLinearKLDivLoss(reduction="batchmean", temperature=p["T"])
+
+    def loss() -> torch.Tensor:
+        with torch.no_grad():
+            target = torch.softmax((h_t @ w_t.T).float() / p["T"], dim=-1)
+        return module(inputs["h_s"], inputs["w_s"], target)
+
+    return loss
 
 
 def liger_logits(inputs: Inputs, case: Case) -> LossFn:
@@ -407,14 +424,13 @@ def liger_logits(inputs: Inputs, case: Case) -> LossFn:
 # The methods of each suite, in table order
 
 
-def _vocab_methods(fastkd_function: str, fastkd_build, plain, liger=None) -> list[Method]:
+def _vocab_methods(fastkd_function: str, fastkd_build, plain, liger=()) -> list[Method]:
     methods = [
         Method("matmul floor", matmul_floor, checked=False),
         Method("torch (materialized)", plain),
         Method("torch.compile", compiled(plain), compile_available),
+        *liger,
     ]
-    if liger is not None:
-        methods.append(liger)
     methods += [
         Method("fastkd torch", fastkd_build("torch"), fastkd_available(fastkd_function, "torch")),
         Method("fastkd triton", fastkd_build("triton"),
@@ -426,7 +442,8 @@ def _vocab_methods(fastkd_function: str, fastkd_build, plain, liger=None) -> lis
 METHODS: dict[str, list[Method]] = {
     "vocab": _vocab_methods(
         "fused_kd_loss", fastkd_vocab, plain_vocab,
-        Method("liger fused-linear JSD", liger_fused_linear_jsd, liger_available(("jsd",))),
+        [Method("liger fused-linear JSD", liger_fused_linear_jsd, liger_available(("jsd",))),
+         Method("liger fused-linear KL", liger_fused_linear_kl, liger_available(("kl",)))],
     ),
     "memory": [
         Method("torch (materialized)", plain_vocab),
