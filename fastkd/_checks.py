@@ -19,12 +19,27 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def check_tensor(name: str, value: object, *, ndim: int | None = None) -> torch.Tensor:
-    """A tensor, optionally of exactly ``ndim`` dimensions."""
+    """A local tensor (not a sharded DTensor), optionally of exactly ``ndim`` dimensions."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if _is_dtensor(value):
+        raise TypeError(
+            f"{name} is a DTensor (sharded, e.g. a parameter of an FSDP2 module outside its "
+            "forward); fastkd's losses take local tensors: call the loss where the parameter "
+            "is gathered (FSDP2 keeps the root module's own parameters, such as an lm_head left "
+            "to the root, gathered from forward to backward)"
+        )
     if ndim is not None and value.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
     return value
+
+
+def _is_dtensor(value: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, DTensor)
 
 
 def check_floating(name: str, value: object, *, ndim: int | None = None) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Run by test_distill_fsdp.py, under torchrun or alone: the trainer's distillation loss (logit
 KD with hard CE, and every feature term) of a fixed global batch of 4 rows, with the student
 sharded by FSDP2 (`fully_shard`, per decoder layer and whole model) across the processes, or
-not sharded in a single process. Saves the summed loss over all processes and the full
-gradient of every student parameter to OUT/result.pt.
+not sharded in a single process. Saves the summed loss over all processes, the full gradient
+of every student parameter, and the error fused_kd_loss raises for a sharded (DTensor) weight
+to OUT/result.pt.
 
 HF Trainer's FSDP needs a GPU (accelerate falls back to DDP on CPU), so the worker shards the
 student itself and calls the trainer's loss as the training step would.
@@ -19,6 +20,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
+from fastkd import fused_kd_loss
 from fastkd.distill import DistillationTrainer, FeatureSettings, LogitKD
 from fastkd.distill.data import CausalCollator
 from fastkd.distill.training import end_process_group
@@ -43,11 +45,18 @@ def main() -> None:
     part = 4 // world
     local = {k: v[rank * part:(rank + 1) * part] for k, v in batch.items()}
     names = [name for name, _ in student.named_parameters()]
+    dtensor_error = None
     if sharded:
         for layer in student.model.layers:
             fully_shard(layer)
         fully_shard(student)
-        assert isinstance(student.model.layers[0].mlp.up_proj.weight, DTensor)
+        sharded_weight = student.model.layers[0].mlp.up_proj.weight  # (32, 16) in shards
+        assert isinstance(sharded_weight, DTensor)
+        try:
+            fused_kd_loss(torch.randn(2, 16), sharded_weight, torch.randn(2, 8),
+                          torch.randn(32, 8))
+        except TypeError as error:
+            dtensor_error = str(error)
     student.train()
     loss_sum, _ = trainer.distill_loss_sum(student, local)
     # FSDP averages gradients over the processes; scale so that they are those of the sum.
@@ -60,7 +69,8 @@ def main() -> None:
     if sharded:
         dist.all_reduce(total)
     if rank == 0:
-        torch.save({"loss": total, "world_size": world, "grads": grads}, out / "result.pt")
+        torch.save({"loss": total, "world_size": world, "grads": grads,
+                    "dtensor_error": dtensor_error}, out / "result.pt")
     end_process_group()
 
 

@@ -2,7 +2,7 @@
 and the student's gradients equal those of 1 unsharded process on the same global batch: the
 lm_head that fastkd's fused loss reads outside the model's forward is whole there (FSDP keeps
 the root module's parameters gathered from forward to backward), and its gradient is reduced
-like any other."""
+like any other. A weight still in shards is refused by name."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ def test_fsdp2_sharded_student_matches_one_process(tmp_path):
     assert sharded["world_size"] == 2 and single["world_size"] == 1
     torch.testing.assert_close(sharded["loss"], single["loss"], rtol=1e-5, atol=0)
     assert sharded["grads"].keys() == single["grads"].keys()
+    assert single["dtensor_error"] is None
+    assert "student_weight is a DTensor (sharded" in sharded["dtensor_error"]
     for name, grad in single["grads"].items():
         assert grad.abs().max() > 0, name
         torch.testing.assert_close(sharded["grads"][name], grad, rtol=1e-4, atol=1e-6,
