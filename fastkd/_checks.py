@@ -25,9 +25,9 @@ def check_tensor(name: str, value: object, *, ndim: int | None = None) -> torch.
     if _is_dtensor(value):
         raise TypeError(
             f"{name} is a DTensor (sharded, e.g. a parameter of an FSDP2 module outside its "
-            "forward); fastkd's losses take local tensors: call the loss where the parameter "
-            "is gathered (FSDP2 keeps the root module's own parameters, such as an lm_head left "
-            "to the root, gathered from forward to backward)"
+            "forward); fastkd's losses take local tensors: call the loss inside the module's "
+            "forward, where FSDP has gathered the parameter (fastkd.distill does this from a "
+            "forward hook on the lm_head)"
         )
     if ndim is not None and value.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")

@@ -1,6 +1,7 @@
 """Run by test_distill_fsdp.py, under torchrun or alone: the trainer's distillation loss (logit
 KD with hard CE, and every feature term) of a fixed global batch of 4 rows, with the student
-sharded by FSDP2 (`fully_shard`, per decoder layer and whole model) across the processes, or
+sharded by FSDP2 (`fully_shard`, per decoder layer and whole model, each resharded after its
+forward as transformers' FSDP2 settings do) across the processes, or
 not sharded in a single process. Saves the summed loss over all processes, the full gradient
 of every student parameter, and the error fused_kd_loss raises for a sharded (DTensor) weight
 to OUT/result.pt.
@@ -48,8 +49,8 @@ def main() -> None:
     dtensor_error = None
     if sharded:
         for layer in student.model.layers:
-            fully_shard(layer)
-        fully_shard(student)
+            fully_shard(layer, reshard_after_forward=True)
+        fully_shard(student, reshard_after_forward=True)
         sharded_weight = student.model.layers[0].mlp.up_proj.weight  # (32, 16) in shards
         assert isinstance(sharded_weight, DTensor)
         try:

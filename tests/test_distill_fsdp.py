@@ -1,8 +1,9 @@
 """With the student sharded by FSDP2 over 2 processes (torchrun, gloo, CPU), the trainer's loss
-and the student's gradients equal those of 1 unsharded process on the same global batch: the
-lm_head that fastkd's fused loss reads outside the model's forward is whole there (FSDP keeps
-the root module's parameters gathered from forward to backward), and its gradient is reduced
-like any other. A weight still in shards is refused by name."""
+and the student's gradients equal those of 1 unsharded process on the same global batch. The
+worker reshards every unit after forward, the root included (transformers' FSDP2 default): the
+logit loss is computed inside the student's forward, where the lm_head weight is gathered, and
+leaves it as its output, so FSDP gathers the root again before the backward. A weight still in
+shards is refused by name."""
 
 from __future__ import annotations
 

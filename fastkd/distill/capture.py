@@ -3,18 +3,33 @@
 The model is called through its own forward (so DDP / FSDP wrappers see the call) with
 `logits_to_keep=1`; a forward hook on the decoder records the decoder's output, the final-norm
 hidden state that the lm_head reads. Further captures (intermediate layers, attention inputs)
-hook in the same way.
+hook in the same way. For the student, `loss_in_forward` computes the loss inside that forward,
+where the lm_head weight is whole even under FSDP.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
+
+from .heads import Head, output_head
+
+
+@contextmanager
+def forward_hook(module: nn.Module, hook: Callable[..., Any]):
+    """While active, `hook(module, args, output)` runs after each `module` call (a non-None
+    return value replaces the output)."""
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @contextmanager
@@ -24,11 +39,8 @@ def record_output(module: nn.Module, store: dict[str, Any], key: str):
     def hook(_module: nn.Module, _args: Any, output: Any) -> None:
         store[key] = output if torch.is_tensor(output) else output[0]
 
-    handle = module.register_forward_hook(hook)
-    try:
+    with forward_hook(module, hook):
         yield store
-    finally:
-        handle.remove()
 
 
 def final_hidden(
@@ -42,17 +54,57 @@ def final_hidden(
         attention_mask: (B, T) 1 for real tokens, or None.
     """
     inner = extract_model_from_parallel(model)
+    store: dict[str, Any] = {}
+    with record_output(_decoder(inner), store, "hidden"):
+        model(**_forward_kwargs(inner, input_ids, attention_mask))
+    return store["hidden"]
+
+
+def loss_in_forward(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    rows: int,
+    loss_fn: Callable[[torch.Tensor, Head], torch.Tensor],
+) -> torch.Tensor:
+    """``loss_fn(hidden, head)`` computed inside `model`'s forward, returned as its output.
+
+    hidden is the (B, T, H) final hidden state and head the first `rows` rows of the lm_head.
+    The loss is computed when the lm_head runs and replaces its output, so it leaves the model
+    as the output "logits". Under FSDP the lm_head weight is whole there (outside the forward it
+    may be in shards), and the loss being an output of the sharded root module makes FSDP gather
+    the root's parameters again before the backward runs through them. Autocast is off inside:
+    logits are never rounded to the autocast dtype.
+    """
+    inner = extract_model_from_parallel(model)
+    store: dict[str, Any] = {}
+
+    def head_hook(_module: nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(output.device.type, enabled=False):
+            return loss_fn(store["hidden"], output_head(inner, rows))
+
+    with record_output(_decoder(inner), store, "hidden"), \
+            forward_hook(inner.get_output_embeddings(), head_hook):
+        out = model(**_forward_kwargs(inner, input_ids, attention_mask))
+    return out["logits"] if isinstance(out, Mapping) else out[0]
+
+
+def _decoder(inner: nn.Module) -> nn.Module:
+    decoder = inner.get_decoder()
+    if decoder is inner:
+        raise ValueError(f"{type(inner).__name__}: get_decoder() returns the model itself; "
+                         "fastkd needs a causal LM with a separate decoder (base model)")
+    return decoder
+
+
+def _forward_kwargs(
+    inner: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> dict[str, Any]:
+    """Forward arguments that skip the full logits (`logits_to_keep=1`) and the KV cache."""
     kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
     params = inspect.signature(inner.forward).parameters
     if "logits_to_keep" in params:
         kwargs["logits_to_keep"] = 1
     if "use_cache" in params:
         kwargs["use_cache"] = False
-    decoder = inner.get_decoder()
-    if decoder is inner:
-        raise ValueError(f"{type(inner).__name__}: get_decoder() returns the model itself; "
-                         "fastkd needs a causal LM with a separate decoder (base model)")
-    store: dict[str, Any] = {}
-    with record_output(decoder, store, "hidden"):
-        model(**kwargs)
-    return store["hidden"]
+    return kwargs

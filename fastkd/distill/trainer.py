@@ -16,11 +16,10 @@ from contextlib import ExitStack
 from typing import Any
 
 import torch
-from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from transformers import PreTrainedModel, Trainer
 
-from .capture import final_hidden
+from .capture import final_hidden, loss_in_forward
 from .features import FeatureAlignment, Features, FeatureSettings
 from .features.projection_updates import ProjectionUpdates
 from .heads import Head, check_plain_logits, output_head, vocab_rows
@@ -129,25 +128,33 @@ class DistillationTrainer(Trainer):
         """
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")
         targets = shift_labels(inputs["labels"])
+        measure = model.training and self._logs_this_step()
+        found: dict[str, Any] = {}
+
+        def logit_term(student_hidden: torch.Tensor, student: Head) -> torch.Tensor:
+            # Runs inside the student's forward (see `loss_in_forward`).
+            logit_sum, found["mixing"] = self.kd(student_hidden, student, teacher_hiddens,
+                                                 self.teacher_heads, targets)
+            if measure:
+                found["parts"] = self._logit_parts(student_hidden, student, teacher_hiddens,
+                                                   targets, logit_sum)
+            return logit_sum
+
         with ExitStack() as captures:
             features = self._record_features(captures, model)
-            student_hidden = final_hidden(model, ids, mask)
             with torch.no_grad():
                 teacher_hiddens = [final_hidden(t, ids, mask) for t in self.teachers]
-        student = output_head(extract_model_from_parallel(model), self.student_rows)
-        logit_sum, mixing = self.kd(student_hidden, student, teacher_hiddens, self.teacher_heads,
-                                    targets)
+            logit_sum = loss_in_forward(model, ids, mask, self.student_rows, logit_term)
+        mixing = found["mixing"]
         counted_mask = targets != IGNORE_INDEX
-        counted = counted_mask.sum()
-        loss_sum, parts = logit_sum, {}
+        loss_sum, feature_parts = logit_sum, {}
         if self.features is not None:
-            feature_sum, parts = self.features(*features, mask, counted_mask, mixing)
+            feature_sum, feature_parts = self.features(*features, mask, counted_mask, mixing)
             loss_sum = logit_sum + feature_sum
         self.meter.add_tokens(int(ids.numel() if mask is None else mask.sum()))
-        if model.training and self._logs_this_step():
-            self._measure_parts(student_hidden, student, teacher_hiddens, targets, logit_sum,
-                                mixing, counted_mask, parts)
-        return loss_sum, counted
+        if measure:
+            self._measure(found["parts"], mixing, counted_mask, feature_parts)
+        return loss_sum, counted_mask.sum()
 
     def _record_features(
         self, captures: ExitStack, model: nn.Module
@@ -167,20 +174,16 @@ class DistillationTrainer(Trainer):
         return every or (step == 1 and self.args.logging_first_step)
 
     @torch.no_grad()
-    def _measure_parts(
+    def _logit_parts(
         self,
         student_hidden: torch.Tensor,
         student: Head,
         teacher_hiddens: list[torch.Tensor],
         targets: torch.Tensor,
         loss_sum: torch.Tensor,
-        mixing: torch.Tensor | None,
-        counted_mask: torch.Tensor,
-        feature_parts: dict[str, torch.Tensor],
-    ) -> None:
-        """Record the divergence and the cross-entropy separately (one extra forward-only loss
-        call), each feature term, and the mean mixing weight of each teacher over counted
-        tokens."""
+    ) -> dict[str, float]:
+        """The divergence and the cross-entropy of the logit term, summed over counted tokens
+        (one extra forward-only loss call)."""
         args = (student_hidden, student, teacher_hiddens, self.teacher_heads, targets)
         total, kd = loss_sum.detach().float(), self.kd
         if kd.hard_weight == 0:
@@ -189,7 +192,18 @@ class DistillationTrainer(Trainer):
         else:
             soft = kd(*args, soft_weight=1.0, hard_weight=0.0)[0].float()
             hard = (total - kd.soft_weight * soft) / kd.hard_weight
-        sums = {"kd_divergence": soft.item(), "kd_hard_ce": hard.item()}
+        return {"kd_divergence": soft.item(), "kd_hard_ce": hard.item()}
+
+    def _measure(
+        self,
+        logit_parts: dict[str, float],
+        mixing: torch.Tensor | None,
+        counted_mask: torch.Tensor,
+        feature_parts: dict[str, torch.Tensor],
+    ) -> None:
+        """Record the logit term's parts, each feature term, and the mean mixing weight of each
+        teacher over counted tokens."""
+        sums = dict(logit_parts)
         sums.update({f"feature_{name}": v.item() for name, v in feature_parts.items()})
         if mixing is not None:
             w = (mixing.float() * counted_mask.unsqueeze(-1)).sum(dim=(0, 1))
