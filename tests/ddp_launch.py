@@ -14,6 +14,19 @@ ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
+def exit_worker() -> None:
+    """End a worker process at once, its results saved, running no destructor.
+
+    torch's gloo teardown at interpreter exit can abort ("terminate called without an active
+    exception") or deadlock (ProcessGroupGloo's destructor joins its worker thread while
+    holding the GIL that the thread waits for to release a finished collective's tensors);
+    both were seen here, so the test workers skip it.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def launch(worker: Path, out: Path, launcher: list[str], per_device: int) -> dict:
     """Run ``worker out per_device`` under ``launcher``; returns the result.pt it saves."""
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])

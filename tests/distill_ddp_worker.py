@@ -13,7 +13,7 @@ import torch
 
 from fastkd.distill import DistillationTrainer, LogitKD
 from fastkd.distill.data import CausalCollator
-from fastkd.distill.training import end_process_group
+from tests.ddp_launch import exit_worker
 from tests.distill_helpers import args, llama, qwen2, rows
 
 
@@ -32,7 +32,7 @@ def main() -> None:
                     "world_size": trainer.args.world_size,
                     "params": {n: p.detach() for n, p in student.named_parameters()}},
                    out / "result.pt")
-    end_process_group()
+    exit_worker()
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor
 from fastkd import fused_kd_loss
 from fastkd.distill import DistillationTrainer, FeatureSettings, LogitKD
 from fastkd.distill.data import CausalCollator
-from fastkd.distill.training import end_process_group
+from tests.ddp_launch import exit_worker
 from tests.distill_helpers import args, llama, qwen2, rows
 
 
@@ -72,7 +72,7 @@ def main() -> None:
     if rank == 0:
         torch.save({"loss": total, "world_size": world, "grads": grads,
                     "dtensor_error": dtensor_error}, out / "result.pt")
-    end_process_group()
+    exit_worker()
 
 
 if __name__ == "__main__":

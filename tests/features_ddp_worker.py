@@ -13,7 +13,7 @@ import torch
 
 from fastkd.distill import DistillationTrainer, FeatureSettings, LogitKD
 from fastkd.distill.data import CausalCollator
-from fastkd.distill.training import end_process_group
+from tests.ddp_launch import exit_worker
 from tests.distill_helpers import args, llama, qwen2, rows
 
 FEATURES = FeatureSettings(hidden_weight=0.5, attention_weight=0.3, relation_heads=4,
@@ -36,7 +36,7 @@ def main() -> None:
                     "params": {n: p.detach() for n, p in student.named_parameters()},
                     "projections": trainer.features.state_dict()},
                    out / "result.pt")
-    end_process_group()
+    exit_worker()
 
 
 if __name__ == "__main__":

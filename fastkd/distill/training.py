@@ -52,11 +52,12 @@ def train_ce(
 
 
 def end_process_group() -> None:
-    """Wait for every process, then tear the process group down (torchrun jobs only).
+    """Tear the process group down at the end of a torchrun job (nothing otherwise).
 
     A process that exits with its process group alive can abort in the collective library's
-    destructor ("terminate called without an active exception") while the others still run.
+    destructor ("terminate called without an active exception"). No barrier first: a
+    collective right before the teardown can leave gloo's worker thread releasing it while the
+    group is destroyed, and that deadlocks on CPU.
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
