@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastkd.distill import DistillationTrainer, LogitKD
-from fastkd.distill.capture import final_hidden
+from fastkd.distill.capture import final_hidden, loss_in_forward
 from fastkd.distill.data import CausalCollator
 from tests.distill_helpers import args, llama, qwen2, reference_loss, rows
 
@@ -103,3 +103,22 @@ def test_final_hidden_is_what_the_lm_head_reads():
     assert torch.allclose(got @ model.lm_head.weight.T, logits, atol=1e-5)
     with pytest.raises(ValueError, match="LlamaModel: get_decoder"):
         final_hidden(model.model, BATCH["input_ids"], BATCH["attention_mask"])
+
+
+def test_loss_in_forward_is_the_forward_output_and_skips_autocast():
+    model = qwen2()  # tied: the lm_head weight is the embedding
+    ids, mask = BATCH["input_ids"], BATCH["attention_mask"]
+    seen = {}
+
+    def loss_fn(hidden, head):
+        seen["dtype"] = torch.mm(hidden[0], head.weight.T).dtype  # autocast would give bf16
+        return (hidden.float() @ head.weight.T).logsumexp(-1).sum()
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = loss_in_forward(model, ids, mask, 90, loss_fn)
+    assert seen["dtype"] == torch.float32
+    hidden = final_hidden(model, ids, mask)
+    want = (hidden @ model.lm_head.weight[:90].T).logsumexp(-1).sum()
+    torch.testing.assert_close(got, want)
+    got.backward()
+    assert model.lm_head.weight.grad[:90].abs().min() > 0  # every used head row
