@@ -1,7 +1,8 @@
 """Run by test_distill_fsdp.py, under torchrun or alone: the trainer's distillation loss (logit
 KD with hard CE, and every feature term) of a fixed global batch of 4 rows, with the student
-sharded by FSDP2 (`fully_shard`, per decoder layer and whole model, each resharded after its
-forward as transformers' FSDP2 settings do) across the processes, or
+sharded by FSDP2 (`fully_shard` per decoder layer, on the untied lm_head, and on the whole
+model, each resharded after its forward as transformers' FSDP2 settings do) across the
+processes, or
 not sharded in a single process. Saves the summed loss over all processes, the full gradient
 of every student parameter, and the error fused_kd_loss raises for a sharded (DTensor) weight
 to OUT/result.pt.
@@ -34,7 +35,7 @@ def main() -> None:
     if sharded:
         dist.init_process_group("gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
-    student = qwen2(layers=2)
+    student = qwen2(layers=2, tied=False)
     trainer = DistillationTrainer(
         model=student, teachers=[llama()], kd=LogitKD(hard_weight=0.5),
         features=FeatureSettings(hidden_weight=0.5, attention_weight=0.3, relation_heads=4,
@@ -48,8 +49,8 @@ def main() -> None:
     names = [name for name, _ in student.named_parameters()]
     dtensor_error = None
     if sharded:
-        for layer in student.model.layers:
-            fully_shard(layer, reshard_after_forward=True)
+        for unit in [*student.model.layers, student.lm_head]:
+            fully_shard(unit, reshard_after_forward=True)
         fully_shard(student, reshard_after_forward=True)
         sharded_weight = student.model.layers[0].mlp.up_proj.weight  # (32, 16) in shards
         assert isinstance(sharded_weight, DTensor)

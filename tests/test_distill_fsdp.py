@@ -1,9 +1,9 @@
 """With the student sharded by FSDP2 over 2 processes (torchrun, gloo, CPU), the trainer's loss
 and the student's gradients equal those of 1 unsharded process on the same global batch. The
-worker reshards every unit after forward, the root included (transformers' FSDP2 default): the
-logit loss is computed inside the student's forward, where the lm_head weight is gathered, and
-leaves it as its output, so FSDP gathers the root again before the backward. A weight still in
-shards is refused by name."""
+worker shards the lm_head as a unit of its own and reshards every unit after forward, the root
+included (transformers' FSDP2 default): the logit loss is computed by a hook that runs inside
+the lm_head's forward before FSDP reshards it, and leaves the model as its output, so FSDP
+gathers the weights again before the backward. A weight still in shards is refused by name."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 from fastkd.distill import DistillationTrainer, LogitKD
 from fastkd.distill.capture import final_hidden, loss_in_forward
@@ -79,6 +80,26 @@ def test_refuses_soft_capped_or_scaled_logits(tmp_path):
         trainer_for(tmp_path, student, [llama()])
 
 
+class ScaledLogitsLlama(LlamaForCausalLM):
+    """A causal LM whose forward changes its lm_head's output (as logit multipliers do)."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 0.25
+        return out
+
+
+def test_refuses_a_forward_that_changes_the_lm_head_output(tmp_path):
+    student = ScaledLogitsLlama(llama(width=16).config)
+    trainer = trainer_for(tmp_path, student, [llama()])
+    with pytest.raises(ValueError, match="ScaledLogitsLlama: its logits are not its lm_head's "
+                                         r"output \(the lm_head ran 1 times"):
+        trainer.compute_loss(student, dict(BATCH))
+    student.config.lm_head_multiplier = 0.25  # Falcon-H1's name for it: refused up front
+    with pytest.raises(ValueError, match="lm_head_multiplier"):
+        trainer_for(tmp_path, student, [llama()])
+
+
 def test_refuses_unmatched_vocabularies(tmp_path):
     with pytest.raises(ValueError, match="fewer than the student's"):
         trainer_for(tmp_path, qwen2(vocab=120), [llama(vocab=97)])
@@ -122,3 +143,10 @@ def test_loss_in_forward_is_the_forward_output_and_skips_autocast():
     torch.testing.assert_close(got, want)
     got.backward()
     assert model.lm_head.weight.grad[:90].abs().min() > 0  # every used head row
+
+
+def test_logit_kd_refuses_a_loss_that_is_always_zero():
+    with pytest.raises(ValueError, match="soft_weight and hard_weight are both 0"):
+        LogitKD(soft_weight=0.0, hard_weight=0.0)
+    with pytest.raises(ValueError, match="hard_weight must be a finite number >= 0"):
+        LogitKD(hard_weight=-1.0)

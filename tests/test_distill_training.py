@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from transformers import TrainerCallback
 
@@ -102,3 +103,14 @@ def test_bf16_mixed_precision_steps(tmp_path):
     fp32, bf16 = logged(tmp_path / "fp32"), logged(tmp_path / "bf16")
     assert len(bf16) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in bf16)
     assert abs(bf16[0]["loss"] - fp32[0]["loss"]) < 0.05 * fp32[0]["loss"]
+
+
+def test_compiled_student_takes_the_same_steps(tmp_path):
+    # torch.compile traces the student's forward, hooks included: the loss hook runs outside
+    # the graph (it calls fastkd's own kernels) and the steps equal the eager ones.
+    data, teacher = rows(4, seed=5), llama()
+    run(tmp_path / "eager", qwen2(), [teacher], data, max_steps=2)
+    run(tmp_path / "compiled", qwen2(), [teacher], data, max_steps=2, torch_compile=True,
+        torch_compile_backend="eager")
+    eager, compiled = logged(tmp_path / "eager"), logged(tmp_path / "compiled")
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-5)

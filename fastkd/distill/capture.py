@@ -23,9 +23,10 @@ from .heads import Head, output_head
 
 @contextmanager
 def forward_hook(module: nn.Module, hook: Callable[..., Any]):
-    """While active, `hook(module, args, output)` runs after each `module` call (a non-None
-    return value replaces the output)."""
-    handle = module.register_forward_hook(hook)
+    """While active, `hook(module, args, output)` runs after each `module` call, before the
+    module's other forward hooks (FSDP's, which reshard); a non-None return value replaces the
+    output."""
+    handle = module.register_forward_hook(hook, prepend=True)
     try:
         yield
     finally:
@@ -74,18 +75,37 @@ def loss_in_forward(
     as the output "logits". Under FSDP the lm_head weight is whole there (outside the forward it
     may be in shards), and the loss being an output of the sharded root module makes FSDP gather
     the root's parameters again before the backward runs through them. Autocast is off inside:
-    logits are never rounded to the autocast dtype.
+    logits are never rounded to the autocast dtype. A model whose output is not exactly its
+    lm_head's (a logit multiplier, soft-capping, slicing, or no lm_head call) raises
+    `ValueError`: the loss would be changed with it.
     """
     inner = extract_model_from_parallel(model)
     store: dict[str, Any] = {}
+    losses: list[torch.Tensor] = []
 
+    @torch.compiler.disable  # Python-side bookkeeping; the loss runs its own kernels
     def head_hook(_module: nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
         with torch.autocast(output.device.type, enabled=False):
-            return loss_fn(store["hidden"], output_head(inner, rows))
+            losses.append(loss_fn(store["hidden"], output_head(inner, rows)))
+        return losses[-1]
+
+    @torch.compiler.disable
+    def check_output(_module: nn.Module, _args: Any, out: Any) -> None:
+        if len(losses) != 1 or _logits(out) is not losses[0]:
+            raise ValueError(
+                f"{type(inner).__name__}: its logits are not its lm_head's output (the lm_head "
+                f"ran {len(losses)} times, or the forward changes its output: a multiplier, "
+                "soft-capping or slicing); fastkd distils logits = lm_head(hidden) exactly"
+            )
 
     with record_output(_decoder(inner), store, "hidden"), \
-            forward_hook(inner.get_output_embeddings(), head_hook):
+            forward_hook(inner.get_output_embeddings(), head_hook), \
+            forward_hook(inner, check_output):
         out = model(**_forward_kwargs(inner, input_ids, attention_mask))
+    return _logits(out)
+
+
+def _logits(out: Any) -> torch.Tensor:
     return out["logits"] if isinstance(out, Mapping) else out[0]
 
 

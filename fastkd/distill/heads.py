@@ -10,7 +10,8 @@ from torch import nn
 # Config attributes that change the logits after the lm_head GEMM. Their meaning differs between
 # model families (Granite divides by `logits_scaling`, HyperCLOVA X multiplies), so a model that
 # sets one is refused rather than guessed at.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
+                     "lm_head_multiplier", "output_multiplier")
 
 
 @dataclass

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fastkd import fused_kd_loss, multi_teacher_kd_loss
+from fastkd._checks import check_loss_weights
 
 from .config import DistillConfig
 from .heads import Head
@@ -39,6 +40,9 @@ class LogitKD:
     teacher_priors: tuple[float, ...] | None = None
     fusion: str = "mixture"
     backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_loss_weights(self.soft_weight, self.hard_weight)
 
     @classmethod
     def from_config(cls, cfg: DistillConfig) -> LogitKD:
