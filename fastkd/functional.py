@@ -26,7 +26,7 @@ from fastkd._checks import (
     resolve_backend,
 )
 from fastkd.autograd import ChunkedKDFunction, KDLossFunction
-from fastkd.chunked import ChunkPlan, Linear, plan_chunks
+from fastkd.chunked import Linear, plan_chunks
 from fastkd.matmul import HALF
 from fastkd.options import DIVERGENCES, KDOptions
 
@@ -96,24 +96,11 @@ def fused_kd_loss(
     token_labels = flat_labels(labels, leading, vocab, options)
     check_choice("reduction", reduction, REDUCTIONS)
     backend = resolve_backend(backend, device)
-    row_op = _row_op(backend, options)
-    student_grad = any(t is not None and t.requires_grad
-                       for t in (student_hidden, student_weight, student_bias))
-    loss = ChunkedKDFunction.apply(
-        student_hidden.reshape(-1, student_hidden.shape[-1]).contiguous(),
-        student_weight,
-        student_bias,
-        [Linear(teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).contiguous(),
-                teacher_weight.detach(),
-                None if teacher_bias is None else teacher_bias.detach())],
-        token_labels,
-        row_op,
-        reduction,
-        ignore_index,
-        chunk_plan(chunk_size, vocab, 1, backend, student_weight),
-        torch.is_grad_enabled() and student_grad,
-    )
-    return loss.reshape(leading) if reduction == "none" else loss
+    teacher = Linear(teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).contiguous(),
+                     teacher_weight.detach(),
+                     None if teacher_bias is None else teacher_bias.detach())
+    return chunked_loss(student_hidden, student_weight, student_bias, [teacher], token_labels,
+                        _row_op(backend, options), reduction, ignore_index, chunk_size, backend)
 
 
 def kd_loss(
@@ -251,13 +238,36 @@ def flat_labels(labels, leading: torch.Size, vocab: int, options) -> torch.Tenso
     return labels.reshape(-1).contiguous()
 
 
-def chunk_plan(
-    chunk_size: int | None, vocab: int, teachers: int, backend: str, weight: torch.Tensor
-) -> ChunkPlan:
-    """The chunk plan for ``chunk_size`` tokens per chunk (checked), or from the byte budget."""
+def chunked_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    student_bias: torch.Tensor | None,
+    teachers: list[Linear],
+    labels: torch.Tensor | None,
+    row_op,
+    reduction: str,
+    ignore_index: int,
+    chunk_size: int | None,
+    backend: str,
+) -> torch.Tensor:
+    """The chunk-driven loss of checked inputs, in the student's leading shape for "none".
+
+    student_hidden (*, Hs), student_weight (V, Hs), student_bias (V,) or None; ``teachers``
+    hold flattened, detached hidden (N, Ht_k), weight (V, Ht_k) and bias; ``chunk_size``
+    tokens per chunk (checked here), or None for the byte budget.
+    """
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    return plan_chunks(vocab, teachers, backend, weight.dtype in HALF, chunk_size)
+    plan = plan_chunks(student_weight.shape[0], len(teachers), backend,
+                       student_weight.dtype in HALF, chunk_size)
+    student_grad = any(t is not None and t.requires_grad
+                       for t in (student_hidden, student_weight, student_bias))
+    loss = ChunkedKDFunction.apply(
+        student_hidden.reshape(-1, student_hidden.shape[-1]).contiguous(), student_weight,
+        student_bias, teachers, labels, row_op, reduction, ignore_index, plan,
+        torch.is_grad_enabled() and student_grad,
+    )
+    return loss.reshape(student_hidden.shape[:-1]) if reduction == "none" else loss
 
 
 def _row_op(backend: str, options: KDOptions):

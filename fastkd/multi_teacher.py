@@ -1,7 +1,7 @@
 """``multi_teacher_kd_loss``: K teachers fused per token by entropy-driven weights.
 
 Argument checks and backend choice; the chunk driver and its autograd Function are the ones of
-``fused_kd_loss`` (fastkd.autograd.ChunkedKDFunction), with the multi-teacher row op.
+``fused_kd_loss`` (``fastkd.functional.chunked_loss``), with the multi-teacher row op.
 """
 
 from __future__ import annotations
@@ -21,13 +21,12 @@ from fastkd._checks import (
     check_vocab,
     resolve_backend,
 )
-from fastkd.autograd import ChunkedKDFunction
 from fastkd.chunked import Linear
 from fastkd.functional import (
     STUDENT_NAMES,
     check_linear,
     check_teacher_matches,
-    chunk_plan,
+    chunked_loss,
     flat_labels,
 )
 from fastkd.options import FUSIONS, WEIGHTINGS, MultiTeacherOptions
@@ -111,22 +110,9 @@ def multi_teacher_kd_loss(
     tokens = leading.numel()
     mixing = torch.empty(tokens, len(teachers), dtype=torch.float32, device=device)
     backend = resolve_backend(backend, device)
-    row_op = _row_op(backend, options, mixing)
-    student_grad = any(t is not None and t.requires_grad
-                       for t in (student_hidden, student_weight, student_bias))
-    loss = ChunkedKDFunction.apply(
-        student_hidden.reshape(-1, student_hidden.shape[-1]).contiguous(),
-        student_weight,
-        student_bias,
-        teachers,
-        labels,
-        row_op,
-        reduction,
-        ignore_index,
-        chunk_plan(chunk_size, vocab, len(teachers), backend, student_weight),
-        torch.is_grad_enabled() and student_grad,
-    )
-    loss = loss.reshape(leading) if reduction == "none" else loss
+    loss = chunked_loss(student_hidden, student_weight, student_bias, teachers, labels,
+                        _row_op(backend, options, mixing), reduction, ignore_index, chunk_size,
+                        backend)
     return (loss, mixing.reshape(*leading, len(teachers))) if return_mixing else loss
 
 
