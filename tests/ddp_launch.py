@@ -27,20 +27,20 @@ def exit_worker() -> None:
     os._exit(0)
 
 
-def launch(worker: Path, out: Path, launcher: list[str], per_device: int) -> dict:
-    """Run ``worker out per_device`` under ``launcher``; returns the result.pt it saves."""
+def launch(worker: Path, out: Path, launcher: list[str], per_device: int, *extra: str) -> dict:
+    """Run ``worker out per_device *extra`` under ``launcher``; returns the result.pt it saves."""
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [*launcher, str(worker), str(out), str(per_device)]
+    cmd = [*launcher, str(worker), str(out), str(per_device), *extra]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return torch.load(out / "result.pt")
 
 
-def ddp_and_single(worker: Path, tmp_path: Path) -> tuple[dict, dict]:
+def ddp_and_single(worker: Path, tmp_path: Path, *extra: str) -> tuple[dict, dict]:
     """The results of 2 processes x 2 sequences and of 1 process x 4 sequences."""
-    ddp = launch(worker, tmp_path / "ddp", TORCHRUN, per_device=2)
-    single = launch(worker, tmp_path / "single", [sys.executable], per_device=4)
+    ddp = launch(worker, tmp_path / "ddp", TORCHRUN, 2, *extra)
+    single = launch(worker, tmp_path / "single", [sys.executable], 4, *extra)
     assert ddp["world_size"] == 2 and single["world_size"] == 1
     return ddp, single

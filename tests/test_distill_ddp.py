@@ -9,7 +9,7 @@ import torch
 
 from tests.ddp_launch import ddp_and_single
 
-WORKER = Path(__file__).with_name("distill_ddp_worker.py")
+WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
 def test_two_process_ddp_step_equals_one_process(tmp_path):

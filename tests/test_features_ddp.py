@@ -10,11 +10,11 @@ import torch
 
 from tests.ddp_launch import ddp_and_single
 
-WORKER = Path(__file__).with_name("features_ddp_worker.py")
+WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
 def test_two_process_ddp_step_equals_one_process(tmp_path):
-    ddp, single = ddp_and_single(WORKER, tmp_path)
+    ddp, single = ddp_and_single(WORKER, tmp_path, "features")
     assert abs(ddp["loss"] - single["loss"]) <= 1e-5 * abs(single["loss"])
     for group in ("params", "projections"):
         for name, p in single[group].items():
