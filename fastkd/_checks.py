@@ -35,7 +35,9 @@ def check_tensor(name: str, value: object, *, ndim: int | None = None) -> torch.
 
 
 def _is_dtensor(value: torch.Tensor) -> bool:
-    if not torch.distributed.is_available():
+    # A DTensor needs a process group (its device mesh initializes one), so single-process
+    # calls never import torch.distributed.tensor.
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return False
     from torch.distributed.tensor import DTensor
 
