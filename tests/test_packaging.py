@@ -18,6 +18,9 @@ def test_wheel_installs_and_imports_every_module(tmp_path):
     assert "fastkd/kernels/kd_rows.py" in names
     assert "fastkd/kernels/multi_teacher_rows.py" in names
     assert "fastkd/csrc/__init__.py" in names
+    # PEP 639: the license is an SPDX expression (a TOML table is deprecated by setuptools)
+    (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    assert "License-Expression: Apache-2.0" in zipfile.ZipFile(wheel).read(metadata).decode()
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target",
                     str(target), str(wheel)], check=True, capture_output=True)
