@@ -24,6 +24,7 @@ from fastkd._checks import (
     resolve_backend,
     triton_interpreted,
 )
+from fastkd.autograd import refuse_double_backward
 
 LOSSES = ("mse", "kl")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -104,6 +105,7 @@ class AttentionKDLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        refuse_double_backward("attention_kd_loss")  # the backends' gradients are first order
         q_s, k_s, q_t, k_t, real, *saved = ctx.saved_tensors
         grad_q = grad_k = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:

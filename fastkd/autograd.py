@@ -8,6 +8,7 @@ backward runs the chunk driver again with it as the per-token scale.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -17,6 +18,38 @@ from fastkd.chunked import ChunkPlan, Linear, chunked_kd
 from fastkd.matmul import accumulation_dtype
 
 RowOp = Callable[..., torch.Tensor]
+
+
+def refuse_double_backward(loss_name: str) -> None:
+    """Raise when a backward runs to build a graph (``create_graph=True``).
+
+    The student gradients are built during forward as constants, so the gradient a backward
+    returns cannot be differentiated again; handing it back silently cut from the graph would
+    make a gradient penalty built on it add nothing.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{loss_name} does not support double backward (create_graph=True, e.g. a "
+            "gradient penalty): its gradients are built during forward as constants and "
+            "cannot be differentiated again; call backward / torch.autograd.grad without "
+            "create_graph"
+        )
+
+
+def first_order(backward):
+    """``once_differentiable``, and a RuntimeError under ``create_graph=True`` (where
+    ``once_differentiable`` alone returns a gradient with requires_grad=False, no error).
+
+    The loss's name is ``ctx.loss_name``.
+    """
+    inner = once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grad_outputs):
+        refuse_double_backward(ctx.loss_name)
+        return inner(ctx, *grad_outputs)
+
+    return wrapper
 
 
 def counted_tokens(
@@ -56,7 +89,9 @@ class ChunkedKDFunction(torch.autograd.Function):
         ignore_index: int,
         plan: ChunkPlan,
         compute_grad: bool,
+        loss_name: str = "fused_kd_loss",
     ) -> torch.Tensor:
+        ctx.loss_name = loss_name
         student = Linear(student_hidden, student_weight, student_bias)
         need = tuple(ctx.needs_input_grad[:3]) if compute_grad else (False, False, False)
         ctx.reduction = reduction
@@ -80,7 +115,7 @@ class ChunkedKDFunction(torch.autograd.Function):
         return loss.sum() * scale
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_output: torch.Tensor):
         if ctx.reduction == "none":  # replay the chunks with g_i = d out / d loss_i
             hidden, weight, bias, labels = ctx.saved_tensors
@@ -96,7 +131,7 @@ class ChunkedKDFunction(torch.autograd.Function):
         else:
             grads = tuple(None if g is None else g * grad_output.to(g.dtype)
                           for g in ctx.saved_tensors)
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 class KDLossFunction(torch.autograd.Function):
@@ -118,6 +153,7 @@ class KDLossFunction(torch.autograd.Function):
         chunk_size: int,
         compute_grad: bool,
     ) -> torch.Tensor:
+        ctx.loss_name = "kd_loss"
         tokens = student_logits.shape[0]
         grad = torch.empty_like(student_logits) if compute_grad else None
         loss = torch.empty(tokens, dtype=accumulation_dtype(student_logits),
@@ -139,7 +175,7 @@ class KDLossFunction(torch.autograd.Function):
         return loss.sum() * scale
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_output: torch.Tensor):
         (grad,) = ctx.saved_tensors
         if ctx.reduction == "none":

@@ -249,6 +249,7 @@ def chunked_loss(
     ignore_index: int,
     chunk_size: int | None,
     backend: str,
+    loss_name: str = "fused_kd_loss",
 ) -> torch.Tensor:
     """The chunk-driven loss of checked inputs, in the student's leading shape for "none".
 
@@ -265,7 +266,7 @@ def chunked_loss(
     loss = ChunkedKDFunction.apply(
         student_hidden.reshape(-1, student_hidden.shape[-1]).contiguous(), student_weight,
         student_bias, teachers, labels, row_op, reduction, ignore_index, plan,
-        torch.is_grad_enabled() and student_grad,
+        torch.is_grad_enabled() and student_grad, loss_name,
     )
     return loss.reshape(student_hidden.shape[:-1]) if reduction == "none" else loss
 

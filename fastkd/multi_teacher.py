@@ -112,7 +112,7 @@ def multi_teacher_kd_loss(
     backend = resolve_backend(backend, device)
     loss = chunked_loss(student_hidden, student_weight, student_bias, teachers, labels,
                         _row_op(backend, options, mixing), reduction, ignore_index, chunk_size,
-                        backend)
+                        backend, "multi_teacher_kd_loss")
     return (loss, mixing.reshape(*leading, len(teachers))) if return_mixing else loss
 
 

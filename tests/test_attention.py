@@ -230,3 +230,15 @@ def test_public_names_and_module():
     out = module(*inputs, attention_mask=mask)
     ref = attention_kd_loss(*inputs, loss="kl", causal=False, attention_mask=mask, backend="torch")
     assert torch.equal(out, ref) and "loss='kl'" in repr(module)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_is_refused(backend):
+    """create_graph=True raises: the backends' dQ, dK are not differentiable again (the Triton
+    ones silently came back with requires_grad=False)."""
+    q_s, k_s, q_t, k_t = make_inputs(1, 2, 7, 8, 8, 2, 2, seed=5)
+    loss = attention_kd_loss(q_s, k_s, q_t, k_t, backend=backend)
+    with pytest.raises(RuntimeError, match="attention_kd_loss does not support double backward"):
+        torch.autograd.grad(loss, (q_s, k_s), create_graph=True)
+    grads = torch.autograd.grad(loss, (q_s, k_s))
+    assert all(torch.isfinite(g).all() for g in grads)

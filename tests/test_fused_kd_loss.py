@@ -227,3 +227,19 @@ def test_chunk_plan_follows_the_memory_budget(monkeypatch):
     assert plan_chunks(65536, 1, "torch", half_weights=False).rows == 400
     assert plan_chunks(65536, 3, "torch", half_weights=False, chunk_size=7).rows == 7
     assert plan_chunks(10**9, 1, "triton", half_weights=False).rows == 16  # never below 16
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_double_backward_is_refused(backend, reduction, device):
+    """create_graph=True (a gradient penalty) raises: the gradients are built in forward as
+    constants, and a grad with requires_grad=False would make the penalty add nothing."""
+    gen = torch.Generator().manual_seed(31)
+    h_s, w_s, _ = linear_inputs((5,), 8, 37, 6.0, torch.float32, device, gen)
+    h_t, w_t, _ = linear_inputs((5,), 8, 37, 6.0, torch.float32, device, gen)
+    h_s.requires_grad_()
+    loss = fused_kd_loss(h_s, w_s, h_t, w_t, reduction=reduction, backend=backend).sum()
+    with pytest.raises(RuntimeError, match="fused_kd_loss does not support double backward"):
+        torch.autograd.grad(loss, h_s, create_graph=True)
+    (grad,) = torch.autograd.grad(loss, h_s)  # first order still works
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0

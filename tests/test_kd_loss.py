@@ -51,3 +51,17 @@ def test_kd_loss_equals_fused_kd_loss_on_the_same_logits(device):
 def test_modules_show_their_options():
     assert "divergence='jsd'" in repr(FusedKDLoss(divergence="jsd"))
     assert "temperature=2.0" in repr(KDLoss(temperature=2.0))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_double_backward_is_refused(backend, reduction, device):
+    """create_graph=True raises, naming the loss, instead of a grad cut from the graph."""
+    gen = torch.Generator().manual_seed(32)
+    student = (torch.randn(3, 41, generator=gen) * 8).to(device).requires_grad_()
+    teacher = (torch.randn(3, 41, generator=gen) * 8).to(device)
+    loss = kd_loss(student, teacher, reduction=reduction, backend=backend).sum()
+    with pytest.raises(RuntimeError, match="kd_loss does not support double backward"):
+        torch.autograd.grad(loss, student, create_graph=True)
+    (grad,) = torch.autograd.grad(loss, student)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0

@@ -160,3 +160,14 @@ def bad_call(**changes):
 def test_rejects(changes, error, pattern):
     with pytest.raises(error, match=pattern):
         bad_call(**changes)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_is_refused(backend, device):
+    gen = torch.Generator().manual_seed(33)
+    h_s, w_s, _ = linear_inputs((5,), 8, 37, 6.0, torch.float32, device, gen)
+    h_t, w_t, _ = teachers((5,), 37, [3.0, 10.0], device, gen)
+    h_s.requires_grad_()
+    loss = multi_teacher_kd_loss(h_s, w_s, h_t, w_t, backend=backend)
+    with pytest.raises(RuntimeError, match="multi_teacher_kd_loss does not support double"):
+        torch.autograd.grad(loss, h_s, create_graph=True)
