@@ -83,6 +83,23 @@ def test_resume_continues_with_identical_state(tmp_path):
         [r["loss"] for r in logged(part_dir)][3:]
 
 
+def test_resume_of_a_tied_student_warns_of_no_missing_keys(tmp_path, monkeypatch):
+    """A tied lm_head is not saved in a checkpoint; it comes back through the embedding."""
+    import transformers.trainer
+
+    warnings = []
+    monkeypatch.setattr(transformers.trainer.logger, "warning",
+                        lambda msg, *a, **k: warnings.append(str(msg)))
+    data, teacher = rows(8, seed=5), llama()
+    opts = dict(max_steps=2, per_device_train_batch_size=2, save_strategy="steps", save_steps=1)
+    run(tmp_path, qwen2(), [teacher], data, stop_at=1, **opts)
+    resumed, _ = run(tmp_path, qwen2(seed=99), [teacher], data, **opts,
+                     resume=str(tmp_path / "checkpoint-1"))
+    assert not [w for w in warnings if "missing keys" in w], warnings
+    model = resumed.model
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
 def test_multi_teacher_run_logs_mixing_weights(tmp_path):
     teachers = [llama(seed=10), qwen2(width=20, tied=False, seed=11, layers=2)]
     run(tmp_path, llama(width=16, tied=True, seed=12, layers=1), teachers, rows(4),

@@ -54,10 +54,14 @@ def run_ablation(cfg: DistillConfig) -> dict[str, tuple[float, float]]:
     """Train every row at `cfg.demo_scale`, print the table; returns row -> (ppl, wall s)."""
     setup = demo_setup(cfg)
     out = Path(cfg.output_dir) / "ablation"
+    total = len(ROWS) + 1
+    print(f"\n[1/{total}] teacher: cross-entropy, {setup.scale.teacher_steps} steps", flush=True)
     teacher = train_teacher(setup, cfg, out / "teacher")
     teacher_ppl = perplexity(teacher, setup.held_out, setup.collator)
     results: dict[str, tuple[float, float]] = {}
-    for name, terms in ROWS.items():
+    for row, (name, terms) in enumerate(ROWS.items(), start=2):
+        print(f"\n[{row}/{total}] student, {name}: {setup.scale.student_steps} steps",
+              flush=True)
         start = time.perf_counter()
         run_dir = out / name.replace(" ", "_").replace("+", "plus")
         if terms is None:
@@ -68,6 +72,7 @@ def run_ablation(cfg: DistillConfig) -> dict[str, tuple[float, float]]:
         results[name] = (perplexity(student, setup.held_out, setup.collator),
                          time.perf_counter() - start)
     print(ablation_table(setup, teacher_ppl, results))
+    print(f"per-step metrics of each distilled row: {out}/<row>/metrics.jsonl")
     return results
 
 

@@ -1,5 +1,8 @@
 """`fastkd distill`: flags mirror the fields of `DistillConfig` (`--seq-len` for seq_len, ...);
-flags override a `--config` file. With no student and no teachers it runs the embedded demo."""
+flags override a `--config` file. With no student and no teachers it runs the embedded demo.
+
+The command parses and checks its settings before it imports transformers or loads a model, so
+`--help` and every settings error come back at once, in one line."""
 
 from __future__ import annotations
 
@@ -11,13 +14,18 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
+from . import missing_train_extra
 from .config import DistillConfig
 
 
 def _flag_options(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
     """argparse options for one config field (bool -> --x/--no-x, list -> several values, also
     over repeated flags)."""
-    options: dict[str, Any] = {"help": f.metadata["help"], "default": argparse.SUPPRESS}
+    # The default is shown, not set: a flag left out must not override a --config file.
+    help_text = f.metadata["help"].replace("%", "%%")
+    if "default" not in help_text:
+        help_text += f" (default: {_shown(f)})"
+    options: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         hint = args[0]
@@ -29,12 +37,22 @@ def _flag_options(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
     return {**options, "type": hint, **extra}
 
 
+def _shown(f: dataclasses.Field) -> str:
+    """A field's default as the help text shows it."""
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    if default is None or default == []:
+        return "none"
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    return str(default).replace("%", "%%")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastkd")
     commands = parser.add_subparsers(dest="command", required=True)
     distill = commands.add_parser(
         "distill", help="distil teacher(s) into a student; no models given: run the demo",
-        description=__doc__,
+        description=__doc__.split("\n\n")[0],
     )
     distill.add_argument("--config", help="YAML or JSON file of DistillConfig fields")
     hints = typing.get_type_hints(DistillConfig)
@@ -50,11 +68,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     args.pop("command")
+    missing = missing_train_extra()
+    if missing:
+        parser.exit(2, f"fastkd distill: error: the trainer needs the train extra (missing: "
+                       f"{', '.join(missing)}): pip install 'fastkd[train]'\n")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         path = args.pop("config")
         base = DistillConfig.from_file(path).to_dict() if path else {}
         cfg = DistillConfig.from_dict({**base, **args})
+        cfg.check_runtime()
+        # the heavy imports (torch, transformers, datasets, the Trainer) only from here on
         if cfg.ablation:
             from .ablation import run_ablation
 

@@ -9,11 +9,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .features.settings import FeatureSettings
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
 WEIGHTINGS = ("entropy", "static")
@@ -102,8 +106,18 @@ class DistillConfig:
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be >= 2 (a token predicts the next one), got "
                              f"{self.seq_len}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        for name in ("temperature", "entropy_tau"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("learning_rate", "weight_decay", "warmup_steps"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        priors = self.teacher_priors
+        if priors is not None and not (
+            all(math.isfinite(p) and p >= 0 for p in priors) and sum(priors) > 0
+        ):
+            raise ValueError(f"teacher_priors must be >= 0 with a positive sum, got "
+                             f"{self.teacher_priors}")
         if self.soft_weight < 0 or self.hard_weight < 0 or self.soft_weight + self.hard_weight == 0:
             raise ValueError(
                 f"soft_weight and hard_weight must be >= 0 and not both 0, got "
@@ -124,9 +138,8 @@ class DistillConfig:
             )
         if self.ablation and not self.is_demo:
             raise ValueError("ablation runs on the embedded demo: name no student or teachers")
-        from .features import FeatureSettings  # imports torch: only once the types are checked
-
-        FeatureSettings.from_config(self)  # checks weights, loss names, relation_heads, layer_map
+        # checks the feature weights, loss names, relation_heads and layer_map
+        FeatureSettings.from_config(self)
 
     @property
     def is_demo(self) -> bool:
@@ -146,25 +159,101 @@ class DistillConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> DistillConfig:
-        """Load a `.yaml` / `.yml` or `.json` file holding a mapping of fields."""
+        """Load a `.yaml` / `.yml` or `.json` file holding a mapping of fields.
+
+        A syntax error is a `ValueError` naming the file and the line. In YAML, a float written
+        without a dot (`2e-5`) is a string under YAML 1.1's rules; float fields accept such
+        numeric strings.
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} does not exist")
         text = path.read_text()
         if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            values = yaml.safe_load(text)
+            values = _load_yaml(text, path)
+            if isinstance(values, dict):
+                values = _numbers_from_strings(values)
         elif path.suffix == ".json":
-            values = json.loads(text)
+            try:
+                values = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"config file {str(path)!r}, line {err.lineno}, column "
+                                 f"{err.colno}: invalid JSON: {err.msg}") from None
         else:
             raise ValueError(f"config file {str(path)!r}: expected .yaml, .yml or .json")
         if not isinstance(values, dict):
             raise ValueError(f"config file {str(path)!r} must hold a mapping of keys to values")
         return cls.from_dict(values)
 
+    def check_runtime(self) -> None:
+        """Checks that depend on this machine rather than on the values alone, run by the CLI
+        before any model is loaded: the backend's device, and a writable output_dir."""
+        if self.backend == "triton":
+            import torch
+
+            if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError("backend 'triton' needs a CUDA device (none is available); "
+                                 "use backend 'torch' or 'auto' on CPU, or set "
+                                 "TRITON_INTERPRET=1 to run the kernels in Triton's "
+                                 "interpreter (slow)")
+        _check_output_dir(self.output_dir)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _load_yaml(text: str, path: Path) -> Any:
+    """`yaml.safe_load(text)`; a syntax error becomes a one-line `ValueError`."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = "" if mark is None else f", line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        context = getattr(err, "context", None)
+        detail = f"{problem} ({context})" if context else problem
+        raise ValueError(f"config file {str(path)!r}{where}: invalid YAML: {detail}") from None
+
+
+def _float_hint(hint: Any) -> bool:
+    """Whether a field annotation holds floats (float, float | None, list[float] ...)."""
+    if hint is float:
+        return True
+    return any(_float_hint(h) for h in typing.get_args(hint))
+
+
+def _as_number(value: Any) -> Any:
+    """A numeric string ('2e-5') as a float; anything else unchanged."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if isinstance(value, list):
+        return [_as_number(v) for v in value]
+    return value
+
+
+def _numbers_from_strings(values: dict[str, Any]) -> dict[str, Any]:
+    """YAML 1.1 reads `2e-5` (no dot) as a string: turn such strings into floats where the
+    field holds floats."""
+    hints = typing.get_type_hints(DistillConfig)
+    return {key: _as_number(value) if _float_hint(hints.get(key)) else value
+            for key, value in values.items()}
+
+
+def _check_output_dir(output_dir: str) -> None:
+    """`output_dir` (or its nearest existing ancestor) must be a folder this process can write."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output_dir {output_dir!r} is an existing file, not a folder")
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        raise ValueError(f"output_dir {output_dir!r}: {str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output_dir {output_dir!r}: {str(existing)!r} is not writable")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -175,7 +264,10 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 def _check_type(name: str, value: Any, hint: Any) -> None:
     """Raise `TypeError` when `value` does not match the field annotation `hint`."""
     if not _matches(value, hint):
-        raise TypeError(f"config key {name!r} expects {hint}, got {value!r}")
+        hint_text = ""
+        if isinstance(value, str) and _float_hint(hint) and _as_number(value) != value:
+            hint_text = " (a number given as a string: write it unquoted, e.g. 2.0e-5)"
+        raise TypeError(f"config key {name!r} expects {hint}, got {value!r}{hint_text}")
 
 
 def _matches(value: Any, hint: Any) -> bool:

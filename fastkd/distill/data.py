@@ -32,17 +32,31 @@ def load_texts(path: str, text_field: str) -> Dataset:
             f"found suffixes {found}"
         )
     (builder,) = builders
-    data_files = [str(p) for p in files if _BUILDERS.get(p.suffix) == builder]
+    chosen = [p for p in files if _BUILDERS.get(p.suffix) == builder]
+    if all(_is_empty(p) for p in chosen):
+        which = "the file is" if chosen == [root] else f"all its {len(chosen)} {builder} files are"
+        raise ValueError(f"data path {path!r}: {which} empty")
     try:
-        ds = load_dataset(builder, data_files=data_files, split="train")
+        ds = load_dataset(builder, data_files=[str(p) for p in chosen], split="train")
     except Exception as err:  # datasets raises many kinds; name the path in any case
-        raise ValueError(f"data path {path!r} could not be read as {builder}: {err}") from err
+        reason = str(err).strip() or type(err).__name__
+        raise ValueError(f"data path {path!r} could not be read as {builder}: {reason}") from err
     if text_field not in ds.column_names:
         raise ValueError(
             f"data path {path!r} has no column {text_field!r} (columns: {ds.column_names}); "
             "set text_field"
         )
     return ds
+
+
+def _is_empty(path: Path) -> bool:
+    """No bytes, or (text and JSON lines) only white space."""
+    size = path.stat().st_size
+    if size == 0:
+        return True
+    if path.suffix == ".parquet" or size > 1 << 16:
+        return False
+    return not path.read_bytes().strip()
 
 
 def tokenize(

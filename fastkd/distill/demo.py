@@ -141,7 +141,18 @@ def run_demo(cfg: DistillConfig) -> dict[str, float]:
     out = Path(cfg.output_dir)
     rows: dict[str, tuple[float, float]] = {}
 
+    phases = {
+        "teacher": f"teacher: a {scale.teacher_layers}-layer Llama (width "
+                   f"{scale.teacher_width}), cross-entropy, {scale.teacher_steps} steps",
+        "KD student": f"KD student: a {scale.student_layers}-layer Qwen2 (width "
+                      f"{scale.student_width}), fastkd distillation from the teacher, "
+                      f"{scale.student_steps} steps",
+        "CE student": f"CE-only student: the same Qwen2 from the same initialization, "
+                      f"cross-entropy only, {scale.student_steps} steps",
+    }
+
     def timed(name: str, train_fn) -> PreTrainedModel:
+        print(f"\n[{len(rows) + 1}/3] {phases[name]}", flush=True)
         start = time.perf_counter()
         model = train_fn()
         rows[name] = (perplexity(model, setup.held_out, collator), time.perf_counter() - start)
@@ -163,6 +174,8 @@ def run_demo(cfg: DistillConfig) -> dict[str, float]:
     timed("CE student", lambda: train_ce(student_model(scale, cfg.seed + 3), train,
                                          setup.student_cfg, out / "student_ce", 0))
     _print_table(scale, setup.floor, rows)
+    print(f"per-step metrics of the KD student: {out / 'metrics.jsonl'}; the models are not "
+          "saved (a run on your own models saves its student to output_dir/final)")
     return {f"{name} perplexity": ppl for name, (ppl, _) in rows.items()}
 
 

@@ -4,6 +4,7 @@ checks that must pass before any training step."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,16 +52,19 @@ def load_tokenizer(path: str, role: str) -> Any:
         raise ValueError(f"{role} tokenizer {path!r} could not be loaded: {err}") from err
 
 
-def check_teacher_tokenizers(student_tokenizer: Any, teacher_paths: list[str]) -> None:
-    """Refuse teachers whose tokenizer differs; a teacher directory without a tokenizer is
-    accepted with a warning (its lm_head size is still checked)."""
+def check_teacher_tokenizers(
+    student_tokenizer: Any, teacher_paths: list[str], probes: Sequence[str] = ()
+) -> None:
+    """Refuse teachers whose tokenizer differs (also in how it encodes `probes`, texts of the
+    data); a teacher directory without a tokenizer is accepted with a warning (its lm_head
+    size is still checked)."""
     for path in teacher_paths:
         try:
             teacher_tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError):
             logger.warning("teacher %r has no loadable tokenizer; assuming the student's", path)
             continue
-        check_same_tokenizer(student_tokenizer, teacher_tokenizer, path)
+        check_same_tokenizer(student_tokenizer, teacher_tokenizer, path, probes)
 
 
 def check_seq_len(config: PretrainedConfig, seq_len: int, role: str) -> None:

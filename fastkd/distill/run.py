@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from .models import (
 )
 from .trainer import DistillationTrainer
 from .training import training_arguments
+from .vocab import check_encodes_text
 
 logger = logging.getLogger(__name__)
 
@@ -42,24 +44,44 @@ class PreparedRun:
         return self.finish()
 
 
-def prepare(cfg: DistillConfig) -> PreparedRun:
+@dataclass
+class FinishedRun:
+    """A resumed run whose checkpoint already holds every step asked for: nothing to do."""
+
+    message: str
+
+    def __call__(self) -> dict[str, float]:
+        print(f"fastkd distill: {self.message}")
+        return {}
+
+
+def prepare(cfg: DistillConfig) -> PreparedRun | FinishedRun:
     """Load and check models, tokenizers and data; raise before any training step on bad
-    input (missing paths, mismatched vocabularies, empty data, seq_len too long)."""
+    input (missing paths, mismatched vocabularies, empty data, seq_len too long). Resuming a
+    run whose checkpoint already reached `cfg.steps` loads nothing and trains nothing."""
     if cfg.student is None or not cfg.teachers or cfg.data is None:
         raise ValueError("a distillation run needs student, teachers and data (or none of "
                          "student/teachers for the embedded demo)")
+    cfg.check_runtime()
     models = [("student", cfg.student), *(("teacher", t) for t in cfg.teachers)]
     for role, path in [*models, ("data", cfg.data), ("eval_data", cfg.eval_data),
                        ("tokenizer", cfg.tokenizer)]:
         if path is not None:
             existing(path, role)
     resume = _resume_target(cfg)
+    done = _finished(cfg, resume)
+    if done is not None:
+        return FinishedRun(done)
+    out = Path(cfg.output_dir)
+    args = training_arguments(cfg, out)  # refuses bad training_args before any model loads
     for role, path in models:
         check_seq_len(load_config(path, role), cfg.seq_len, role)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.student, "student")
-    check_teacher_tokenizers(tokenizer, cfg.teachers)
-    train = tokenize(load_texts(cfg.data, cfg.text_field), tokenizer, cfg.text_field,
-                     cfg.seq_len, cfg.packing, "training")
+    texts = load_texts(cfg.data, cfg.text_field)
+    probes = [str(t) for t in texts.select(range(min(len(texts), 16)))[cfg.text_field]]
+    check_encodes_text(tokenizer, probes, "the student's")
+    check_teacher_tokenizers(tokenizer, cfg.teachers, probes)
+    train = tokenize(texts, tokenizer, cfg.text_field, cfg.seq_len, cfg.packing, "training")
     held_out = None if cfg.eval_data is None else tokenize(
         load_texts(cfg.eval_data, cfg.text_field), tokenizer, cfg.text_field, cfg.seq_len,
         cfg.packing, "evaluation")
@@ -68,9 +90,8 @@ def prepare(cfg: DistillConfig) -> PreparedRun:
     teachers = [load_model(path, "teacher", dtype) for path in cfg.teachers]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collator = CausalCollator(0 if pad is None else pad)
-    out = Path(cfg.output_dir)
     trainer = DistillationTrainer(
-        model=student, args=training_arguments(cfg, out), train_dataset=train,
+        model=student, args=args, train_dataset=train,
         data_collator=collator, teachers=teachers, kd=LogitKD.from_config(cfg),
         features=FeatureSettings.from_config(cfg), vocab_size=len(tokenizer),
         callbacks=[JsonlLogger(out / "metrics.jsonl")],
@@ -89,14 +110,35 @@ def prepare(cfg: DistillConfig) -> PreparedRun:
     return PreparedRun(trainer, resume, finish)
 
 
-def _resume_target(cfg: DistillConfig) -> str | bool | None:
-    """`resume_from_checkpoint` for `Trainer.train`: True for 'latest', else a checked path."""
+def _resume_target(cfg: DistillConfig) -> str | None:
+    """`resume_from_checkpoint` for `Trainer.train`: the checkpoint folder to resume from
+    (the latest `checkpoint-*` of output_dir for 'latest'), checked to exist."""
     if cfg.resume is None:
         return None
     if cfg.resume == "latest":
-        if not any(Path(cfg.output_dir).glob("checkpoint-*")):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(cfg.output_dir) if Path(cfg.output_dir).is_dir() else None
+        if last is None:
             raise FileNotFoundError(f"resume: no checkpoint-* folder in {cfg.output_dir!r}")
-        return True
+        return last
     if not Path(cfg.resume).is_dir():
         raise FileNotFoundError(f"resume checkpoint {cfg.resume!r} does not exist")
     return cfg.resume
+
+
+def _finished(cfg: DistillConfig, checkpoint: str | None) -> str | None:
+    """A message when `checkpoint` already reached `cfg.steps` (else None): the Trainer would
+    otherwise train one step more than asked."""
+    if checkpoint is None:
+        return None
+    state = Path(checkpoint) / "trainer_state.json"
+    try:
+        step = int(json.loads(state.read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"resume checkpoint {checkpoint!r}: no readable trainer_state.json "
+                         f"({err})") from None
+    if step < cfg.steps:
+        return None
+    return (f"the run in {cfg.output_dir!r} is finished: {checkpoint!r} holds {step} steps, "
+            f"and steps is {cfg.steps}; nothing to train (raise --steps to train on)")

@@ -234,8 +234,29 @@ class DistillationTrainer(Trainer):
         if self.features is not None and self.args.should_save:
             self.features.projections.save(output_dir)
 
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        """The Trainer's warnings on loading a checkpoint, less the tied weights: a tied
+        lm_head (Qwen2's, shared with the embedding) is not saved, and it is loaded through
+        the weight it shares."""
+        tied = _tied_aliases(self.model)
+        missing = [key for key in load_result.missing_keys if key not in tied]
+        if len(missing) != len(load_result.missing_keys):
+            self.model.tie_weights()
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
+
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """Restore the training state of a checkpoint, the feature projections included."""
         super()._load_optimizer_and_scheduler(checkpoint)
         if self.features is not None and checkpoint is not None:
             self.features.projections.load(checkpoint)
+
+
+def _tied_aliases(model: nn.Module) -> set[str]:
+    """Names of parameters that are the same tensor as an earlier-named one (tied weights)."""
+    seen: set[int] = set()
+    aliases = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            aliases.add(name)
+        seen.add(id(param))
+    return aliases

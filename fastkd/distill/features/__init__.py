@@ -4,13 +4,34 @@ feed-forward outputs of mapped layers (feature-alignment, multi-teacher and MaKD
 `FeatureAlignment` ties the pieces together: the layer map (`layer_map`), the captures
 (`layer_capture`, `attention_capture`, `capture`), the learned projections (`projections`),
 the terms (`terms`) and the multi-teacher weighting of the terms (`teacher_weights`).
+`FeatureSettings` (`settings`) needs neither torch nor transformers; the other names are
+imported on first use, so checking a config stays light.
 """
 
-from .alignment import FeatureAlignment, FeatureSettings
-from .attention_capture import CapturedAttention, enable_attention_capture, record_attention
-from .capture import FeatureRequest, Features, record_features
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .layer_map import layer_pairs, uniform_pairs
-from .projections import FeatureProjections
+from .settings import FeatureSettings
+
+if TYPE_CHECKING:
+    from .alignment import FeatureAlignment
+    from .attention_capture import CapturedAttention, enable_attention_capture, record_attention
+    from .capture import FeatureRequest, Features, record_features
+    from .projections import FeatureProjections
+
+_LAZY = {
+    "FeatureAlignment": "alignment",
+    "CapturedAttention": "attention_capture",
+    "enable_attention_capture": "attention_capture",
+    "record_attention": "attention_capture",
+    "FeatureRequest": "capture",
+    "Features": "capture",
+    "record_features": "capture",
+    "FeatureProjections": "projections",
+}
 
 __all__ = [
     "CapturedAttention",
@@ -25,3 +46,14 @@ __all__ = [
     "record_features",
     "uniform_pairs",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from .. import require_train_extra
+
+    require_train_extra()
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-WEIGHTINGS = ("entropy", "static")
+from .settings import WEIGHTINGS
 
 
 def normalized_priors(priors: Sequence[float] | None, n_teachers: int) -> torch.Tensor:

@@ -30,10 +30,9 @@ from fastkd import attention_kd_loss
 from .attention_capture import CapturedAttention
 from .layer_map import LayerPairs
 from .projections import FeatureProjections
+from .settings import ATTENTION_LOSSES, FEATURE_LOSSES
 
-FEATURE_LOSSES = ("relative_mse", "mse", "cosine")
 _TINY = 1e-12  # guards the relative error of an all-zero teacher vector
-ATTENTION_LOSSES = ("mse", "kl")
 
 
 def feature_term(
