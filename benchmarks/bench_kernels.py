@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -359,7 +360,8 @@ def _derive(record: dict) -> None:
 
 
 def memory_figure(records: list[dict]) -> dict | None:
-    """Issue 2: fastkd's extra peak memory (fwd+bwd) under 15% of the materializing loss."""
+    """The CPU memory goal: fastkd's extra peak memory (fwd+bwd) under 15% of the
+    materializing loss's."""
     for record in records:
         if record["suite"] != "memory":
             continue
@@ -435,9 +437,9 @@ def print_memory_figure(figure: dict | None) -> None:
     if figure is None:
         return
     if figure["ratio"] is None:
-        print(f"\nissue-2 memory figure ({figure['case']}): not measured (a method failed)")
+        print(f"\nmemory goal ({figure['case']}): not measured (a method failed)")
         return
-    print(f"\nissue-2 memory figure ({figure['case']}, fwd+bwd): fastkd extra "
+    print(f"\nmemory goal ({figure['case']}, fwd+bwd): fastkd extra "
           f"{figure['fastkd_extra_bytes'] / MIB:.0f} MiB / torch extra "
           f"{figure['torch_extra_bytes'] / MIB:.0f} MiB = {figure['ratio']:.1%} "
           f"(goal < 15%: {'PASS' if figure['pass'] else 'MISS'})")
@@ -452,7 +454,9 @@ def main(argv: list[str] | None = None) -> int:
                              "piece of a case name such as V=32768; repeatable")
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/<stamp>)")
+    parser.add_argument("--out", type=Path,
+                        help="a .json file, or a folder to write <device>-<stamp>.json into "
+                             "(default: benchmarks/results/)")
     parser.add_argument("--compile-cpu", action="store_true",
                         help="also time torch.compile on CPU (slow to build)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -464,6 +468,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    missing = missing_modules(plots=not args.no_plots)
+    if missing:  # before minutes of checks, not after them
+        plots_only = missing == ["matplotlib"]
+        parser.exit(2, f"bench_kernels.py: error: {', '.join(missing)} not installed: pip "
+                       "install 'fastkd[bench]'" + (", or pass --no-plots" if plots_only else "")
+                    + "\n")
+    try:
+        out = results_path(args.out, args.device)
+    except ValueError as err:
+        parser.error(str(err))
     if args.device == "cpu":  # before triton is imported: the oracle checks of the triton backend
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -486,7 +500,6 @@ def main(argv: list[str] | None = None) -> int:
     print_table(records, env)
     print_memory_figure(figure)
 
-    out = args.out or RESULTS / f"{args.device}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"environment": env, "memory_figure": figure, "cases": records},
                               indent=1))
@@ -497,6 +510,30 @@ def main(argv: list[str] | None = None) -> int:
         for path in plot(out):
             print(f"wrote {path}")
     return 0
+
+
+def missing_modules(plots: bool) -> list[str]:
+    """The modules of the bench extra a run needs but this environment lacks."""
+    needed = ["tqdm"] + (["matplotlib"] if plots else [])
+    return [name for name in needed if importlib.util.find_spec(name) is None]
+
+
+def results_path(out: Path | None, device: str) -> Path:
+    """Where the JSON goes: `out` itself when it names a .json file that is not a folder, else
+    `<device>-<stamp>.json` inside the folder `out` (default: benchmarks/results/)."""
+    name = f"{device}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    if out is None:
+        return RESULTS / name
+    if out.is_dir() or out.suffix != ".json":
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {str(out)!r} is a file but not a .json one")
+        return out / name
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {str(out)!r}: {str(parent)!r} is a file, not a folder")
+            break
+    return out
 
 
 def _select(cases: list[C.Case], only: list[str] | None) -> list[C.Case]:
