@@ -55,10 +55,18 @@ def check_floating(name: str, value: object, *, ndim: int | None = None) -> torc
 
 
 def check_labels(labels: object, leading_shape: torch.Size, name: str = "labels") -> torch.Tensor:
-    """Integer labels whose shape equals the leading shape of the hidden states."""
+    """int64 or int32 labels whose shape equals the leading shape of the hidden states.
+
+    Narrower dtypes are refused: they cannot hold every vocabulary id, and ignore_index
+    wraps in them (a uint8 label 156 equals -100 mod 256).
+    """
     tensor = check_tensor(name, labels)
-    if tensor.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise TypeError(f"{name} must be an integer tensor, got {tensor.dtype}")
+    if tensor.dtype not in (torch.int64, torch.int32):
+        raise TypeError(
+            f"{name} must be an int64 or int32 tensor, got {tensor.dtype} (narrower integer "
+            "dtypes cannot hold every token id and wrap ignore_index, e.g. uint8 156 == -100 "
+            "mod 256; convert exactly with .long())"
+        )
     if tensor.shape != leading_shape:
         raise ValueError(
             f"{name} shape {tuple(tensor.shape)} must equal the leading shape "

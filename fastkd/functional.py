@@ -232,7 +232,9 @@ def flat_labels(labels, leading: torch.Size, vocab: int, options) -> torch.Tenso
         if options.hard_weight > 0:
             raise ValueError(f"hard_weight={options.hard_weight} needs labels, got labels=None")
         return None
-    labels = check_labels(labels, leading)
+    # int64 for every check and backend: comparing int32 labels with an ignore_index outside
+    # the int32 range would wrap it in torch but not in the kernels
+    labels = check_labels(labels, leading).to(torch.int64)
     if options.hard_weight > 0:
         check_label_range(labels, vocab, options.ignore_index)
     return labels.reshape(-1).contiguous()

@@ -243,3 +243,20 @@ def test_double_backward_is_refused(backend, reduction, device):
         torch.autograd.grad(loss, h_s, create_graph=True)
     (grad,) = torch.autograd.grad(loss, h_s)  # first order still works
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int32_labels_equal_int64_labels(backend, device):
+    """int32 labels give the int64 result, also with an ignore_index outside the int32 range
+    (torch would wrap it in an int32 comparison, so that -100 were ignored: 2**32 - 100
+    == -100 mod 2**32; the kernels would not)."""
+    gen = torch.Generator().manual_seed(34)
+    h_s, w_s, _ = linear_inputs((3, 7), 8, 211, 10.0, torch.float32, device, gen)
+    h_t, w_t, _ = linear_inputs((3, 7), 8, 211, 10.0, torch.float32, device, gen)
+    labels = random_labels((3, 7), 211, gen, device)
+    for ignore_index, hard_weight in ((-100, 0.5), (2**32 - 100, 0.0)):
+        losses = [fused_kd_loss(h_s, w_s, h_t, w_t, labels.to(dtype), hard_weight=hard_weight,
+                                ignore_index=ignore_index, reduction="none", backend=backend)
+                  for dtype in (torch.int64, torch.int32)]
+        torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
+    assert (losses[1] != 0).all()  # no label equals 2**32 - 100: every token counts
