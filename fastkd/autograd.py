@@ -99,13 +99,14 @@ class ChunkedKDFunction(torch.autograd.Function):
         acc_dtype = accumulation_dtype(student_weight)
         if reduction == "none":
             loss, _ = chunked_kd(student, teachers, labels, row_op, None, need, plan)
-            ctx.replay = (teachers, row_op, need, plan)
+            ctx.replay = (teachers, row_op, need, plan, ignore_index)
             ctx.save_for_backward(student_hidden, student_weight, student_bias, labels)
             return loss
         count = counted_tokens(labels, student_hidden.shape[0], ignore_index, student_hidden.device)
         scale = reduction_scale(count, reduction, acc_dtype)
         loss, grads = chunked_kd(
-            student, teachers, labels, row_op, scale if any(need) else None, need, plan
+            student, teachers, labels, row_op, scale if any(need) else None, need, plan,
+            ignore_index,
         )
         ctx.save_for_backward(  # fp32 accumulators cast to the weight's dtype
             grads.hidden,
@@ -119,10 +120,10 @@ class ChunkedKDFunction(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         if ctx.reduction == "none":  # replay the chunks with g_i = d out / d loss_i
             hidden, weight, bias, labels = ctx.saved_tensors
-            teachers, row_op, need, plan = ctx.replay
+            teachers, row_op, need, plan, ignore_index = ctx.replay
             _, grads = chunked_kd(
                 Linear(hidden, weight, bias), teachers, labels, row_op,
-                grad_output.to(accumulation_dtype(weight)), need, plan,
+                grad_output.to(accumulation_dtype(weight)), need, plan, ignore_index,
             )
             dtype = weight.dtype
             grads = (grads.hidden, _cast(grads.weight, dtype), _cast(grads.bias, dtype))

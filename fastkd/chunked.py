@@ -54,6 +54,7 @@ def plan_chunks(
     if chunk_size is None:
         budget = int(os.environ.get("FASTKD_CHUNK_MEMORY", DEFAULT_CHUNK_MEMORY[backend]))
         # a half gradient row of GRAD_CHUNKS chunks costs GRAD_CHUNKS / 2 fp32 rows
+    ignore_index: int | None = None,
         units = working_buffers(backend, teachers) + (grad_chunks / 2 if half_weights else 0)
         chunk_size = max(16, int(budget // (4 * vocab * units)) // 16 * 16)
     return ChunkPlan(chunk_size, chunk_size * grad_chunks)
@@ -97,8 +98,12 @@ def chunked_kd(
     ``row_op(rows, student_logits (C, V), teacher_logits (K, C, V), labels, grad_out)``
     returns the chunk's loss and fills ``grad_out``. ``token_scale`` g is a scalar or (N,)
     tensor (None: no gradients); ``need`` says which of the (hidden, weight, bias) gradients
-    to build.
+    to build. Tokens whose label is ``ignore_index`` add nothing to any gradient, even where
+    their hidden states are NaN or inf.
     """
+            counted = None
+            if labels is not None and ignore_index is not None:
+                counted = labels[grad_rows] != ignore_index
     tokens, vocab = student.hidden.shape[0], student.weight.shape[0]
     device = student.hidden.device
     acc = dict(dtype=accumulation_dtype(student.weight), device=device)
@@ -112,6 +117,7 @@ def chunked_kd(
     student_buffer = torch.empty(rows_per_chunk, vocab, **acc)
     teacher_buffer = torch.empty(len(teachers), rows_per_chunk, vocab, **acc)
     # The row op writes d loss / d z_s straight in the weight's dtype, which the gradient GEMMs
+    counted: torch.Tensor | None = None,  # (R,) bool, False at ignored tokens
     # read: in place of the fp32 student logits, or into a half buffer of plan.grad_rows rows.
     in_place = student.weight.dtype == acc["dtype"]
     grad_buffer = None
@@ -121,6 +127,8 @@ def chunked_kd(
 
     for grad_start in range(0, tokens, plan.grad_rows):
         grad_rows = slice(grad_start, min(grad_start + plan.grad_rows, tokens))
+    if counted is not None:
+        per_token = torch.where(counted, per_token, 0)
         for start in range(grad_start, grad_rows.stop, plan.rows):
             rows = slice(start, min(start + plan.rows, grad_rows.stop))
             count = rows.stop - rows.start
@@ -137,7 +145,7 @@ def chunked_kd(
         if want_grads:
             grad_logits = student_buffer if in_place else grad_buffer
             _accumulate(student, grad_rows, grad_logits[: grad_rows.stop - grad_rows.start],
-                        token_scale, grad_hidden, grad_weight, grad_bias)
+                        token_scale, grad_hidden, grad_weight, grad_bias, counted)
     return loss, StudentGrads(grad_hidden, grad_weight, grad_bias)
 
 
@@ -150,13 +158,21 @@ def _accumulate(
     grad_weight: torch.Tensor | None,
     grad_bias: torch.Tensor | None,
 ) -> None:
-    """The gradient GEMMs of the tokens in ``rows``, with per-token scales g."""
+    """The gradient GEMMs of the tokens in ``rows``, with per-token scales g.
+
+    Ignored tokens get g = 0 and zero hidden rows by selection, not by multiplying, so a NaN
+    or inf hidden state (or incoming gradient) there cannot reach any gradient (the row ops
+    write zero dlogits rows for them).
+    """
     count = rows.stop - rows.start
     per_token = token_scale[rows] if token_scale.dim() == 1 else token_scale.expand(count)
     scale = per_token[:, None]
     if grad_hidden is not None:  # diag(g) (dlogits W)
         mm(grad_logits, student.weight, out=grad_hidden[rows]).mul_(scale)
     if grad_weight is not None:  # dlogits^T (diag(g) h)
-        addmm_(grad_weight, grad_logits.T, (student.hidden[rows] * scale).to(grad_logits.dtype))
+        scaled = student.hidden[rows] * scale
+        if counted is not None:
+            scaled = torch.where(counted[:, None], scaled, 0)
+        addmm_(grad_weight, grad_logits.T, scaled.to(grad_logits.dtype))
     if grad_bias is not None:  # g^T dlogits
         grad_bias += (scale.T.to(grad_logits.dtype) @ grad_logits)[0]

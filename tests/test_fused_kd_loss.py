@@ -260,3 +260,37 @@ def test_int32_labels_equal_int64_labels(backend, device):
                   for dtype in (torch.int64, torch.int32)]
         torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
     assert (losses[1] != 0).all()  # no label equals 2**32 - 100: every token counts
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_finite_ignored_tokens_add_nothing(backend, reduction, dtype, device):
+    """NaN / inf hidden states at ignored tokens (left padding of some attention
+    implementations) change neither the loss nor any student gradient."""
+    gen = torch.Generator().manual_seed(35)
+    leading, vocab = (3, 7), 203
+    h_s, w_s, b_s = linear_inputs(leading, 12, vocab, 10.0, dtype, device, gen, bias=True)
+    h_t, w_t, _ = linear_inputs(leading, 16, vocab, 10.0, dtype, device, gen)
+    labels = random_labels(leading, vocab, gen, device)
+    labels[0, :3] = -100
+    ignored = labels == -100
+    weights = torch.rand(leading, generator=gen).to(device) + 0.5
+
+    def run(student_hidden, teacher_hidden):
+        leaves = [t.clone().requires_grad_() for t in (student_hidden, w_s, b_s)]
+        loss = fused_kd_loss(leaves[0], leaves[1], teacher_hidden, w_t, labels,
+                             student_bias=leaves[2], divergence="jsd", hard_weight=0.3,
+                             reduction=reduction, backend=backend, chunk_size=5)
+        (loss * weights if reduction == "none" else loss).sum().backward()
+        return [loss.detach()] + [t.grad for t in leaves]
+
+    clean = run(h_s, h_t)
+    for bad in (float("nan"), float("inf")):
+        poisoned_s, poisoned_t = h_s.clone(), h_t.clone()
+        poisoned_s[ignored] = bad
+        poisoned_t[ignored] = -bad
+        got = run(poisoned_s, poisoned_t)
+        for name, g, want in zip(("loss", "hidden", "weight", "bias"), got, clean, strict=True):
+            assert torch.isfinite(g).all(), (bad, name)
+            torch.testing.assert_close(g, want, rtol=0, atol=0, msg=f"{bad} {name}")

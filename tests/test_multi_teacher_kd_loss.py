@@ -172,3 +172,35 @@ def test_double_backward_is_refused(backend, device):
     loss = multi_teacher_kd_loss(h_s, w_s, h_t, w_t, backend=backend)
     with pytest.raises(RuntimeError, match="multi_teacher_kd_loss does not support double"):
         torch.autograd.grad(loss, h_s, create_graph=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_non_finite_ignored_tokens_add_nothing(backend, reduction, device):
+    gen = torch.Generator().manual_seed(36)
+    leading, vocab = (2, 9), 151
+    h_s, w_s, _ = linear_inputs(leading, 12, vocab, 8.0, torch.float32, device, gen)
+    h_t, w_t, _ = teachers(leading, vocab, [3.0, 20.0], device, gen)
+    labels = random_labels(leading, vocab, gen, device)
+    labels[1, -4:] = -100
+    ignored = labels == -100
+    weights = torch.rand(leading, generator=gen).to(device) + 0.5
+
+    def run(student_hidden, teacher_hiddens):
+        leaves = [t.clone().requires_grad_() for t in (student_hidden, w_s)]
+        loss = multi_teacher_kd_loss(leaves[0], leaves[1], teacher_hiddens, w_t, labels,
+                                     hard_weight=0.2, reduction=reduction, backend=backend,
+                                     chunk_size=4)
+        (loss * weights if reduction == "none" else loss).sum().backward()
+        return [loss.detach()] + [t.grad for t in leaves]
+
+    clean = run(h_s, h_t)
+    for bad in (float("nan"), float("inf")):
+        poisoned_s = h_s.clone()
+        poisoned_s[ignored] = bad
+        poisoned_t = [h.clone() for h in h_t]
+        poisoned_t[1][ignored] = bad
+        got = run(poisoned_s, poisoned_t)
+        for name, g, want in zip(("loss", "hidden", "weight"), got, clean, strict=True):
+            assert torch.isfinite(g).all(), (bad, name)
+            torch.testing.assert_close(g, want, rtol=0, atol=0, msg=f"{bad} {name}")
