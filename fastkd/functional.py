@@ -259,8 +259,11 @@ def chunked_loss(
     hold flattened, detached hidden (N, Ht_k), weight (V, Ht_k) and bias; ``chunk_size``
     tokens per chunk (checked here), or None for the byte budget.
     """
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if chunk_size is not None:  # a bool is an int to isinstance: check_int refuses it
+        chunk_size = check_int("chunk_size", chunk_size)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    widths = (student_weight.shape[1], *(t.weight.shape[1] for t in teachers))
     plan = plan_chunks(student_weight.shape[0], len(teachers), backend,
                        student_weight.dtype in HALF, chunk_size)
     student_grad = any(t is not None and t.requires_grad

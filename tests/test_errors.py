@@ -58,6 +58,9 @@ CASES = [
     (dict(student_hidden=torch.randn(N, HS, dtype=torch.float64)), TypeError, r"float64 differs"),
     (dict(student_bias=torch.randn(V + 2)), ValueError, r"student_bias shape \(22,\) must be \(20,\)"),
     (dict(chunk_size=0), ValueError, r"chunk_size must be a positive int"),
+    (dict(chunk_size=True), TypeError, r"chunk_size must be an int, got bool"),
+    (dict(chunk_size=4.0), TypeError, r"chunk_size must be an int, got float"),
+    (dict(chunk_size="4"), TypeError, r"chunk_size must be an int, got str"),
     (dict(student_weight=torch.randn(V, HS, device="meta")), ValueError, r"student_weight is on meta"),
     (dict(temperature=torch.tensor(2.0)), TypeError, r"temperature must be a real number, got Tensor \(pass a Python number"),
     (dict(soft_weight="1"), TypeError, r"soft_weight must be a real number, got str"),
@@ -90,7 +93,7 @@ def test_numpy_scalars_are_numbers():
     args = good()
     want = fused_kd_loss(**args, temperature=2.0, ignore_index=-1, divergence="jsd", beta=0.25)
     got = fused_kd_loss(**args, temperature=np.float32(2.0), ignore_index=np.int64(-1),
-                        divergence="jsd", beta=np.float64(0.25))
+                        divergence="jsd", beta=np.float64(0.25), chunk_size=np.int64(3))
     torch.testing.assert_close(got, want)
 
 

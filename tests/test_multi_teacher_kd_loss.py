@@ -155,6 +155,7 @@ def bad_call(**changes):
     (dict(temperature=-1.0), ValueError, r"temperature must be a finite number > 0"),
     (dict(soft_weight=0.0), ValueError, r"soft_weight and hard_weight are both 0"),
     (dict(ignore_index=False), TypeError, r"ignore_index must be an int, got bool"),
+    (dict(chunk_size=True), TypeError, r"chunk_size must be an int, got bool"),
     (dict(labels=torch.zeros(4, dtype=torch.uint8)), TypeError, r"labels must be an int64 or int32 tensor, got torch.uint8"),
     (dict(student_weight=torch.randn(0, 8)), ValueError, r"student_weight \(0, 8\) has an empty vocab"),
 ])
