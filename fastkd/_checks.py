@@ -14,7 +14,10 @@ from collections.abc import Iterable
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch", "cpp", "cuda")
+# The backends of the C++ / CUDA C++ row ops (csrc/): the vocabulary losses have them, the
+# attention loss does not.
+NATIVE_BACKENDS = ("cpp", "cuda")
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -163,15 +166,43 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``"auto"`` to ``"triton"`` on CUDA and ``"torch"`` elsewhere; check forced choices."""
+def resolve_backend(backend: str, device: torch.device, *, native: bool = False) -> str:
+    """Map ``"auto"`` to a backend for ``device``; check forced choices.
+
+    ``"auto"``: "triton" on CUDA; on CPU "cpp" when ``native`` (the loss has C++ row ops) and
+    the extension builds (fastkd.csrc.load warns once when it does not), else "torch".
+    """
     check_choice("backend", backend, BACKENDS)
+    if backend in NATIVE_BACKENDS and not native:
+        raise ValueError(f"backend={backend!r} has no kernels for this loss; use 'triton', "
+                         "'torch' or 'auto'")
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        if device.type == "cuda":
+            return "triton"
+        return "cpp" if native and device.type == "cpu" and _csrc_loads() else "torch"
     if backend == "triton" and device.type != "cuda" and not triton_interpreted():
         raise ValueError(
             f"backend='triton' needs CUDA tensors, got tensors on {device}; set "
             "TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU, "
             "or use backend='torch'"
         )
+    if backend in NATIVE_BACKENDS:
+        wanted = "cpu" if backend == "cpp" else "cuda"
+        if device.type != wanted:
+            raise ValueError(f"backend={backend!r} needs {wanted.upper()} tensors, got tensors "
+                             f"on {device}; use backend='auto'")
+        if not _csrc_loads():
+            raise ValueError(f"backend={backend!r}: the C++ row ops are unavailable (see the "
+                             "warning above, or FASTKD_CSRC=0 is set); use backend='torch'")
+        from fastkd import csrc
+
+        if backend == "cuda" and not csrc.with_cuda():
+            raise ValueError("backend='cuda' needs a CUDA build of torch; this one is "
+                             f"{torch.__version__}")
     return backend
+
+
+def _csrc_loads() -> bool:
+    from fastkd import csrc
+
+    return csrc.load()

@@ -14,8 +14,9 @@ from collections.abc import Callable
 import torch
 from torch.autograd.function import once_differentiable
 
-from fastkd.chunked import ChunkPlan, Linear, chunked_kd
+from fastkd.chunked import Linear, chunked_kd
 from fastkd.matmul import accumulation_dtype
+from fastkd.plan import ChunkPlan
 
 RowOp = Callable[..., torch.Tensor]
 

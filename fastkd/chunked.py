@@ -13,51 +13,13 @@ grad_bias += g^T dlogits, so the (C, V) buffer is never rescaled.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from fastkd.matmul import accumulation_dtype, addmm_, mm
-
-# Default byte budget of one chunk's working set, by backend (FASTKD_CHUNK_MEMORY overrides).
-DEFAULT_CHUNK_MEMORY = {"triton": 384 * 2**20, "torch": 128 * 2**20}
-# With half-precision weights, d loss / d z_s of GRAD_CHUNKS chunks collects in one buffer
-# before the gradient GEMMs: the fp32 grad_weight (V, Hs) is then read and written once per
-# GRAD_CHUNKS chunks, not once per chunk, while the fp32 logit buffers stay small.
-GRAD_CHUNKS = 8
-
-
-@dataclass(frozen=True)
-class ChunkPlan:
-    """Tokens per chunk of logits, and tokens per gradient GEMM pass (a multiple of it)."""
-
-    rows: int
-    grad_rows: int
-
-
-def working_buffers(backend: str, teachers: int) -> int:
-    """fp32 (C, V) buffers alive at a chunk's peak: the K + 1 logit buffers, plus, for the torch
-    row op, its log-softmaxes, softmaxes and elementwise temporaries (about 2K + 6)."""
-    return teachers + 1 if backend == "triton" else 3 * teachers + 7
-
-
-def plan_chunks(
-    vocab: int, teachers: int, backend: str, half_weights: bool, chunk_size: int | None = None
-) -> ChunkPlan:
-    """Chunk sizes that keep the working set within ``FASTKD_CHUNK_MEMORY`` bytes.
-
-    ``chunk_size`` (tokens) overrides the budget; rows are a multiple of 16 (at least 16).
-    """
-    grad_chunks = GRAD_CHUNKS if half_weights else 1
-    if chunk_size is None:
-        budget = int(os.environ.get("FASTKD_CHUNK_MEMORY", DEFAULT_CHUNK_MEMORY[backend]))
-        # a half gradient row of GRAD_CHUNKS chunks costs GRAD_CHUNKS / 2 fp32 rows
-    ignore_index: int | None = None,
-        units = working_buffers(backend, teachers) + (grad_chunks / 2 if half_weights else 0)
-        chunk_size = max(16, int(budget // (4 * vocab * units)) // 16 * 16)
-    return ChunkPlan(chunk_size, chunk_size * grad_chunks)
+from fastkd.plan import ChunkPlan
 
 
 @dataclass
@@ -92,6 +54,7 @@ def chunked_kd(
     token_scale: torch.Tensor | None,
     need: tuple[bool, bool, bool],
     plan: ChunkPlan,
+    ignore_index: int | None = None,
 ) -> tuple[torch.Tensor, StudentGrads]:
     """Per-token loss (N,) (fp32; fp64 for fp64) and the student gradients of sum_i g_i loss_i.
 
@@ -101,9 +64,6 @@ def chunked_kd(
     to build. Tokens whose label is ``ignore_index`` add nothing to any gradient, even where
     their hidden states are NaN or inf.
     """
-            counted = None
-            if labels is not None and ignore_index is not None:
-                counted = labels[grad_rows] != ignore_index
     tokens, vocab = student.hidden.shape[0], student.weight.shape[0]
     device = student.hidden.device
     acc = dict(dtype=accumulation_dtype(student.weight), device=device)
@@ -117,7 +77,6 @@ def chunked_kd(
     student_buffer = torch.empty(rows_per_chunk, vocab, **acc)
     teacher_buffer = torch.empty(len(teachers), rows_per_chunk, vocab, **acc)
     # The row op writes d loss / d z_s straight in the weight's dtype, which the gradient GEMMs
-    counted: torch.Tensor | None = None,  # (R,) bool, False at ignored tokens
     # read: in place of the fp32 student logits, or into a half buffer of plan.grad_rows rows.
     in_place = student.weight.dtype == acc["dtype"]
     grad_buffer = None
@@ -127,8 +86,6 @@ def chunked_kd(
 
     for grad_start in range(0, tokens, plan.grad_rows):
         grad_rows = slice(grad_start, min(grad_start + plan.grad_rows, tokens))
-    if counted is not None:
-        per_token = torch.where(counted, per_token, 0)
         for start in range(grad_start, grad_rows.stop, plan.rows):
             rows = slice(start, min(start + plan.rows, grad_rows.stop))
             count = rows.stop - rows.start
@@ -144,6 +101,9 @@ def chunked_kd(
             loss[rows] = row_op(rows, student_logits, teacher_logits, chunk_labels, grad_logits)
         if want_grads:
             grad_logits = student_buffer if in_place else grad_buffer
+            counted = None
+            if labels is not None and ignore_index is not None:
+                counted = labels[grad_rows] != ignore_index
             _accumulate(student, grad_rows, grad_logits[: grad_rows.stop - grad_rows.start],
                         token_scale, grad_hidden, grad_weight, grad_bias, counted)
     return loss, StudentGrads(grad_hidden, grad_weight, grad_bias)
@@ -157,6 +117,7 @@ def _accumulate(
     grad_hidden: torch.Tensor | None,
     grad_weight: torch.Tensor | None,
     grad_bias: torch.Tensor | None,
+    counted: torch.Tensor | None = None,  # (R,) bool, False at ignored tokens
 ) -> None:
     """The gradient GEMMs of the tokens in ``rows``, with per-token scales g.
 
@@ -166,6 +127,8 @@ def _accumulate(
     """
     count = rows.stop - rows.start
     per_token = token_scale[rows] if token_scale.dim() == 1 else token_scale.expand(count)
+    if counted is not None:
+        per_token = torch.where(counted, per_token, 0)
     scale = per_token[:, None]
     if grad_hidden is not None:  # diag(g) (dlogits W)
         mm(grad_logits, student.weight, out=grad_hidden[rows]).mul_(scale)

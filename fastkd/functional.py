@@ -26,9 +26,11 @@ from fastkd._checks import (
     resolve_backend,
 )
 from fastkd.autograd import ChunkedKDFunction, KDLossFunction
-from fastkd.chunked import Linear, plan_chunks
+from fastkd.chunked import Linear
 from fastkd.matmul import HALF
+from fastkd.ops import kd_arguments, row_op
 from fastkd.options import DIVERGENCES, KDOptions
+from fastkd.plan import plan_chunks
 
 STUDENT_NAMES = ("student_hidden", "student_weight", "student_bias")
 
@@ -69,9 +71,10 @@ def fused_kd_loss(
         teacher_weight: (V, Ht) teacher lm_head weight; teacher_bias (V,) optional.
         labels: (*) token ids, or None. Tokens equal to ``ignore_index`` do not count.
         reduction: "mean" over counted tokens, "sum", or "none" (per token, shape ``*``).
-        backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
-        chunk_size: tokens per chunk; by default from the ``FASTKD_CHUNK_MEMORY`` byte budget of
-            the chunk's working set (384 MiB for "triton", 128 MiB for "torch").
+        backend: "auto" (Triton on CUDA; on CPU the C++ row ops, or torch where they do not
+            build), "triton", "torch", "cpp" (C++, CPU) or "cuda" (CUDA C++).
+        chunk_size: tokens per chunk; by default the fastest plan within the
+            ``FASTKD_CHUNK_MEMORY`` cap on the chunk's working set (fastkd/plan.py).
 
     Returns:
         A scalar fp32 loss (fp64 for fp64 inputs), or (*) for ``reduction="none"``.
@@ -95,7 +98,7 @@ def fused_kd_loss(
     options = _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_index)
     token_labels = flat_labels(labels, leading, vocab, options)
     check_choice("reduction", reduction, REDUCTIONS)
-    backend = resolve_backend(backend, device)
+    backend = resolve_backend(backend, device, native=True)
     teacher = Linear(teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).contiguous(),
                      teacher_weight.detach(),
                      None if teacher_bias is None else teacher_bias.detach())
@@ -141,7 +144,7 @@ def kd_loss(
     options = _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_index)
     token_labels = flat_labels(labels, leading, vocab, options)
     check_choice("reduction", reduction, REDUCTIONS)
-    backend = resolve_backend(backend, device)
+    backend = resolve_backend(backend, device, native=True)
     row_op = _row_op(backend, options)
     loss = KDLossFunction.apply(
         student_logits.reshape(-1, vocab).contiguous(),
@@ -150,7 +153,8 @@ def kd_loss(
         row_op,
         reduction,
         ignore_index,
-        plan_chunks(vocab, 1, backend, half_weights=False).rows,
+        plan_chunks(vocab, 1, backend, half_weights=False,
+                    device_type=student_logits.device.type).rows,
         torch.is_grad_enabled() and student_logits.requires_grad,
     )
     return loss.reshape(leading) if reduction == "none" else loss
@@ -257,7 +261,7 @@ def chunked_loss(
 
     student_hidden (*, Hs), student_weight (V, Hs), student_bias (V,) or None; ``teachers``
     hold flattened, detached hidden (N, Ht_k), weight (V, Ht_k) and bias; ``chunk_size``
-    tokens per chunk (checked here), or None for the byte budget.
+    tokens per chunk (checked here), or None for the plan's choice (fastkd/plan.py).
     """
     if chunk_size is not None:  # a bool is an int to isinstance: check_int refuses it
         chunk_size = check_int("chunk_size", chunk_size)
@@ -265,7 +269,8 @@ def chunked_loss(
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     widths = (student_weight.shape[1], *(t.weight.shape[1] for t in teachers))
     plan = plan_chunks(student_weight.shape[0], len(teachers), backend,
-                       student_weight.dtype in HALF, chunk_size)
+                       student_weight.dtype in HALF, chunk_size, student_weight.device.type,
+                       widths, student_hidden.shape[:-1].numel())
     student_grad = any(t is not None and t.requires_grad
                        for t in (student_hidden, student_weight, student_bias))
     loss = ChunkedKDFunction.apply(
@@ -278,15 +283,11 @@ def chunked_loss(
 
 def _row_op(backend: str, options: KDOptions):
     """The row op of one teacher: ``op(rows, student, teachers (1, C, V), labels, grad_out)``."""
-    if backend == "triton":
-        from fastkd.kernels.kd_rows import kd_rows as kernel
-    else:
-        from fastkd.rowops import kd_rows_torch as kernel
-    return partial(_one_teacher, kernel, options)
+    return partial(_one_teacher, row_op(backend, "kd_rows"), kd_arguments(options))
 
 
-def _one_teacher(kernel, options, rows, student_logits, teacher_logits, labels, grad_out):
-    return kernel(student_logits, teacher_logits[0], labels, grad_out, options)
+def _one_teacher(op, arguments, rows, student_logits, teacher_logits, labels, grad_out):
+    return op(student_logits, teacher_logits[0], labels, grad_out, *arguments)
 
 
 __all__ = ["fused_kd_loss", "kd_loss"]

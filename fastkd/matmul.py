@@ -1,8 +1,10 @@
 """GEMMs with fp32 accumulation for the chunk driver.
 
 Logits are never rounded to bf16/fp16 before the softmax math (docs/design.md section 4): on CUDA,
-half-precision operands go to cuBLAS with an fp32 output (``out_dtype``); elsewhere, where
-``out_dtype`` is unavailable, the operands are upcast. fp32 and fp64 operands are used as given.
+half-precision operands go to cuBLAS with an fp32 output (``out_dtype``); on CPU, where
+``out_dtype`` is unavailable, to the C++ extension's ``addmm_fp32`` (MKL's half GEMMs with fp32
+output, csrc/gemm_cpu.cpp), or, where it does not build, upcast. fp32 and fp64 operands are used
+as given.
 """
 
 from __future__ import annotations
@@ -25,12 +27,17 @@ def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return torch.mm(a, b, out=out)
     if a.is_cuda:  # half operands, fp32 output straight from cuBLAS
         return torch.mm(a, b, out_dtype=out.dtype, out=out)
+    if _cpu_half_gemm(a, out):
+        torch.ops.fastkd.addmm_fp32(out, a, b, 0.0)
+        return out
     return torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)  # out_dtype is CUDA-only
 
 
 def addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (M, N) fp32/fp64 += a (M, K) @ b (K, N), without an (M, N) temporary on CUDA."""
-    if not (a.dtype in HALF and a.is_cuda):
+    if _cpu_half_gemm(a, acc):
+        torch.ops.fastkd.addmm_fp32(acc, a, b, 1.0)
+    elif not (a.dtype in HALF and a.is_cuda):
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
     elif _fp32_accumulating_addmm(acc.device):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
@@ -41,6 +48,15 @@ def addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 SLAB_ROWS = 8192
+
+
+def _cpu_half_gemm(a: torch.Tensor, out: torch.Tensor) -> bool:
+    """Half operands on CPU into an fp32 output, and the C++ extension is there to take them."""
+    if a.dtype not in HALF or a.device.type != "cpu" or out.dtype != torch.float32:
+        return False
+    from fastkd import csrc
+
+    return csrc.load()
 
 
 @functools.cache

@@ -6,6 +6,7 @@ Argument checks and backend choice; the chunk driver and its autograd Function a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -29,6 +30,7 @@ from fastkd.functional import (
     chunked_loss,
     flat_labels,
 )
+from fastkd.ops import multi_teacher_arguments, row_op
 from fastkd.options import FUSIONS, WEIGHTINGS, MultiTeacherOptions
 
 
@@ -109,7 +111,7 @@ def multi_teacher_kd_loss(
     labels = flat_labels(labels, leading, vocab, options)
     tokens = leading.numel()
     mixing = torch.empty(tokens, len(teachers), dtype=torch.float32, device=device)
-    backend = resolve_backend(backend, device)
+    backend = resolve_backend(backend, device, native=True)
     loss = chunked_loss(student_hidden, student_weight, student_bias, teachers, labels,
                         _row_op(backend, options, mixing), reduction, ignore_index, chunk_size,
                         backend, "multi_teacher_kd_loss")
@@ -142,28 +144,36 @@ def _check_teachers(student_hidden, student_weight, hiddens, weights, biases) ->
     return teachers
 
 
-def _normalized_priors(priors, teachers: int) -> torch.Tensor:
-    """pi (K,) in float64 summing to 1; uniform when None."""
+def _normalized_priors(priors, teachers: int) -> tuple[float, ...]:
+    """pi: K Python floats summing to 1; uniform when None.
+
+    Computed in Python from a sequence of numbers, so that ``torch.compile`` sees constants
+    (a tensor of priors is read to the host: under ``torch.compile`` that is data-dependent,
+    so pass a list there).
+    """
     if priors is None:
-        return torch.full((teachers,), 1.0 / teachers, dtype=torch.float64)
-    values = torch.as_tensor(priors, dtype=torch.float64).detach().cpu()
-    if values.shape != (teachers,):
-        raise ValueError(f"teacher_priors has shape {tuple(values.shape)} but there are "
+        return (1.0 / teachers,) * teachers
+    if isinstance(priors, torch.Tensor):
+        shape = tuple(priors.shape)
+        values = priors.detach().double().cpu().reshape(-1).tolist()
+    else:
+        values = [float(p) for p in priors]
+        shape = (len(values),)
+    if shape != (teachers,):
+        raise ValueError(f"teacher_priors has shape {shape} but there are "
                          f"{teachers} teachers: give one prior per teacher")
-    if not torch.isfinite(values).all() or (values < 0).any() or values.sum() <= 0:
+    total = math.fsum(values)
+    if not all(math.isfinite(v) and v >= 0 for v in values) or total <= 0:
         raise ValueError(f"teacher_priors must be finite, >= 0 and not all zero, got "
-                         f"{values.tolist()}")
-    return values / values.sum()
+                         f"{values}")
+    return tuple(v / total for v in values)
 
 
 def _row_op(backend: str, options: MultiTeacherOptions, mixing: torch.Tensor):
     """``op(rows, student, teachers (K, C, V), labels, grad_out)``; writes mixing[rows]."""
-    if backend == "triton":
-        from fastkd.kernels.multi_teacher_rows import multi_teacher_rows as kernel
-    else:
-        from fastkd.rowops import multi_teacher_rows_torch as kernel
+    op, arguments = row_op(backend, "multi_teacher_rows"), multi_teacher_arguments(options)
 
-    def op(rows, student_logits, teacher_logits, labels, grad_out):
-        return kernel(student_logits, teacher_logits, labels, grad_out, options, mixing[rows])
+    def multi_teacher(rows, student_logits, teacher_logits, labels, grad_out):
+        return op(student_logits, teacher_logits, labels, grad_out, mixing[rows], *arguments)
 
-    return op
+    return multi_teacher

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+# The C++ row ops' backend for the test device: "cuda" on a GPU machine, "cpp" on CPU.
+NATIVE_BACKEND = "cuda" if torch.cuda.is_available() else "cpp"
+
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64; NaN anywhere gives inf, so it never passes."""

@@ -10,13 +10,13 @@ import torch
 from fastkd import kd_loss
 from fastkd.nn import FusedKDLoss, KDLoss
 from fastkd.reference import fused_kd_loss_reference, kd_loss_reference
-from tests.helpers import linear_inputs, random_labels, rel_err, tolerance
+from tests.helpers import NATIVE_BACKEND, linear_inputs, random_labels, rel_err, tolerance
 
 
 @pytest.mark.parametrize(
     "divergence,reduction,dtype,backend",
     list(itertools.product(["kl", "reverse_kl", "jsd"], ["mean", "sum", "none"],
-                           [torch.float32, torch.bfloat16], ["torch", "triton"])),
+                           [torch.float32, torch.bfloat16], ["torch", "triton", NATIVE_BACKEND])),
 )
 def test_matches_oracle(divergence, reduction, dtype, backend, device):
     gen = torch.Generator().manual_seed(len(divergence) * 7 + len(reduction))

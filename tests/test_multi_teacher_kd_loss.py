@@ -10,9 +10,9 @@ import torch
 from fastkd import fused_kd_loss, multi_teacher_kd_loss
 from fastkd.nn import MultiTeacherKDLoss
 from fastkd.reference import multi_teacher_kd_loss_reference
-from tests.helpers import linear_inputs, random_labels, rel_err, tolerance
+from tests.helpers import NATIVE_BACKEND, linear_inputs, random_labels, rel_err, tolerance
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton", NATIVE_BACKEND]
 
 
 def teachers(leading, vocab, stds, device, gen, dtype=torch.float32, bias=False):

@@ -1,0 +1,82 @@
+// Argument checks and dtype plumbing shared by the CPU and CUDA row ops (with torch).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "row_math.h"
+
+namespace fastkd {
+
+inline void check_rows(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must have ", dim, " dimensions, got ",
+              t.sizes());
+  TORCH_CHECK(t.stride(-1) == 1, op, ": ", name, " rows must be unit-stride, got strides ",
+              t.strides());
+}
+
+// Logits in the math dtype (fp64 stays fp64, everything else fp32), rows unit-stride.
+inline at::Tensor math_logits(const at::Tensor& logits, at::ScalarType math) {
+  at::Tensor out = logits.scalar_type() == math ? logits : logits.to(math);
+  return out.stride(-1) == 1 ? out : out.contiguous();
+}
+
+inline void check_grad_out(const char* op, const std::optional<at::Tensor>& grad_out,
+                    const at::Tensor& student) {
+  if (!grad_out.has_value()) return;
+  check_rows(op, "grad_out", *grad_out, 2);
+  TORCH_CHECK(grad_out->sizes() == student.sizes(), op, ": grad_out shape ", grad_out->sizes(),
+              " must equal student_logits shape ", student.sizes());
+}
+
+// The tensors of kd_rows: student and teacher logits (C, V), grad_out (C, V) or none.
+inline void check_kd_rows(const at::Tensor& student, const at::Tensor& teacher,
+                          const std::optional<at::Tensor>& grad_out) {
+  check_rows("kd_rows", "student_logits", student, 2);
+  check_rows("kd_rows", "teacher_logits", teacher, 2);
+  TORCH_CHECK(teacher.sizes() == student.sizes(), "kd_rows: teacher_logits ", teacher.sizes(),
+              " must match student_logits ", student.sizes());
+  check_grad_out("kd_rows", grad_out, student);
+}
+
+// The tensors and options of multi_teacher_rows: teacher logits (K, C, V), weights_out (C, K)
+// fp32, one prior per teacher, the weighting and fusion names.
+inline void check_multi_teacher_rows(const at::Tensor& student, const at::Tensor& teacher,
+                                     const std::optional<at::Tensor>& grad_out,
+                                     const at::Tensor& weights_out, size_t priors,
+                                     c10::string_view weighting, c10::string_view fusion) {
+  const char* op = "multi_teacher_rows";
+  check_rows(op, "student_logits", student, 2);
+  check_rows(op, "teacher_logits", teacher, 3);
+  const int64_t rows = student.size(0), vocab = student.size(1), teachers = teacher.size(0);
+  TORCH_CHECK(teacher.size(1) == rows && teacher.size(2) == vocab, op, ": teacher_logits ",
+              teacher.sizes(), " must be (K, ", rows, ", ", vocab, ")");
+  TORCH_CHECK(static_cast<int64_t>(priors) == teachers, op, ": ", priors, " priors for ",
+              teachers, " teachers");
+  TORCH_CHECK(weights_out.scalar_type() == at::kFloat && weights_out.dim() == 2 &&
+                  weights_out.size(0) == rows && weights_out.size(1) == teachers &&
+                  weights_out.stride(1) == 1,
+              op, ": weights_out must be float32 (", rows, ", ", teachers,
+              ") with unit-stride rows, got ", weights_out.scalar_type(), " ",
+              weights_out.sizes());
+  TORCH_CHECK(weighting == "entropy" || weighting == "static", op,
+              ": weighting must be entropy or static, got ", weighting);
+  TORCH_CHECK(fusion == "mixture" || fusion == "weighted_kl", op,
+              ": fusion must be mixture or weighted_kl, got ", fusion);
+  check_grad_out(op, grad_out, student);
+}
+
+// fp64 logits keep fp64 math; every other dtype computes in fp32.
+inline at::ScalarType math_dtype(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline int divergence_id(c10::string_view name) {
+  if (name == "kl") return KL;
+  if (name == "reverse_kl") return REVERSE_KL;
+  TORCH_CHECK(name == "jsd", "kd_rows: divergence must be kl, reverse_kl or jsd, got ", name);
+  return JSD;
+}
+
+}  // namespace fastkd

@@ -1,0 +1,101 @@
+// The row math of the vocabulary distillation losses, shared by the CPU (rows_cpu.cpp) and the
+// CUDA (rows_cuda.cu) row ops. No torch: the CUDA file compiles to a cubin without it.
+//
+// One token row: raw student logits z (V), tempered s = z / T, teacher t = z_t / T. A row op
+// makes three passes (docs/design.md section 3):
+//   1. maxima m_s, m_t (and m_z of the untempered z for the hard CE term);
+//   2. sums of the shifted values ds = s - m_s, dt = t - m_t: l = sum e^d, and the divergence's
+//      own sum a (jsd: a second sum pass, once log q and log p are known);
+//   3. the gradient d loss / d z_s, element by element.
+// The row max and the log-sum are kept apart (log q = ds - log l_s, never s - LSE_s in fp32):
+// at logit spreads of 30 that keeps the gradient about 40x more accurate.
+//
+// Every element formula is a template over V, a scalar (float, double) or a SIMD vector, and M,
+// the primitives for it (Scalar below; the CPU file's Vec for at::vec::Vectorized): one formula,
+// written once, runs in the CPU's vector loop, its scalar tail and the CUDA kernel.
+#pragma once
+
+#include <math.h>
+
+#ifdef __CUDACC__
+#define FASTKD_HD __host__ __device__ __forceinline__
+#else
+#define FASTKD_HD inline
+#endif
+
+namespace fastkd {
+
+enum Divergence : int { KL = 0, REVERSE_KL = 1, JSD = 2 };
+enum Weighting : int { ENTROPY = 0, STATIC = 1 };
+enum Fusion : int { MIXTURE = 0, WEIGHTED_KL = 1 };
+
+FASTKD_HD float exp_(float x) { return expf(x); }
+FASTKD_HD double exp_(double x) { return exp(x); }
+FASTKD_HD float log_(float x) { return logf(x); }
+FASTKD_HD double log_(double x) { return log(x); }
+FASTKD_HD float log1p_(float x) { return log1pf(x); }
+FASTKD_HD double log1p_(double x) { return log1p(x); }
+
+// The primitives for one scalar of type T.
+template <typename T>
+struct Scalar {
+  static FASTKD_HD T exp(T x) { return exp_(x); }
+  static FASTKD_HD T log1p(T x) { return log1p_(x); }
+  static FASTKD_HD T abs(T x) { return x < T(0) ? -x : x; }
+  static FASTKD_HD T max(T a, T b) { return a > b ? a : b; }
+  static FASTKD_HD T xlogy(T w, T x) { return w == T(0) ? T(0) : w * x; }  // 0 * log 0 = 0
+};
+
+// log(1 + e^x), exact for every x: max(x, 0) + log1p(e^{-|x|}).
+template <typename M, typename V>
+FASTKD_HD V softplus(V x) {
+  return M::max(x, V(0)) + M::log1p(M::exp(V(0) - M::abs(x)));
+}
+
+// ---- pass 2: the divergence's sum term, from the shifted values ds, dt and their exps.
+// kl:         a = sum e^{dt} (dt - ds)    KL(p || q) = a / l_t - log l_t + log l_s
+// reverse_kl: a = sum e^{ds} (ds - dt)    KL(q || p) = a / l_s - log l_s + log l_t
+template <typename M, typename V>
+FASTKD_HD V divergence_term(int divergence, V ds, V dt, V e_s, V e_t) {
+  return divergence == KL ? M::xlogy(e_t, dt - ds) : M::xlogy(e_s, ds - dt);
+}
+
+template <typename T>
+FASTKD_HD T one_pass_divergence(int divergence, T a, T l_s, T l_t) {
+  return divergence == KL ? a / l_t - log_(l_t) + log_(l_s) : a / l_s - log_(l_s) + log_(l_t);
+}
+
+// ---- jsd: with M = beta p + (1 - beta) q and x = log(beta p / ((1 - beta) q)),
+// log q - log M = -log(1 - beta) - softplus(x), log p - log M = -log beta - softplus(-x), so
+//   JSD = H(beta) - beta E_p[softplus(-x)] - (1 - beta) E_q[softplus(x)]
+// and its gradient (1 - beta) q (E_q[softplus(x)] - softplus(x)) has no constant to cancel.
+template <typename V>
+FASTKD_HD V jsd_x(V log_q, V log_p, V log_odds_beta) {
+  return log_odds_beta + log_p - log_q;
+}
+
+template <typename T>
+FASTKD_HD T jsd_from_sums(T beta, T eq_sp, T ep_sp) {
+  T binary_entropy = -beta * log_(beta) - (T(1) - beta) * log1p_(-beta);
+  return binary_entropy - beta * ep_sp - (T(1) - beta) * eq_sp;
+}
+
+// ---- pass 3: d divergence / d s at one element (the caller multiplies by soft_weight / T).
+// kl: q - p; reverse_kl: q (log q - log p - KL) = q (ds - dt - a / l_s); jsd: as above.
+template <typename M, typename V>
+FASTKD_HD V divergence_grad(int divergence, V log_q, V log_p, V ds, V dt, V mean_ds_dt,
+                            V beta, V log_odds_beta, V eq_sp) {
+  V q = M::exp(log_q);
+  if (divergence == KL) return q - M::exp(log_p);
+  if (divergence == REVERSE_KL) return M::xlogy(q, ds - dt - mean_ds_dt);
+  return (V(1) - beta) * M::xlogy(q, eq_sp - softplus<M>(jsd_x(log_q, log_p, log_odds_beta)));
+}
+
+// ---- multi-teacher: teacher k's entropy from its sums, H_k = log l_k - b_k / l_k with
+// b_k = sum e^{dt_k} dt_k; the weighted-KL term KL(p_k || q) = a_k / l_k - log l_k + log l_s.
+template <typename T>
+FASTKD_HD T entropy_from_sums(T l, T b) {
+  return log_(l) - b / l;
+}
+
+}  // namespace fastkd

@@ -1,0 +1,435 @@
+// The CPU row ops (TORCH_LIBRARY_IMPL(fastkd, CPU)): one token row per at::parallel_for task,
+// the hot loops on at::vec::Vectorized lanes with a scalar tail, every formula from row_math.h.
+// Same contract as kernels/kd_rows.py and kernels/multi_teacher_rows.py (schemas in ops.cpp).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "op_checks.h"
+#include "row_math.h"
+
+namespace fastkd {
+namespace {
+
+using at::vec::Vectorized;
+
+// The primitives of row_math.h for one SIMD vector.
+template <typename T>
+struct Vec {
+  using V = Vectorized<T>;
+  static V exp(V x) { return x.exp(); }
+  static V log(V x) { return x.log(); }
+  static V log1p(V x) { return x.log1p(); }
+  static V abs(V x) { return x.abs(); }
+  static V max(V a, V b) { return at::vec::maximum(a, b); }
+  static V xlogy(V w, V x) { return V::blendv(w * x, V(T(0)), w == V(T(0))); }
+};
+
+template <typename T>
+struct ScalarWithLog : Scalar<T> {
+  static T log(T x) { return log_(x); }
+};
+
+// A row is swept in SIMD lanes, then a scalar tail; `Lane` says which, for one formula.
+template <typename T, bool SIMD>
+struct Lane {
+  using V = Vectorized<T>;
+  using M = Vec<T>;
+  static constexpr int64_t width = V::size();
+  static V load(const T* p) { return V::loadu(p); }
+  static void store(T* p, V v) { v.store(p); }
+};
+
+template <typename T>
+struct Lane<T, false> {
+  using V = T;
+  using M = ScalarWithLog<T>;
+  static constexpr int64_t width = 1;
+  static T load(const T* p) { return *p; }
+  static void store(T* p, T v) { *p = v; }
+};
+
+template <typename T, typename Body>
+void sweep(int64_t n, Body&& body) {
+  constexpr int64_t width = Vectorized<T>::size();
+  int64_t j = 0;
+  for (; j + width <= n; j += width) body(Lane<T, true>{}, j);
+  for (; j < n; ++j) body(Lane<T, false>{}, j);
+}
+
+// A running sum (or max) kept per SIMD lane and for the scalar tail, reduced at the end.
+template <typename T>
+struct Sum {
+  Vectorized<T> lanes{T(0)};
+  T tail{0};
+  void add(Vectorized<T> x) { lanes = lanes + x; }
+  void add(T x) { tail += x; }
+  T total() const {
+    return at::vec::vec_reduce_all<T>([](Vectorized<T> a, Vectorized<T> b) { return a + b; },
+                                      lanes) + tail;
+  }
+};
+
+template <typename T>
+struct Max {
+  Vectorized<T> lanes{-std::numeric_limits<T>::infinity()};
+  T tail{-std::numeric_limits<T>::infinity()};
+  void add(Vectorized<T> x) { lanes = at::vec::maximum(lanes, x); }
+  void add(T x) { tail = std::isnan(x) || x > tail ? x : tail; }
+  T total() const {
+    T lane_max = at::vec::vec_reduce_all<T>(
+        [](Vectorized<T> a, Vectorized<T> b) { return at::vec::maximum(a, b); }, lanes);
+    return std::isnan(tail) || tail > lane_max ? tail : lane_max;
+  }
+};
+
+// First index of the row's largest value m.
+template <typename T>
+int64_t first_index_of(const T* z, int64_t n, T m) {
+  constexpr int64_t width = Vectorized<T>::size();
+  int64_t j = 0;
+  for (; j + width <= n; j += width) {
+    if ((Vectorized<T>::loadu(z + j) == Vectorized<T>(m)).zero_mask() != (1 << width) - 1) break;
+  }
+  for (; j < n; ++j) {
+    if (z[j] == m) return j;
+  }
+  return 0;  // a NaN row: no element equals its max
+}
+
+struct KDOptions {
+  int divergence;
+  double beta, temperature, soft_weight, hard_weight;
+};
+
+// The hard CE term's untempered log-softmax: m_z = max z and log l_z, l_z = sum e^{z - m_z}.
+template <typename T>
+struct RawLse {
+  T m, log_l;
+};
+
+template <typename T>
+RawLse<T> raw_lse(const T* z, int64_t n, T m_z, T l_s, T temperature) {
+  if (temperature == T(1)) return {m_z, log_(l_s)};
+  Sum<T> l_z;
+  sweep<T>(n, [&](auto lane, int64_t j) {
+    using L = decltype(lane);
+    l_z.add(L::M::exp(L::load(z + j) - typename L::V(m_z)));
+  });
+  return {m_z, log_(l_z.total())};
+}
+
+// Adds hard_weight (softmax(z) - onehot(label)) to the row gradient g (the softmax part per
+// element, the onehot part here) and returns the hard CE term LSE(z) - z[label].
+template <typename T>
+T add_hard_term(const T* z, T* g, int64_t n, int64_t label, RawLse<T> lse, T hard_weight) {
+  sweep<T>(n, [&](auto lane, int64_t j) {
+    using L = decltype(lane);
+    using V = typename L::V;
+    V softmax = L::M::exp(L::load(z + j) - V(lse.m) - V(lse.log_l));
+    L::store(g + j, L::load(g + j) + V(hard_weight) * softmax);
+  });
+  g[label] -= hard_weight;
+  return lse.log_l - (z[label] - lse.m);
+}
+
+// Loss of one counted row; writes d loss / d z_s into g (n) when g is given.
+template <typename T>
+T kd_row(const T* z, const T* zt, int64_t n, int64_t label, const KDOptions& o, T* g) {
+  const T inv_t = T(1) / T(o.temperature);
+  Max<T> max_z, max_t;
+  sweep<T>(n, [&](auto lane, int64_t j) {
+    using L = decltype(lane);
+    max_z.add(L::load(z + j));
+    max_t.add(L::load(zt + j));
+  });
+  const T m_z = max_z.total(), m_s = m_z * inv_t, m_t = max_t.total() * inv_t;
+
+  // pass 2: l_s, l_t and the one-pass divergence sum a
+  Sum<T> l_s, l_t, a;
+  auto shifted = [&](auto lane, int64_t j) {
+    using L = decltype(lane);
+    using V = typename L::V;
+    return std::make_pair(L::load(z + j) * V(inv_t) - V(m_s), L::load(zt + j) * V(inv_t) - V(m_t));
+  };
+  sweep<T>(n, [&](auto lane, int64_t j) {
+    using M = typename decltype(lane)::M;
+    auto [ds, dt] = shifted(lane, j);
+    auto e_s = M::exp(ds), e_t = M::exp(dt);
+    l_s.add(e_s);
+    l_t.add(e_t);
+    if (o.divergence != JSD) a.add(divergence_term<M>(o.divergence, ds, dt, e_s, e_t));
+  });
+  const T log_l_s = log_(l_s.total()), log_l_t = log_(l_t.total());
+  const T mean_ds_dt = a.total() / l_s.total();  // reverse_kl: E_q[ds - dt]
+  const T beta = T(o.beta), log_odds_beta = log_(beta) - log1p_(-beta);
+
+  T divergence, eq_sp = 0;
+  if (o.divergence == JSD) {  // pass 2b: E_q[softplus(x)], E_p[softplus(-x)]
+    Sum<T> eq, ep;
+    sweep<T>(n, [&](auto lane, int64_t j) {
+      using L = decltype(lane);
+      using M = typename L::M;
+      using V = typename L::V;
+      auto [ds, dt] = shifted(lane, j);
+      V log_q = ds - V(log_l_s), log_p = dt - V(log_l_t);
+      V x = jsd_x(log_q, log_p, V(log_odds_beta));
+      eq.add(M::xlogy(M::exp(log_q), softplus<M>(x)));
+      ep.add(M::xlogy(M::exp(log_p), softplus<M>(V(0) - x)));
+    });
+    eq_sp = eq.total();
+    divergence = jsd_from_sums(beta, eq_sp, ep.total());
+  } else {
+    divergence = one_pass_divergence(o.divergence, a.total(), l_s.total(), l_t.total());
+  }
+  T loss = T(o.soft_weight) * divergence;
+  const bool hard = o.hard_weight > 0;
+  const RawLse<T> lse = hard ? raw_lse(z, n, m_z, l_s.total(), T(o.temperature)) : RawLse<T>{};
+  if (g == nullptr) return hard ? loss + T(o.hard_weight) * (lse.log_l - (z[label] - lse.m)) : loss;
+
+  // pass 3: g = soft_weight / T d div / d s (+ the hard CE gradient)
+  const T coef = T(o.soft_weight) * inv_t;
+  sweep<T>(n, [&](auto lane, int64_t j) {
+    using L = decltype(lane);
+    using V = typename L::V;
+    auto [ds, dt] = shifted(lane, j);
+    V grad = divergence_grad<typename L::M>(o.divergence, ds - V(log_l_s), dt - V(log_l_t), ds,
+                                            dt, V(mean_ds_dt), V(beta), V(log_odds_beta),
+                                            V(eq_sp));
+    L::store(g + j, V(coef) * grad);
+  });
+  if (hard) loss += T(o.hard_weight) * add_hard_term(z, g, n, label, lse, T(o.hard_weight));
+  if (o.divergence != KL) {
+    // Rows sum to zero (softmax is shift invariant). At the top student logit the reverse-KL
+    // and JSD formulas cancel when q is near one-hot, so that entry is -(sum of the others).
+    const int64_t top = first_index_of(z, n, m_z);
+    g[top] = T(0);
+    Sum<T> others;
+    sweep<T>(n, [&](auto lane, int64_t j) { others.add(decltype(lane)::load(g + j)); });
+    g[top] = -others.total();
+  }
+  return loss;
+}
+
+struct MultiTeacherOptions {
+  std::vector<double> log_priors;
+  double temperature, entropy_tau, soft_weight, hard_weight;
+  int weighting, fusion;
+};
+
+// Loss of one row against K teachers (rows zt + k * teacher_stride); writes the mixing weights
+// w (K) always and d loss / d z_s into g (n) when the row counts and g is given.
+template <typename T>
+T multi_teacher_row(const T* z, const T* zt, int64_t teacher_stride, int64_t n, int64_t label,
+                    bool counted, const MultiTeacherOptions& o, float* w, T* g) {
+  const int64_t K = static_cast<int64_t>(o.log_priors.size());
+  const T inv_t = T(1) / T(o.temperature);
+  Max<T> max_z;
+  std::vector<Max<T>> max_t(K);
+  sweep<T>(n, [&](auto lane, int64_t j) {
+    using L = decltype(lane);
+    max_z.add(L::load(z + j));
+    for (int64_t k = 0; k < K; ++k) max_t[k].add(L::load(zt + k * teacher_stride + j));
+  });
+  const T m_z = max_z.total(), m_s = m_z * inv_t;
+  std::vector<T> m_t(K);
+  for (int64_t k = 0; k < K; ++k) m_t[k] = max_t[k].total() * inv_t;
+
+  // pass 2: l_s; per teacher l_k, b_k = sum e^{dt_k} dt_k (entropy), a_k = sum e^{dt_k}(dt_k - ds)
+  Sum<T> l_s;
+  std::vector<Sum<T>> l_t(K), b(K), a(K);
+  sweep<T>(n, [&](auto lane, int64_t j) {
+    using L = decltype(lane);
+    using M = typename L::M;
+    using V = typename L::V;
+    V ds = L::load(z + j) * V(inv_t) - V(m_s);
+    l_s.add(M::exp(ds));
+    for (int64_t k = 0; k < K; ++k) {
+      V dt = L::load(zt + k * teacher_stride + j) * V(inv_t) - V(m_t[k]);
+      V e_t = M::exp(dt);
+      l_t[k].add(e_t);
+      b[k].add(M::xlogy(e_t, dt));
+      if (o.fusion == WEIGHTED_KL) a[k].add(M::xlogy(e_t, dt - ds));
+    }
+  });
+  const T log_l_s = log_(l_s.total());
+  std::vector<T> log_l_t(K), weight(K);
+  T top = -std::numeric_limits<T>::infinity();
+  for (int64_t k = 0; k < K; ++k) {  // w = softmax_k(log pi_k - H_k / tau), or pi
+    log_l_t[k] = log_(l_t[k].total());
+    weight[k] = T(o.log_priors[k]);
+    if (o.weighting == ENTROPY)
+      weight[k] -= entropy_from_sums(l_t[k].total(), b[k].total()) / T(o.entropy_tau);
+    top = std::isnan(weight[k]) || weight[k] > top ? weight[k] : top;
+  }
+  T weight_sum = 0;
+  for (int64_t k = 0; k < K; ++k) weight_sum += (weight[k] = exp_(weight[k] - top));
+  for (int64_t k = 0; k < K; ++k) w[k] = static_cast<float>(weight[k] /= weight_sum);
+  if (!counted) return T(0);
+
+  // The mixture P = sum_k w_k p_k at one element.
+  auto mixture = [&](auto lane, int64_t j) {
+    using L = decltype(lane);
+    using V = typename L::V;
+    V p(T(0));
+    for (int64_t k = 0; k < K; ++k) {
+      V dt = L::load(zt + k * teacher_stride + j) * V(inv_t) - V(m_t[k]);
+      p = p + V(weight[k]) * L::M::exp(dt - V(log_l_t[k]));
+    }
+    return p;
+  };
+  T divergence = 0;
+  if (o.fusion == MIXTURE) {  // pass 3: KL(P || q) = sum P (log P - log q)
+    Sum<T> kl;
+    sweep<T>(n, [&](auto lane, int64_t j) {
+      using L = decltype(lane);
+      using V = typename L::V;
+      V p = mixture(lane, j);
+      V log_q = L::load(z + j) * V(inv_t) - V(m_s) - V(log_l_s);
+      kl.add(L::M::xlogy(p, L::M::log(p) - log_q));
+    });
+    divergence = kl.total();
+  } else {  // sum_k w_k KL(p_k || q)
+    for (int64_t k = 0; k < K; ++k)
+      divergence += weight[k] * (a[k].total() / l_t[k].total() - log_l_t[k] + log_l_s);
+  }
+  T loss = T(o.soft_weight) * divergence;
+  const bool hard = o.hard_weight > 0;
+  const RawLse<T> lse = hard ? raw_lse(z, n, m_z, l_s.total(), T(o.temperature)) : RawLse<T>{};
+  if (g == nullptr) return hard ? loss + T(o.hard_weight) * (lse.log_l - (z[label] - lse.m)) : loss;
+
+  const T coef = T(o.soft_weight) * inv_t;  // pass 4: g = soft_weight / T (q - P)
+  sweep<T>(n, [&](auto lane, int64_t j) {
+    using L = decltype(lane);
+    using V = typename L::V;
+    V q = L::M::exp(L::load(z + j) * V(inv_t) - V(m_s) - V(log_l_s));
+    L::store(g + j, V(coef) * (q - mixture(lane, j)));
+  });
+  if (hard) loss += T(o.hard_weight) * add_hard_term(z, g, n, label, lse, T(o.hard_weight));
+  return loss;
+}
+
+// ---- the ops: one row per task
+
+// A row whose label is ignore_index.
+constexpr int64_t IGNORED = std::numeric_limits<int64_t>::min();
+
+// Per-row labels as int64: IGNORED where the label is ignore_index, -1 for every row without
+// labels (no hard term then).
+std::vector<int64_t> row_labels(const std::optional<at::Tensor>& labels, int64_t rows,
+                                 int64_t vocab, int64_t ignore_index, bool hard, const char* op) {
+  std::vector<int64_t> out(rows, -1);
+  TORCH_CHECK(labels.has_value() || !hard, op, ": hard_weight > 0 needs labels");
+  if (!labels.has_value()) return out;
+  TORCH_CHECK(labels->dim() == 1 && labels->size(0) == rows, op, ": labels shape ",
+              labels->sizes(), " must be (", rows, ",)");
+  TORCH_CHECK(labels->scalar_type() == at::kLong || labels->scalar_type() == at::kInt, op,
+              ": labels must be int64 or int32, got ", labels->scalar_type());
+  at::Tensor flat = labels->to(at::kLong).contiguous();
+  const int64_t* values = flat.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    out[r] = values[r] == ignore_index ? IGNORED : values[r];
+    TORCH_CHECK(!hard || out[r] == IGNORED ||
+                    (out[r] >= 0 && out[r] < vocab),
+                op, ": label ", values[r], " at row ", r, " lies outside [0, ", vocab, ")");
+  }
+  return out;
+}
+
+// Runs row(r, g_row) for every row in parallel; g_row is a per-thread scratch row (or null),
+// copied into grad_out's row in its dtype afterwards (grad_out may alias the logits).
+template <typename T, typename RowFn>
+void for_each_row(int64_t rows, int64_t vocab, const std::optional<at::Tensor>& grad_out,
+                  RowFn&& row) {
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch(grad_out.has_value() ? vocab : 0);
+    for (int64_t r = begin; r < end; ++r) {
+      T* g = grad_out.has_value() ? scratch.data() : nullptr;
+      if (!row(r, g) && g != nullptr) std::fill(scratch.begin(), scratch.end(), T(0));
+      if (g == nullptr) continue;
+      AT_DISPATCH_FLOATING_TYPES_AND2(
+          at::kBFloat16, at::kHalf, grad_out->scalar_type(), "fastkd_grad_store", [&] {
+            scalar_t* dst = grad_out->data_ptr<scalar_t>() + r * grad_out->stride(0);
+            at::vec::convert(g, dst, vocab);
+          });
+    }
+  });
+}
+
+at::Tensor kd_rows_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                       const std::optional<at::Tensor>& labels,
+                       const std::optional<at::Tensor>& grad_out, c10::string_view divergence,
+                       double beta, double temperature, double soft_weight, double hard_weight,
+                       int64_t ignore_index) {
+  check_kd_rows(student_logits, teacher_logits, grad_out);
+  const int64_t rows = student_logits.size(0), vocab = student_logits.size(1);
+  const KDOptions options{divergence_id(divergence), beta, temperature, soft_weight,
+                          hard_weight};
+  const auto label = row_labels(labels, rows, vocab, ignore_index, hard_weight > 0, "kd_rows");
+  const at::ScalarType math = math_dtype(student_logits);
+  const at::Tensor z = math_logits(student_logits, math), zt = math_logits(teacher_logits, math);
+  at::Tensor loss = at::empty({rows}, student_logits.options().dtype(math));
+  AT_DISPATCH_FLOATING_TYPES(math, "fastkd_kd_rows", [&] {
+    scalar_t* out = loss.data_ptr<scalar_t>();
+    for_each_row<scalar_t>(rows, vocab, grad_out, [&](int64_t r, scalar_t* g) {
+      out[r] = 0;
+      if (label[r] == IGNORED) return false;
+      out[r] = kd_row(z.data_ptr<scalar_t>() + r * z.stride(0),
+                      zt.data_ptr<scalar_t>() + r * zt.stride(0), vocab, label[r], options, g);
+      return true;
+    });
+  });
+  return loss;
+}
+
+at::Tensor multi_teacher_rows_cpu(const at::Tensor& student_logits,
+                                  const at::Tensor& teacher_logits,
+                                  const std::optional<at::Tensor>& labels,
+                                  const std::optional<at::Tensor>& grad_out,
+                                  const at::Tensor& weights_out, at::ArrayRef<double> priors,
+                                  double temperature, c10::string_view weighting,
+                                  double entropy_tau, c10::string_view fusion, double soft_weight,
+                                  double hard_weight, int64_t ignore_index) {
+  const char* op = "multi_teacher_rows";
+  check_multi_teacher_rows(student_logits, teacher_logits, grad_out, weights_out, priors.size(),
+                           weighting, fusion);
+  const int64_t rows = student_logits.size(0), vocab = student_logits.size(1);
+  MultiTeacherOptions options{{}, temperature, entropy_tau, soft_weight, hard_weight,
+                              weighting == "entropy" ? ENTROPY : STATIC,
+                              fusion == "mixture" ? MIXTURE : WEIGHTED_KL};
+  for (double prior : priors) options.log_priors.push_back(std::log(prior));
+  const auto label = row_labels(labels, rows, vocab, ignore_index, hard_weight > 0, op);
+  const at::ScalarType math = math_dtype(student_logits);
+  const at::Tensor z = math_logits(student_logits, math);
+  const at::Tensor zt = math_logits(teacher_logits, math).contiguous();
+  at::Tensor loss = at::empty({rows}, student_logits.options().dtype(math));
+  AT_DISPATCH_FLOATING_TYPES(math, "fastkd_multi_teacher_rows", [&] {
+    scalar_t* out = loss.data_ptr<scalar_t>();
+    float* weights = weights_out.data_ptr<float>();
+    for_each_row<scalar_t>(rows, vocab, grad_out, [&](int64_t r, scalar_t* g) {
+      const bool counted = label[r] != IGNORED;
+      out[r] = multi_teacher_row(z.data_ptr<scalar_t>() + r * z.stride(0),
+                                 zt.data_ptr<scalar_t>() + r * vocab, rows * vocab, vocab,
+                                 label[r], counted, options, weights + r * weights_out.stride(0),
+                                 counted ? g : nullptr);
+      return counted;
+    });
+  });
+  return loss;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
+  m.impl("kd_rows", &kd_rows_cpu);
+  m.impl("multi_teacher_rows", &multi_teacher_rows_cpu);
+}
+
+}  // namespace fastkd
