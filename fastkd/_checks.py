@@ -87,7 +87,21 @@ def check_vocab(name: str, shape: torch.Size, dim: int) -> int:
 
 
 def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """Every counted label lies in [0, vocab)."""
+    """Every counted label lies in [0, vocab).
+
+    Under ``torch.compile`` the host read of the label range would break the graph (and fail
+    ``fullgraph=True``), so the check is an asynchronous device assert there instead: it
+    traces, and a bad label raises a RuntimeError with the same message (without the range
+    found) when the graph runs. Eager calls raise the ValueError below.
+    """
+    if torch.compiler.is_compiling():
+        in_range = ((labels >= 0) & (labels < vocab)) | (labels == ignore_index)
+        torch._assert_async(
+            in_range.all(),
+            f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index} when "
+            "hard_weight > 0",
+        )
+        return
     counted = labels[labels != ignore_index]
     if counted.numel() == 0:
         return

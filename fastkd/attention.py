@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import torch
 
+import fastkd.ops  # noqa: F401  (registers the attention custom ops)
 from fastkd import attention_torch
 from fastkd._checks import (
     REDUCTIONS,
@@ -50,35 +51,37 @@ def _triton_prepare(q_s, k_s, q_t, k_t, real):
 
 
 def _triton_forward(q_s, k_s, q_t, k_t, real, *, loss, causal, scale_s, scale_t):
-    from fastkd.kernels.attention_loss import attention_mse
-    from fastkd.kernels.attention_lse import attention_lse
-
-    common = dict(causal=causal, scale_s=scale_s, scale_t=scale_t, interpreted=triton_interpreted())
-    lse_s, lse_t, row_kl = attention_lse(
-        q_s, k_s, q_t, k_t, real, compute_kl=loss == "kl", **common
-    )
-    if loss == "kl":
-        return row_kl, (lse_s, lse_t)
-    row_loss, delta = attention_mse(q_s, k_s, q_t, k_t, real, lse_s, lse_t, **common)
+    row_loss, lse_s, lse_t, delta = torch.ops.fastkd.attention_forward_triton(
+        q_s, k_s, q_t, k_t, real, loss, causal, scale_s, scale_t)
     return row_loss, (lse_s, lse_t, delta)
 
 
 def _triton_backward(q_s, k_s, q_t, k_t, real, saved, row_weight, *, loss, causal, scale_s,
                      scale_t):  # fmt: skip
-    from fastkd.kernels.attention_backward import attention_backward
-
-    lse_s, lse_t, delta = saved if loss == "mse" else (*saved, None)
-    return attention_backward(
-        q_s, k_s, q_t, k_t, real, lse_s, lse_t, delta, row_weight.contiguous(),
-        causal=causal, scale_s=scale_s, scale_t=scale_t, interpreted=triton_interpreted(),
-    )  # fmt: skip
+    return torch.ops.fastkd.attention_backward_triton(
+        q_s, k_s, q_t, k_t, real, *saved, row_weight, loss, causal, scale_s, scale_t)
 
 
+def _torch_forward(q_s, k_s, q_t, k_t, real, *, loss, causal, scale_s, scale_t):
+    row_loss = torch.ops.fastkd.attention_forward_torch(
+        q_s, k_s, q_t, k_t, real, loss, causal, scale_s, scale_t)
+    return row_loss, ()
+
+
+def _torch_backward(q_s, k_s, q_t, k_t, real, saved, row_weight, *, loss, causal, scale_s,
+                    scale_t):  # fmt: skip
+    return torch.ops.fastkd.attention_backward_torch(
+        q_s, k_s, q_t, k_t, real, row_weight, loss, causal, scale_s, scale_t)
+
+
+# The backends' forward and backward are custom ops (fastkd/ops.py), opaque to torch.compile.
 BACKENDS = {
     "triton": SimpleNamespace(
         prepare=_triton_prepare, forward=_triton_forward, backward=_triton_backward
     ),
-    "torch": attention_torch,
+    "torch": SimpleNamespace(
+        prepare=attention_torch.prepare, forward=_torch_forward, backward=_torch_backward
+    ),
 }
 
 

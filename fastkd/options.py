@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
 
 
@@ -29,10 +27,11 @@ FUSIONS = ("mixture", "weighted_kl")
 class MultiTeacherOptions:
     """Per-token loss = soft_weight * fused KL(T) + hard_weight * CE(T = 1).
 
-    ``priors`` (K,) are the normalized teacher priors pi (sum 1).
+    ``priors`` are the K normalized teacher priors pi (sum 1), Python floats (so that the
+    row ops take them as a ``float[]`` argument and ``torch.compile`` sees constants).
     """
 
-    priors: torch.Tensor
+    priors: tuple[float, ...]
     temperature: float = 1.0
     weighting: str = "entropy"
     entropy_tau: float = 1.0

@@ -163,7 +163,7 @@ def multi_teacher_rows(
         student_logits, teacher_logits,
         grad_out if grad_out is not None else student_logits,
         labels if labels is not None else loss,
-        options.priors.to(device=student_logits.device, dtype=torch.float32),
+        torch.tensor(options.priors, dtype=torch.float32, device=student_logits.device),
         loss, weights_out,
         vocab, teachers, student_logits.stride(0), teacher_logits.stride(0),
         teacher_logits.stride(1), grad_out.stride(0) if grad_out is not None else 0,
