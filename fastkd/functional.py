@@ -64,6 +64,11 @@ def fused_kd_loss(
     where D is KL(p || q) ("kl"), KL(q || p) ("reverse_kl") or the generalized JSD
     beta KL(p || M) + (1 - beta) KL(q || M), M = beta p + (1 - beta) q ("jsd"); CE is untempered.
 
+    ``beta`` (jsd only) lies in [0, 1]; as TRL's GKD and Liger-Kernel do, beta = 0 is forward
+    KL(p || q) and beta = 1 reverse KL(q || p). These are the limits of JSD / beta as
+    beta -> 0 and of JSD / (1 - beta) as beta -> 1 (JSD = beta KL(p || q) + O(beta^2)); the
+    JSD itself tends to 0 at both ends, so the loss jumps at beta = 0 and 1.
+
     Args:
         student_hidden: (*, Hs) student hidden states.
         student_weight: (V, Hs) student lm_head weight; student_bias (V,) optional.
@@ -217,8 +222,12 @@ def check_teacher_matches(
 
 def _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_index) -> KDOptions:
     check_choice("divergence", divergence, DIVERGENCES)
-    if divergence == "jsd" and not 0 < check_real("beta", beta) < 1:
-        raise ValueError(f"beta must lie in (0, 1) for divergence='jsd', got {beta!r}")
+    if divergence == "jsd":
+        if not 0 <= check_real("beta", beta) <= 1:
+            raise ValueError(f"beta must lie in [0, 1] for divergence='jsd', got {beta!r}")
+        # beta = 0 / 1: forward / reverse KL (TRL's and Liger-Kernel's convention; the limits
+        # of JSD / beta and JSD / (1 - beta)), on their own code paths
+        divergence = {0.0: "kl", 1.0: "reverse_kl"}.get(float(beta), divergence)
     soft_weight, hard_weight = check_loss_weights(soft_weight, hard_weight)
     return KDOptions(
         divergence=divergence,

@@ -65,3 +65,32 @@ def test_double_backward_is_refused(backend, reduction, device):
         torch.autograd.grad(loss, student, create_graph=True)
     (grad,) = torch.autograd.grad(loss, student)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("beta,limit", [(0.0, "kl"), (1.0, "reverse_kl")])
+def test_jsd_beta_zero_and_one_are_forward_and_reverse_kl(backend, beta, limit, device):
+    """beta = 0 is KL(p || q) and beta = 1 is KL(q || p), as in TRL's generalized_jsd_loss and
+    Liger-Kernel: the limits of JSD / beta and JSD / (1 - beta) (JSD itself tends to 0)."""
+    gen = torch.Generator().manual_seed(37)
+    student = (torch.randn(3, 5, 263, generator=gen) * 9).to(device).requires_grad_()
+    teacher = (torch.randn(3, 5, 263, generator=gen) * 9).to(device)
+    labels = random_labels((3, 5), 263, gen, device)
+    options = dict(temperature=1.5, hard_weight=0.2, labels=labels)
+    loss = kd_loss(student, teacher, divergence="jsd", beta=beta, backend=backend,
+                   **options)
+    loss.backward()
+    student64 = student.detach().double().requires_grad_()
+    ref = kd_loss_reference(student64, teacher, divergence=limit, **options)
+    ref.backward()
+    assert rel_err(loss, ref) < 1e-5
+    assert rel_err(student.grad, student64.grad) < 1e-5
+
+    # the limit, in float64 on the oracle: JSD(beta') / |beta' - beta| -> the KL; it converges
+    # where beta' p / q (or the reverse) is small everywhere, so at a modest logit spread
+    eps = 1e-9
+    near = eps if beta == 0 else 1 - eps
+    z_s, z_t = (torch.randn(2, 4, 263, generator=gen, dtype=torch.float64) * 2).unbind()
+    jsd = kd_loss_reference(z_s, z_t, divergence="jsd", beta=near)
+    kl = kd_loss_reference(z_s, z_t, divergence=limit)
+    assert abs(float(jsd / eps / kl) - 1) < 1e-4
