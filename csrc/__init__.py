@@ -78,6 +78,9 @@ def load() -> bool:
                       "uses the torch row ops on CPU (FASTKD_CSRC=1 makes this an error)",
                       RuntimeWarning, stacklevel=3)
         return False
+    from fastkd.ops import register_native_fakes
+
+    register_native_fakes()  # the shared fake kernels, so torch.compile traces the C++ ops
     return True
 
 

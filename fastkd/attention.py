@@ -140,8 +140,11 @@ def _check_side(side: str, q: torch.Tensor, k: torch.Tensor) -> None:
         )
 
 
-def _check_mask(mask: torch.Tensor, batch: int, length: int) -> tuple[torch.Tensor, int]:
-    """The (B, L) bool mask of real tokens, and the number of real tokens."""
+def _check_mask(
+    mask: torch.Tensor, batch: int, length: int
+) -> tuple[torch.Tensor, int | torch.Tensor]:
+    """The (B, L) bool mask of real tokens, and the number of real tokens (a 0-dim tensor
+    under ``torch.compile``)."""
     if tuple(mask.shape) != (batch, length):
         raise ValueError(
             f"attention_mask shape {tuple(mask.shape)} must be (B, L) = {(batch, length)}"
@@ -149,6 +152,14 @@ def _check_mask(mask: torch.Tensor, batch: int, length: int) -> tuple[torch.Tens
     if mask.dtype.is_complex:
         raise TypeError(f"attention_mask must be a bool, integer or float tensor, got {mask.dtype}")
     real = mask != 0
+    if torch.compiler.is_compiling():
+        # A host read of the mask would break the graph: the checks become device asserts
+        # (a RuntimeError when the graph runs) and the token count stays a tensor.
+        torch._assert_async(((mask == 0) | (mask == 1)).all(),
+                            "attention_mask must hold only 0 (padding) and 1 (real token)")
+        torch._assert_async(real.any(1).all(), "attention_mask has a row with no real token: "
+                            "its query rows have no valid key")
+        return real, real.sum()
     # One host sync for both checks: real tokens per batch row, then the count of non-0/1 values.
     *per_row, not_binary = torch.cat([real.sum(1), (real & (mask != 1)).sum()[None]]).tolist()
     if not_binary:
@@ -244,7 +255,8 @@ def attention_kd_loss(
     if reduction == "sum":
         divisor = 1.0
     elif reduction == "mean":
-        divisor = float(heads * tokens * (length if loss == "mse" else 1))
+        divisor = heads * tokens * (length if loss == "mse" else 1)
+        divisor = divisor.float() if isinstance(divisor, torch.Tensor) else float(divisor)
     return AttentionKDLossFunction.apply(
         student_q, student_k, teacher_q.detach(), teacher_k.detach(), real, loss, causal,
         scale_s, scale_t, divisor, backend,

@@ -96,7 +96,6 @@ class ChunkedKDFunction(torch.autograd.Function):
         student = Linear(student_hidden, student_weight, student_bias)
         need = tuple(ctx.needs_input_grad[:3]) if compute_grad else (False, False, False)
         ctx.reduction = reduction
-        ctx.mark_non_differentiable(*(t for t in (labels,) if t is not None))
         acc_dtype = accumulation_dtype(student_weight)
         if reduction == "none":
             loss, _ = chunked_kd(student, teachers, labels, row_op, None, need, plan)
@@ -128,8 +127,11 @@ class ChunkedKDFunction(torch.autograd.Function):
             )
             dtype = weight.dtype
             grads = (grads.hidden, _cast(grads.weight, dtype), _cast(grads.bias, dtype))
-        elif torch.equal(grad_output, torch.ones_like(grad_output)):  # the usual loss.backward()
-            grads = ctx.saved_tensors  # no (V, Hs) copy
+        elif not torch.compiler.is_compiling() and torch.equal(
+            grad_output, torch.ones_like(grad_output)
+        ):  # the usual loss.backward(): no (V, Hs) copy. A traced graph cannot branch on the
+            # value of grad_output, so it always scales (the compiler may fuse the multiply).
+            grads = ctx.saved_tensors
         else:
             grads = tuple(None if g is None else g * grad_output.to(g.dtype)
                           for g in ctx.saved_tensors)

@@ -28,6 +28,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
 # Tokens per chunk at which the logit GEMMs stop being weight-bandwidth-bound, by device type.
 SPEED_ROWS = {"cuda": 512, "cpu": 256}
 # Default cap on a chunk's working set in bytes (FASTKD_CHUNK_MEMORY overrides), by device type.
@@ -149,8 +151,16 @@ def plan_chunks(
     """
     cap = int(os.environ.get("FASTKD_CHUNK_MEMORY", DEFAULT_CHUNK_MEMORY.get(device_type, 0))
               or DEFAULT_CHUNK_MEMORY["cpu"])
-    return _plan(vocab, teachers, backend, half_weights, chunk_size, device_type, widths, tokens,
-                 cap)
+    return _constant_plan(vocab, teachers, backend, half_weights, chunk_size, device_type, widths,
+                          tokens, cap)
+
+
+# Pure Python on ints: torch.compile takes its result as a constant of the traced graph (the
+# arguments are shapes and settings, which the graph's guards already fix) instead of tracing
+# the cached search, which it cannot (max with a key) and need not do.
+@torch.compiler.assume_constant_result
+def _constant_plan(*arguments) -> ChunkPlan:
+    return _plan(*arguments)
 
 
 @functools.lru_cache(maxsize=256)
