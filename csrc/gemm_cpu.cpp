@@ -19,8 +19,10 @@ using HalfGemm = void (*)(int, int, int, int, int, int, float, const void*, int,
                           int, float, float*, int);
 
 HalfGemm find_gemm(at::ScalarType dtype) {
-  static const auto bf16 = reinterpret_cast<HalfGemm>(dlsym(RTLD_DEFAULT, "cblas_gemm_bf16bf16f32"));
-  static const auto fp16 = reinterpret_cast<HalfGemm>(dlsym(RTLD_DEFAULT, "cblas_gemm_f16f16f32"));
+  static const auto bf16 =
+      reinterpret_cast<HalfGemm>(dlsym(RTLD_DEFAULT, "cblas_gemm_bf16bf16f32"));
+  static const auto fp16 =
+      reinterpret_cast<HalfGemm>(dlsym(RTLD_DEFAULT, "cblas_gemm_f16f16f32"));
   return dtype == at::kBFloat16 ? bf16 : dtype == at::kHalf ? fp16 : nullptr;
 }
 

@@ -169,7 +169,7 @@ T kd_row(const T* z, const T* zt, int64_t n, int64_t label, const KDOptions& o, 
   });
   const T log_l_s = log_(l_s.total()), log_l_t = log_(l_t.total());
   const T mean_ds_dt = a.total() / l_s.total();  // reverse_kl: E_q[ds - dt]
-  const T beta = T(o.beta), log_odds_beta = log_(beta) - log1p_(-beta);
+  const JsdConstants<T> jsd = jsd_constants<T>(o.beta);
 
   T divergence, eq_sp = 0;
   if (o.divergence == JSD) {  // pass 2b: E_q[softplus(x)], E_p[softplus(-x)]
@@ -180,12 +180,12 @@ T kd_row(const T* z, const T* zt, int64_t n, int64_t label, const KDOptions& o, 
       using V = typename L::V;
       auto [ds, dt] = shifted(lane, j);
       V log_q = ds - V(log_l_s), log_p = dt - V(log_l_t);
-      V x = jsd_x(log_q, log_p, V(log_odds_beta));
+      V x = jsd_x(log_q, log_p, V(jsd.log_odds_beta));
       eq.add(M::xlogy(M::exp(log_q), softplus<M>(x)));
       ep.add(M::xlogy(M::exp(log_p), softplus<M>(V(0) - x)));
     });
     eq_sp = eq.total();
-    divergence = jsd_from_sums(beta, eq_sp, ep.total());
+    divergence = jsd_from_sums(jsd, eq_sp, ep.total());
   } else {
     divergence = one_pass_divergence(o.divergence, a.total(), l_s.total(), l_t.total());
   }
@@ -201,8 +201,8 @@ T kd_row(const T* z, const T* zt, int64_t n, int64_t label, const KDOptions& o, 
     using V = typename L::V;
     auto [ds, dt] = shifted(lane, j);
     V grad = divergence_grad<typename L::M>(o.divergence, ds - V(log_l_s), dt - V(log_l_t), ds,
-                                            dt, V(mean_ds_dt), V(beta), V(log_odds_beta),
-                                            V(eq_sp));
+                                            dt, V(mean_ds_dt), V(jsd.one_minus_beta),
+                                            V(jsd.log_odds_beta), V(eq_sp));
     L::store(g + j, V(coef) * grad);
   });
   if (hard) loss += T(o.hard_weight) * add_hard_term(z, g, n, label, lse, T(o.hard_weight));

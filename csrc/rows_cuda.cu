@@ -11,8 +11,11 @@
 
 namespace fastkd {
 
-constexpr int kThreads = 512;
 constexpr int kMaxTeachers = 8;
+// Threads per row: 512, and 256 for fp64 math, whose multi-teacher state (5 x kMaxTeachers
+// doubles) would spill at 512 threads' 128-register limit.
+template <typename T>
+constexpr int kThreads = sizeof(T) == 8 ? 256 : 512;
 
 template <typename T>
 __device__ __forceinline__ T neg_inf() {
@@ -23,14 +26,14 @@ __device__ __forceinline__ double neg_inf<double>() {
   return -__longlong_as_double(0x7ff0000000000000LL);
 }
 
-// Block-wide sum and max (every thread gets the result); `shared` holds kThreads / 32 values.
-template <typename T>
+// Block-wide sum and max (every thread gets the result); `shared` holds THREADS / 32 values.
+template <int THREADS, typename T>
 __device__ T block_sum(T x, T* shared) {
   for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
   __syncthreads();
   if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = x;
   __syncthreads();
-  x = threadIdx.x < kThreads / 32 ? shared[threadIdx.x] : T(0);
+  x = threadIdx.x < THREADS / 32 ? shared[threadIdx.x] : T(0);
   for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
   return x;
 }
@@ -41,20 +44,21 @@ __device__ __forceinline__ T nan_max(T a, T b) {
   return (a != a || a > b) ? a : b;
 }
 
-template <typename T>
+template <int THREADS, typename T>
 __device__ T block_max(T x, T* shared) {
   for (int offset = 16; offset > 0; offset /= 2)
     x = nan_max(x, __shfl_xor_sync(0xffffffffu, x, offset));
   __syncthreads();
   if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = x;
   __syncthreads();
-  x = threadIdx.x < kThreads / 32 ? shared[threadIdx.x] : neg_inf<T>();
+  x = threadIdx.x < THREADS / 32 ? shared[threadIdx.x] : neg_inf<T>();
   for (int offset = 16; offset > 0; offset /= 2)
     x = nan_max(x, __shfl_xor_sync(0xffffffffu, x, offset));
   return x;
 }
 
 // Smallest index j with z[j] == m (the first top logit); 0 when none (a NaN row).
+template <int THREADS>
 __device__ int64_t block_first_index(int64_t j, int64_t* shared) {
   for (int offset = 16; offset > 0; offset /= 2) {
     long long other = __shfl_xor_sync(0xffffffffu, static_cast<long long>(j), offset);
@@ -63,7 +67,7 @@ __device__ int64_t block_first_index(int64_t j, int64_t* shared) {
   __syncthreads();
   if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = j;
   __syncthreads();
-  j = threadIdx.x < kThreads / 32 ? shared[threadIdx.x] : INT64_MAX;
+  j = threadIdx.x < THREADS / 32 ? shared[threadIdx.x] : INT64_MAX;
   for (int offset = 16; offset > 0; offset /= 2) {
     long long other = __shfl_xor_sync(0xffffffffu, static_cast<long long>(j), offset);
     j = other < j ? other : j;
@@ -98,12 +102,13 @@ struct KDArgs {
 // Loss of one row; g (stride_g) receives d loss / d z_s when given. T: the math (and logits)
 // dtype, G: the gradient's.
 template <typename T, typename G>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads<T>)
 kd_rows_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
                const int64_t* __restrict__ labels, G* grad, T* __restrict__ loss, KDArgs o) {
   using M = Scalar<T>;
-  __shared__ T shared[kThreads / 32];
-  __shared__ int64_t shared_index[kThreads / 32];
+  constexpr int THREADS = kThreads<T>;
+  __shared__ T shared[THREADS / 32];
+  __shared__ int64_t shared_index[THREADS / 32];
   const int64_t row = blockIdx.x, V = o.vocab;
   const T* z = student + row * o.stride_s;
   const T* zt = teacher + row * o.stride_t;
@@ -112,20 +117,20 @@ kd_rows_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
   if (o.has_labels && label == o.ignore_index) {
     if (threadIdx.x == 0) loss[row] = T(0);
     if (g != nullptr)
-      for (int64_t j = threadIdx.x; j < V; j += kThreads) g[j] = store_value<G>(T(0));
+      for (int64_t j = threadIdx.x; j < V; j += THREADS) g[j] = store_value<G>(T(0));
     return;
   }
   const T inv_t = T(1) / T(o.temperature);
   T max_z = neg_inf<T>(), max_t = neg_inf<T>();
-  for (int64_t j = threadIdx.x; j < V; j += kThreads) {
+  for (int64_t j = threadIdx.x; j < V; j += THREADS) {
     max_z = nan_max(max_z, z[j]);
     max_t = nan_max(max_t, zt[j]);
   }
-  const T m_z = block_max(max_z, shared), m_s = m_z * inv_t;
-  const T m_t = block_max(max_t, shared) * inv_t;
+  const T m_z = block_max<THREADS>(max_z, shared), m_s = m_z * inv_t;
+  const T m_t = block_max<THREADS>(max_t, shared) * inv_t;
 
   T l_s = 0, l_t = 0, l_z = 0, a = 0;
-  for (int64_t j = threadIdx.x; j < V; j += kThreads) {
+  for (int64_t j = threadIdx.x; j < V; j += THREADS) {
     T ds = z[j] * inv_t - m_s, dt = zt[j] * inv_t - m_t;
     T e_s = M::exp(ds), e_t = M::exp(dt);
     l_s += e_s;
@@ -133,23 +138,24 @@ kd_rows_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
     if (o.divergence != JSD) a += divergence_term<M>(o.divergence, ds, dt, e_s, e_t);
     if (o.hard_weight > 0) l_z += M::exp(z[j] - m_z);
   }
-  l_s = block_sum(l_s, shared);
-  l_t = block_sum(l_t, shared);
-  a = block_sum(a, shared);
-  const T log_l_s = log_(l_s), log_l_t = log_(l_t), log_l_z = log_(block_sum(l_z, shared));
-  const T beta = T(o.beta), log_odds_beta = log_(beta) - log1p_(-beta);
+  l_s = block_sum<THREADS>(l_s, shared);
+  l_t = block_sum<THREADS>(l_t, shared);
+  a = block_sum<THREADS>(a, shared);
+  const T log_l_s = log_(l_s), log_l_t = log_(l_t);
+  const T log_l_z = log_(block_sum<THREADS>(l_z, shared));
+  const JsdConstants<T> jsd = jsd_constants<T>(o.beta);
 
   T divergence, eq_sp = 0;
   if (o.divergence == JSD) {
     T eq = 0, ep = 0;
-    for (int64_t j = threadIdx.x; j < V; j += kThreads) {
+    for (int64_t j = threadIdx.x; j < V; j += THREADS) {
       T log_q = z[j] * inv_t - m_s - log_l_s, log_p = zt[j] * inv_t - m_t - log_l_t;
-      T x = jsd_x(log_q, log_p, log_odds_beta);
+      T x = jsd_x(log_q, log_p, jsd.log_odds_beta);
       eq += M::xlogy(M::exp(log_q), softplus<M>(x));
       ep += M::xlogy(M::exp(log_p), softplus<M>(-x));
     }
-    eq_sp = block_sum(eq, shared);
-    divergence = jsd_from_sums(beta, eq_sp, block_sum(ep, shared));
+    eq_sp = block_sum<THREADS>(eq, shared);
+    divergence = jsd_from_sums(jsd, eq_sp, block_sum<THREADS>(ep, shared));
   } else {
     divergence = one_pass_divergence(o.divergence, a, l_s, l_t);
   }
@@ -165,23 +171,24 @@ kd_rows_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
   int64_t top = -1;
   if (o.divergence != KL) {
     int64_t first = INT64_MAX;
-    for (int64_t j = threadIdx.x; j < V; j += kThreads)
+    for (int64_t j = threadIdx.x; j < V; j += THREADS)
       if (z[j] == m_z && j < first) first = j;
-    top = block_first_index(first, shared_index);
+    top = block_first_index<THREADS>(first, shared_index);
   }
   const T coef = T(o.soft_weight) * inv_t, mean_ds_dt = a / l_s;
   T others = 0;
-  for (int64_t j = threadIdx.x; j < V; j += kThreads) {
+  for (int64_t j = threadIdx.x; j < V; j += THREADS) {
     T ds = z[j] * inv_t - m_s, dt = zt[j] * inv_t - m_t;
     T value = coef * divergence_grad<M>(o.divergence, ds - log_l_s, dt - log_l_t, ds, dt,
-                                        mean_ds_dt, beta, log_odds_beta, eq_sp);
+                                        mean_ds_dt, jsd.one_minus_beta, jsd.log_odds_beta,
+                                        eq_sp);
     if (o.hard_weight > 0)
       value += T(o.hard_weight) * (M::exp(z[j] - m_z - log_l_z) - (j == label ? T(1) : T(0)));
     if (j == top) continue;
     others += value;
     g[j] = store_value<G>(value);  // z[j] was read above: g may alias the student logits
   }
-  others = block_sum(others, shared);
+  others = block_sum<THREADS>(others, shared);
   if (top >= 0 && threadIdx.x == 0) g[top] = store_value<G>(-others);
 }
 
@@ -196,13 +203,14 @@ struct MultiTeacherArgs {
 // Loss of one row against K teachers (teacher + k * teacher_stride + row * vocab); writes the
 // mixing weights w (K) and d loss / d z_s.
 template <typename T, typename G>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads<T>)
 multi_teacher_rows_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
                           const int64_t* __restrict__ labels, G* grad, T* __restrict__ loss,
                           float* __restrict__ weights_out, int64_t stride_w,
                           MultiTeacherArgs o) {
   using M = Scalar<T>;
-  __shared__ T shared[kThreads / 32];
+  constexpr int THREADS = kThreads<T>;
+  __shared__ T shared[THREADS / 32];
   const int64_t row = blockIdx.x, V = o.vocab;
   const int K = o.teachers;
   const T* z = student + row * o.stride_s;
@@ -214,16 +222,16 @@ multi_teacher_rows_kernel(const T* __restrict__ student, const T* __restrict__ t
 
   T max_z = neg_inf<T>(), m_t[kMaxTeachers];
   for (int k = 0; k < K; ++k) m_t[k] = neg_inf<T>();
-  for (int64_t j = threadIdx.x; j < V; j += kThreads) {
+  for (int64_t j = threadIdx.x; j < V; j += THREADS) {
     max_z = nan_max(max_z, z[j]);
     for (int k = 0; k < K; ++k) m_t[k] = nan_max(m_t[k], zt[k * o.teacher_stride + j]);
   }
-  const T m_z = block_max(max_z, shared), m_s = m_z * inv_t;
-  for (int k = 0; k < K; ++k) m_t[k] = block_max(m_t[k], shared) * inv_t;
+  const T m_z = block_max<THREADS>(max_z, shared), m_s = m_z * inv_t;
+  for (int k = 0; k < K; ++k) m_t[k] = block_max<THREADS>(m_t[k], shared) * inv_t;
 
   T l_s = 0, l_z = 0, l_t[kMaxTeachers], b[kMaxTeachers], a[kMaxTeachers];
   for (int k = 0; k < K; ++k) l_t[k] = b[k] = a[k] = T(0);
-  for (int64_t j = threadIdx.x; j < V; j += kThreads) {
+  for (int64_t j = threadIdx.x; j < V; j += THREADS) {
     T ds = z[j] * inv_t - m_s;
     l_s += M::exp(ds);
     if (o.hard_weight > 0) l_z += M::exp(z[j] - m_z);
@@ -235,13 +243,13 @@ multi_teacher_rows_kernel(const T* __restrict__ student, const T* __restrict__ t
       if (o.fusion == WEIGHTED_KL) a[k] += M::xlogy(e_t, dt - ds);
     }
   }
-  l_s = block_sum(l_s, shared);
-  const T log_l_s = log_(l_s), log_l_z = log_(block_sum(l_z, shared));
+  l_s = block_sum<THREADS>(l_s, shared);
+  const T log_l_s = log_(l_s), log_l_z = log_(block_sum<THREADS>(l_z, shared));
   T log_l_t[kMaxTeachers], w[kMaxTeachers], top = neg_inf<T>(), w_sum = 0;
   for (int k = 0; k < K; ++k) {  // w = softmax_k(log pi_k - H_k / tau), or pi
-    l_t[k] = block_sum(l_t[k], shared);
-    b[k] = block_sum(b[k], shared);
-    a[k] = block_sum(a[k], shared);
+    l_t[k] = block_sum<THREADS>(l_t[k], shared);
+    b[k] = block_sum<THREADS>(b[k], shared);
+    a[k] = block_sum<THREADS>(a[k], shared);
     log_l_t[k] = log_(l_t[k]);
     w[k] = T(o.log_priors[k]);
     if (o.weighting == ENTROPY) w[k] -= entropy_from_sums(l_t[k], b[k]) / T(o.entropy_tau);
@@ -249,11 +257,12 @@ multi_teacher_rows_kernel(const T* __restrict__ student, const T* __restrict__ t
   }
   for (int k = 0; k < K; ++k) w_sum += (w[k] = M::exp(w[k] - top));
   for (int k = 0; k < K; ++k) w[k] /= w_sum;
-  if (threadIdx.x < K) weights_out[row * stride_w + threadIdx.x] = static_cast<float>(w[threadIdx.x]);
+  if (threadIdx.x < K)
+    weights_out[row * stride_w + threadIdx.x] = static_cast<float>(w[threadIdx.x]);
   if (!counted) {
     if (threadIdx.x == 0) loss[row] = T(0);
     if (g != nullptr)
-      for (int64_t j = threadIdx.x; j < V; j += kThreads) g[j] = store_value<G>(T(0));
+      for (int64_t j = threadIdx.x; j < V; j += THREADS) g[j] = store_value<G>(T(0));
     return;
   }
   auto mixture = [&](int64_t j) {  // P = sum_k w_k p_k
@@ -264,11 +273,11 @@ multi_teacher_rows_kernel(const T* __restrict__ student, const T* __restrict__ t
   };
   T divergence = 0;
   if (o.fusion == MIXTURE) {
-    for (int64_t j = threadIdx.x; j < V; j += kThreads) {
+    for (int64_t j = threadIdx.x; j < V; j += THREADS) {
       T p = mixture(j);
       divergence += M::xlogy(p, log_(p) - (z[j] * inv_t - m_s - log_l_s));
     }
-    divergence = block_sum(divergence, shared);
+    divergence = block_sum<THREADS>(divergence, shared);
   } else {
     for (int k = 0; k < K; ++k) divergence += w[k] * (a[k] / l_t[k] - log_l_t[k] + log_l_s);
   }
@@ -279,7 +288,7 @@ multi_teacher_rows_kernel(const T* __restrict__ student, const T* __restrict__ t
   }
   if (g == nullptr) return;
   const T coef = T(o.soft_weight) * inv_t;
-  for (int64_t j = threadIdx.x; j < V; j += kThreads) {
+  for (int64_t j = threadIdx.x; j < V; j += THREADS) {
     T value = coef * (M::exp(z[j] * inv_t - m_s - log_l_s) - mixture(j));
     if (o.hard_weight > 0)
       value += T(o.hard_weight) * (M::exp(z[j] - m_z - log_l_z) - (j == label ? T(1) : T(0)));
@@ -363,7 +372,7 @@ at::Tensor kd_rows_cuda(const at::Tensor& student_logits, const at::Tensor& teac
   dispatch(math, grad_out, [&](auto t, auto g) {
     using T = decltype(t);
     using G = decltype(g);
-    kd_rows_kernel<T, G><<<rows, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    kd_rows_kernel<T, G><<<rows, kThreads<T>, 0, at::cuda::getCurrentCUDAStream()>>>(
         static_cast<const T*>(z.data_ptr()), static_cast<const T*>(zt.data_ptr()),
         label.has_value() ? label->data_ptr<int64_t>() : nullptr,
         grad_out.has_value() ? static_cast<G*>(grad_out->data_ptr()) : nullptr,
@@ -415,7 +424,7 @@ at::Tensor multi_teacher_rows_cuda(const at::Tensor& student_logits,
   dispatch(math, grad_out, [&](auto t, auto g) {
     using T = decltype(t);
     using G = decltype(g);
-    multi_teacher_rows_kernel<T, G><<<rows, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    multi_teacher_rows_kernel<T, G><<<rows, kThreads<T>, 0, at::cuda::getCurrentCUDAStream()>>>(
         static_cast<const T*>(z.data_ptr()), static_cast<const T*>(zt.data_ptr()),
         label.has_value() ? label->data_ptr<int64_t>() : nullptr,
         grad_out.has_value() ? static_cast<G*>(grad_out->data_ptr()) : nullptr,

@@ -152,7 +152,9 @@ def multi_teacher_kd_loss_reference(
         for h, w, b in zip(teacher_hiddens, teacher_weights, biases)
     ])  # (K, N, V)
     p = log_p.exp()
-    priors = torch.ones(teachers) if teacher_priors is None else torch.as_tensor(teacher_priors)
+    # float64 from the start: as_tensor of a list of Python floats would round them to fp32
+    priors = torch.ones(teachers) if teacher_priors is None else torch.as_tensor(
+        teacher_priors, dtype=torch.float64)
     priors = (priors.double() / priors.double().sum()).to(log_p.device)[:, None]  # (K, 1)
     if weighting == "entropy":
         entropy = -(p * log_p).sum(-1)  # (K, N)
