@@ -14,15 +14,24 @@ s = z_s / T, t = z_t / T, q = softmax(s), p = softmax(t), it computes in fp32:
   pass 3  the gradient d loss / d z_s, written in place of (or beside) the student logits.
 
 The gradient of any function of softmax(z_s) sums to zero over the row. At the student's top
-logit j* the formulas cancel catastrophically when q is near one-hot (reverse KL and JSD give
-q_j* (r_j* - E_q[r]) with r_j* ~ E_q[r]), so g_j* is written as -sum_{j != j*} g_j instead,
-which keeps the gradient accurate in fp32 even where it is tiny.
+logit j* the reverse KL and JSD formulas cancel catastrophically when q is near one-hot
+(q_j* (r_j* - E_q[r]) with r_j* ~ E_q[r]), so there g_j* is written as -sum_{j != j*} g_j
+instead, which keeps the gradient accurate in fp32 even where it is tiny. Forward KL's q - p
+has no such cancelling constant (the rewrite would only add the rounding of the whole row), so
+it is written directly.
+
+The row max and the log-sum are kept apart: log q_j = (s_j - m_s) - log l_s, never s_j - LSE_s
+with LSE_s rounded to fp32 (at small T or large logits LSE_s is large, and its rounding would
+shift every log-probability). beta's constants (1 - beta, log(beta / (1 - beta)), H(beta)) are
+computed on the host in float64: in fp32, 1 - beta and log(1 - beta) lose beta near 0 or 1.
 
 No softmax, log-softmax or probability tensor is ever stored; ignored tokens get loss 0 and a
 zero gradient row.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -45,9 +54,10 @@ def _softplus(x):
 
 
 @triton.jit
-def _jsd_x(s, t, lse_s, lse_t, log_odds_beta):
-    # x = log(beta p / ((1 - beta) q)) = log(beta / (1 - beta)) + (t - s) - (LSE_t - LSE_s)
-    return log_odds_beta + (t - s) - (lse_t - lse_s)
+def _jsd_x(s, t, m_s, m_t, log_l_s, log_l_t, log_odds_beta):
+    # x = log(beta p / ((1 - beta) q)) = log(beta / (1 - beta)) + log p - log q, with
+    # log p = (t - m_t) - log l_t and log q = (s - m_s) - log l_s
+    return log_odds_beta + (((t - m_t) - log_l_t) - ((s - m_s) - log_l_s))
 
 
 @triton.jit
@@ -64,7 +74,8 @@ def _load_block(s_row, t_row, start, V, inv_temperature, BLOCK_V: tl.constexpr):
 def _kd_rows_kernel(
     s_ptr, t_ptr, grad_ptr, labels_ptr, loss_ptr,
     V, stride_s, stride_t, stride_g,
-    temperature, beta, soft_weight, hard_weight, ignore_index,
+    temperature, beta, one_minus_beta, log_odds_beta, binary_entropy,
+    soft_weight, hard_weight, ignore_index,
     DIVERGENCE: tl.constexpr,  # 0 kl, 1 reverse_kl, 2 jsd
     HAS_LABELS: tl.constexpr,
     HAS_HARD: tl.constexpr,
@@ -107,25 +118,25 @@ def _kd_rows_kernel(
             a = a * alpha_s + tl.sum(xlogy(e_s, s - t), axis=0)
         m_s = m_s_new
         m_t = m_t_new
-    lse_s = m_s + tl.log(l_s)
-    lse_t = m_t + tl.log(l_t)
+    log_l_s = tl.log(l_s)
+    log_l_t = tl.log(l_t)
 
+    # LSE_t - LSE_s = (m_t - m_s) + (log l_t - log l_s), the maxima apart from the log-sums
     if DIVERGENCE == 0:
-        divergence = a / l_t - lse_t + lse_s  # E_p[t - s] - LSE_t + LSE_s = KL(p || q)
+        divergence = a / l_t - (m_t - m_s) - (log_l_t - log_l_s)  # KL(p || q)
     elif DIVERGENCE == 1:
-        divergence = a / l_s - lse_s + lse_t  # E_q[s - t] - LSE_s + LSE_t = KL(q || p)
+        divergence = a / l_s - (m_s - m_t) - (log_l_s - log_l_t)  # KL(q || p)
     else:
         # ---- pass 2 (jsd): E_q[softplus(x)] and E_p[softplus(-x)]
-        log_odds_beta = tl.log(beta) - tl.log(1.0 - beta)
         eq_sp = 0.0
         ep_sp = 0.0
         for start in range(0, V, BLOCK_V):
             cols, in_vocab, z, s, t = _load_block(s_row, t_row, start, V, inv_temperature, BLOCK_V)
-            x = _jsd_x(s, t, lse_s, lse_t, log_odds_beta)
-            eq_sp += tl.sum(xlogy(tl.exp(s - lse_s), _softplus(x)), axis=0)  # 0 past the end
-            ep_sp += tl.sum(xlogy(tl.exp(t - lse_t), _softplus(-x)), axis=0)
-        binary_entropy = -beta * tl.log(beta) - (1.0 - beta) * tl.log(1.0 - beta)
-        divergence = binary_entropy - beta * ep_sp - (1.0 - beta) * eq_sp
+            x = _jsd_x(s, t, m_s, m_t, log_l_s, log_l_t, log_odds_beta)
+            q = tl.exp((s - m_s) - log_l_s)  # 0 past the end
+            eq_sp += tl.sum(xlogy(q, _softplus(x)), axis=0)
+            ep_sp += tl.sum(xlogy(tl.exp((t - m_t) - log_l_t), _softplus(-x)), axis=0)
+        divergence = binary_entropy - beta * ep_sp - one_minus_beta * eq_sp
 
     loss = soft_weight * divergence
     if HAS_HARD:
@@ -141,24 +152,37 @@ def _kd_rows_kernel(
         g_others = 0.0  # sum of g_j over j != j_top
         for start in range(0, V, BLOCK_V):
             cols, in_vocab, z, s, t = _load_block(s_row, t_row, start, V, inv_temperature, BLOCK_V)
-            q = tl.exp(s - lse_s)
+            q = tl.exp((s - m_s) - log_l_s)
             if DIVERGENCE == 0:
-                g = q - tl.exp(t - lse_t)  # kl: q - p
+                g = q - tl.exp((t - m_t) - log_l_t)  # kl: q - p
             elif DIVERGENCE == 1:
                 # reverse: q (log q - log p - KL(q||p)) = q ((s - t) - E_q[s - t])
                 g = xlogy(q, (s - t) - a / l_s)
             else:
                 # jsd: (1 - beta) q (log(q / M) - KL(q || M)) = (1 - beta) q (E_q[sp(x)] - sp(x))
-                x = _jsd_x(s, t, lse_s, lse_t, log_odds_beta)
-                g = (1.0 - beta) * xlogy(q, eq_sp - _softplus(x))
+                x = _jsd_x(s, t, m_s, m_t, log_l_s, log_l_t, log_odds_beta)
+                g = one_minus_beta * xlogy(q, eq_sp - _softplus(x))
             g = g * (soft_weight * inv_temperature)
             if HAS_HARD:
                 g += hard_weight * cross_entropy_grad(z, lse_z, cols, label)
             g = tl.where(counted, g, 0.0)
-            not_top = in_vocab & (cols != j_top)
-            g_others += tl.sum(tl.where(not_top, g, 0.0), axis=0)
-            tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=not_top)
-        tl.store(g_row + j_top, (-g_others).to(grad_ptr.dtype.element_ty))  # rows sum to zero
+            if DIVERGENCE == 0:  # q - p: written as it is
+                tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=in_vocab)
+            else:
+                not_top = in_vocab & (cols != j_top)
+                g_others += tl.sum(tl.where(not_top, g, 0.0), axis=0)
+                tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=not_top)
+        if DIVERGENCE != 0:
+            tl.store(g_row + j_top, (-g_others).to(grad_ptr.dtype.element_ty))  # rows sum to 0
+
+
+def _beta_constants(beta: float) -> tuple[float, float, float, float]:
+    """beta, 1 - beta, log(beta / (1 - beta)) and the binary entropy H(beta), in float64."""
+    if not 0 < beta < 1:  # only "jsd" reads them, and it has 0 < beta < 1
+        return beta, 1.0 - beta, 0.0, 0.0
+    one_minus = 1.0 - beta
+    entropy = -beta * math.log(beta) - one_minus * math.log1p(-beta)
+    return beta, one_minus, math.log(beta) - math.log1p(-beta), entropy
 
 
 def kd_rows(
@@ -187,7 +211,7 @@ def kd_rows(
         loss,
         vocab, student_logits.stride(0), teacher_logits.stride(0),
         grad_out.stride(0) if grad_out is not None else 0,
-        float(options.temperature), float(options.beta),
+        float(options.temperature), *_beta_constants(options.beta),
         float(options.soft_weight), float(options.hard_weight), int(options.ignore_index),
         DIVERGENCE=DIVERGENCE_IDS[options.divergence],
         HAS_LABELS=labels is not None,

@@ -4,10 +4,15 @@ Row inputs: raw student logits z_s (V) and K teacher rows z_k (K, V), read as on
 (K_PAD, BLOCK_V) tile per vocabulary block. With s = z_s / T, t_k = z_k / T, q = softmax(s),
 p_k = softmax(t_k), everything in fp32:
 
-  pass 1  online, per teacher k: m_k, l_k = sum e^{t_k - m_k}, b_k = sum e^{t_k - m_k} t_k,
-          a_k = sum e^{t_k - m_k} (t_k - s); and the student's m_s, l_s (and l_z for CE).
-            LSE_k = m_k + log l_k,   entropy H_k = LSE_k - b_k / l_k,
-            KL(p_k || q) = a_k / l_k - LSE_k + LSE_s.
+  pass 1  online, per teacher k: m_k, l_k = sum e^{t_k - m_k}, b_k = sum e^{t_k - m_k} (t_k - m_k),
+          a_k = sum e^{t_k - m_k} ((t_k - m_k) - (s - m_s)); and the student's m_s, l_s (and
+          l_z for CE). A block raising m_k to m_k' (m_s to m_s') rescales b_k to
+          e^{m_k - m_k'} (b_k + (m_k - m_k') l_k), and a_k likewise with
+          (m_k - m_k') - (m_s - m_s') in place of (m_k - m_k').
+            entropy H_k = log l_k - b_k / l_k,   KL(p_k || q) = a_k / l_k - log l_k + log l_s.
+          The row maxima stay apart from the log-sums (log p_k = (t_k - m_k) - log l_k, never
+          t_k - LSE_k): at small T the LSEs are large, and rounding them to fp32 (or taking
+          H_k as the difference LSE_k - E_p[t_k] of two large numbers) costs ~1e-3 at T = 1e-3.
           Mixing weights w = softmax_k(log pi_k - H_k / tau) ("entropy") or pi ("static").
   pass 2  the fused target P = sum_k w_k p_k per element:
             "mixture":     loss KL(P || q) = sum_j P_j (log P_j - log q_j), known only here;
@@ -79,22 +84,26 @@ def _multi_teacher_rows_kernel(
         l_s = l_s * tl.exp(m_s - m_s_new) + tl.sum(tl.exp(s - m_s_new), axis=0)
         if HAS_HARD:
             l_z = raw_sum_update(l_z, z, m_s, m_s_new, temperature)
-        m_s = m_s_new
         m_k_new = tl.maximum(m_k, tl.max(t, axis=1))
         alpha = tl.exp(m_k - m_k_new)
         e = tl.exp(t - m_k_new[:, None])
-        l_k = l_k * alpha + tl.sum(e, axis=1)
-        b_k = b_k * alpha + tl.sum(xlogy(e, t), axis=1)
+        t_c = t - m_k_new[:, None]  # centered: t_k - m_k
+        shift = tl.where(l_k > 0, m_k - m_k_new, 0.0)  # -inf - -inf before the first value
+        b_k = alpha * (b_k + shift * l_k) + tl.sum(xlogy(e, t_c), axis=1)
         if not MIXTURE:
-            a_k = a_k * alpha + tl.sum(xlogy(e, t - s[None, :]), axis=1)
+            shift_a = tl.where(l_k > 0, shift - (m_s - m_s_new), 0.0)
+            a_k = alpha * (a_k + shift_a * l_k) + tl.sum(
+                xlogy(e, t_c - (s - m_s_new)[None, :]), axis=1)
+        l_k = l_k * alpha + tl.sum(e, axis=1)
         m_k = m_k_new
-    lse_s = m_s + tl.log(l_s)
-    lse_k = m_k + tl.log(l_k)
+        m_s = m_s_new
+    log_l_s = tl.log(l_s)
+    log_l_k = tl.log(l_k)
 
     # ---- mixing weights: w = softmax_k(log pi_k - H_k / tau), or pi
     log_prior = tl.log(tl.load(priors_ptr + k, mask=is_teacher, other=1.0))
     if ENTROPY_WEIGHTING:
-        entropy = lse_k - b_k / l_k
+        entropy = log_l_k - b_k / l_k
         logit_w = tl.where(is_teacher, log_prior - entropy / entropy_tau, -float("inf"))
         w = tl.exp(logit_w - tl.max(logit_w, axis=0))
         w = w / tl.sum(w, axis=0)
@@ -108,18 +117,19 @@ def _multi_teacher_rows_kernel(
         cross_entropy = lse_z - tl.load(s_row + label, mask=counted, other=0.0).to(tl.float32)
 
     # ---- pass 2: per element, log P = logsumexp_k(log w_k + t_k - LSE_k)
-    divergence = tl.sum(tl.where(is_teacher, w * (a_k / l_k - lse_k + lse_s), 0.0), axis=0)
+    divergence = tl.sum(tl.where(is_teacher, w * (a_k / l_k - log_l_k + log_l_s), 0.0), axis=0)
     if MIXTURE or COMPUTE_GRAD:
         g_row = grad_ptr + row * stride_g
         mixture_kl = 0.0
         for start in range(0, V, BLOCK_V):
             cols, in_vocab, z, s, t = _load_tiles(s_row, t_row, stride_tk, start, V, K,
                                                   inv_temperature, K_PAD, BLOCK_V)
-            log_wp = log_w[:, None] + t - lse_k[:, None]  # log(w_k p_k), (K_PAD, BLOCK_V)
+            # log(w_k p_k), (K_PAD, BLOCK_V)
+            log_wp = log_w[:, None] + ((t - m_k[:, None]) - log_l_k[:, None])
             top = tl.max(log_wp, axis=0)
             log_mix = top + tl.log(tl.sum(tl.exp(log_wp - top[None, :]), axis=0))
             mix = tl.exp(log_mix)
-            log_q = s - lse_s
+            log_q = (s - m_s) - log_l_s
             if MIXTURE:
                 kl_terms = xlogy(mix, log_mix - log_q)
                 mixture_kl += tl.sum(tl.where(in_vocab, kl_terms, 0.0), axis=0)
