@@ -58,7 +58,9 @@ ROW_OPS: dict[str, dict[str, str]] = {
     "cuda": {"kd_rows": "kd_rows", "multi_teacher_rows": "multi_teacher_rows"},
 }
 # Ops defined in C++ (csrc/): their fakes are registered once the extension is loaded.
-NATIVE_OPS = {"kd_rows": "kd_rows", "multi_teacher_rows": "multi_teacher_rows"}
+# addmm_fp32 is the CPU's half GEMM with fp32 output (fastkd/matmul.py), not a row op.
+NATIVE_OPS = {"kd_rows": "kd_rows", "multi_teacher_rows": "multi_teacher_rows",
+              "addmm_fp32": "addmm_fp32"}
 
 
 def row_op(backend: str, kind: str) -> torch._ops.OpOverload:
@@ -122,7 +124,15 @@ def multi_teacher_rows_fake(student_logits, teacher_logits, labels, grad_out, we
     return student_logits.new_empty(student_logits.shape[0], dtype=_loss_dtype(student_logits))
 
 
-FAKES = {"kd_rows": kd_rows_fake, "multi_teacher_rows": multi_teacher_rows_fake}
+def addmm_fp32_fake(out, a, b, beta) -> None:
+    """out (M, N) fp32 += a (M, K) @ b (K, N) in place: no output, shapes only."""
+    torch._check(a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[0]
+                 and tuple(out.shape) == (a.shape[0], b.shape[1]),
+                 lambda: "addmm_fp32 needs out (M, N), a (M, K), b (K, N)")
+
+
+FAKES = {"kd_rows": kd_rows_fake, "multi_teacher_rows": multi_teacher_rows_fake,
+         "addmm_fp32": addmm_fp32_fake}
 _FAKED: set[str] = set()
 
 

@@ -162,6 +162,13 @@ def test_addmm_fp32_accumulates_half_operands_in_fp32(dtype, transposed):
     assert rel_err(out, a.double() @ b.double()) < 1e-6
 
 
+def test_addmm_fp32_opcheck():
+    gen = torch.Generator().manual_seed(18)
+    a = torch.randn(19, 33, generator=gen).bfloat16()
+    b = torch.randn(45, 33, generator=gen).bfloat16().T
+    torch.library.opcheck(torch.ops.fastkd.addmm_fp32.default, (torch.zeros(19, 45), a, b, 1.0))
+
+
 def test_auto_backend_is_the_extension_on_cpu():
     assert resolve_backend("auto", cpu, native=True) == "cpp"
     assert resolve_backend("auto", cpu) == "torch"  # the attention loss has no C++ kernels

@@ -1,0 +1,262 @@
+"""Speed side by side: methods alternated round by round in one process, ratios per round.
+
+    python benchmarks/side_by_side.py                  # the CPU goal grid (about 40 minutes)
+    python benchmarks/side_by_side.py --quick          # small shapes, a minute
+    python benchmarks/side_by_side.py --out DIR        # JSON into DIR (default results/)
+
+A shared machine's load drifts, so timing each method in its own process (bench_kernels.py)
+makes its ratios follow the load. Here every case builds its inputs once, warms every method
+up (torch.compile compiles there), then runs R >= 5 rounds; each round times forward + backward
+of every method once, in an order rotated by the round, and divides each by the plain
+PyTorch loss of the same round. Reported: the median, min and max of those per-round ratios
+in wall time and in CPU time (all threads), the median seconds, and beside them the matmul
+floor (the GEMMs alone) and the bytes-and-FLOPs model's prediction (fastkd/plan.py).
+
+Memory is per process: a fresh subprocess per (case, method) runs one forward + backward and
+reports its peak RSS above the inputs ("extra"). The ``rowop`` suite times the C++ row op
+against the torch row op on one chunk of logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cases as C
+import torch
+
+HERE = Path(__file__).resolve().parent
+MIB = 2**20
+ROUNDS = 5
+
+METHODS = {
+    "plain": C.plain_vocab,
+    "torch.compile(plain)": C.compiled(C.plain_vocab),
+    "fastkd cpp": C.fastkd_vocab("cpp"),
+    "fastkd torch": C.fastkd_vocab("torch"),
+    "matmul floor": C.matmul_floor,
+}
+
+
+def goal_cases(quick: bool) -> list[C.Case]:
+    """The CPU goal grid: N in {1024, 4096}, V in {65,536, 131,072}, H = 512, fp32 and bf16."""
+    shapes = [(256, 16384)] if quick else [(1024, 65536), (1024, 131072), (4096, 65536),
+                                           (4096, 131072)]
+    hidden = 128 if quick else 512
+    return [C.Case("vocab", f"N={n} V={v} H={hidden} {dtype}",
+                   dict(N=n, V=v, Hs=hidden, Ht=hidden, dtype=dtype, T=1.0, beta=0.5,
+                        divergence="kl"))
+            for dtype in ("fp32", "bf16") for n, v in shapes]
+
+
+def methods_for(case: C.Case, quick: bool) -> list[str]:
+    """Every method at the smallest shape of a dtype; the torch backend only there."""
+    smallest = quick or (case.params["N"], case.params["V"]) == (1024, 65536)
+    return [m for m in METHODS if m != "fastkd torch" or smallest]
+
+
+def _clear(inputs: C.Inputs) -> None:
+    for tensor in C.student_tensors(inputs):
+        tensor.grad = None
+
+
+def time_case(case: C.Case, names: list[str], rounds: int) -> dict:
+    """Per-round wall and CPU seconds of forward + backward of each method, alternated."""
+    inputs = C.make_inputs(case, "cpu")
+    losses = {name: METHODS[name](inputs, case) for name in names}
+    for name in names:  # warm-up: compiles, builds the extension, faults pages in
+        _clear(inputs)
+        losses[name]().backward()
+    wall = {name: [] for name in names}
+    cpu = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            _clear(inputs)
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            losses[name]().backward()
+            wall[name].append(time.perf_counter() - start_wall)
+            cpu[name].append(time.process_time() - start_cpu)
+    return {"wall_s": wall, "cpu_s": cpu}
+
+
+def ratios(samples: dict[str, list[float]], reference: str) -> dict[str, dict]:
+    """Median / min / max over rounds of method time / reference time in the same round."""
+    out = {}
+    for name, times in samples.items():
+        per_round = [t / ref for t, ref in zip(times, samples[reference])]
+        out[name] = {"median": statistics.median(per_round), "min": min(per_round),
+                     "max": max(per_round)}
+    return out
+
+
+def predicted_seconds(case: C.Case) -> float:
+    """The plan's predicted fastkd fwd+bwd time on the model's CPU machine (fastkd/plan.py)."""
+    from fastkd.plan import PLAN_MACHINES, plan_chunks, predict
+
+    p = case.params
+    half = p["dtype"] != "fp32"
+    plan = plan_chunks(p["V"], 1, "cpp", half, widths=(p["Hs"], p["Ht"]), tokens=p["N"])
+    machine = PLAN_MACHINES[("cpu", 2 if half else 4)]
+    return predict(plan, p["N"], p["V"], p["Hs"], [p["Ht"]], 2 if half else 4, machine).seconds
+
+
+MEMORY_WORKER = """
+import json, sys
+sys.path.insert(0, {here!r})
+import torch
+import cases as C
+import side_by_side as S
+torch.set_num_threads({threads})
+case = C.Case(**json.loads({case!r}))
+inputs = C.make_inputs(case, "cpu")
+loss = S.METHODS[{name!r}](inputs, case)
+before = S.rss("VmRSS")
+S.reset_peak()
+loss().backward()
+print(json.dumps({{"extra_bytes": S.rss("VmHWM") - before}}))
+"""
+
+
+def rss(field: str) -> int:
+    """A VmRSS / VmHWM line of /proc/self/status, in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak() -> None:
+    """Reset VmHWM (peak RSS) to the current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+
+
+def extra_memory(case: C.Case, name: str) -> int | None:
+    """Peak RSS above the inputs of one forward + backward, in a fresh process."""
+    code = MEMORY_WORKER.format(here=str(HERE), threads=torch.get_num_threads(), name=name,
+                                case=json.dumps({"suite": case.suite, "name": case.name,
+                                                 "params": case.params}))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=1800)
+    if done.returncode != 0:
+        print(f"  memory of {name} failed: {done.stderr.strip().splitlines()[-1:]}")
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])["extra_bytes"]
+
+
+def rowop_case(rounds: int, quick: bool) -> dict:
+    """The C++ row op against the torch row op on one chunk: N=256, V=131,072, fp32, KL."""
+    from fastkd.options import KDOptions
+    from fastkd.rowops import kd_rows_torch
+
+    rows, vocab = (64, 16384) if quick else (256, 131072)
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(rows, vocab, generator=gen) * C.LOGIT_STD
+    zt = torch.randn(rows, vocab, generator=gen) * C.LOGIT_STD
+    grad = torch.empty_like(z)
+    options = KDOptions()
+    calls = {
+        "torch row op": lambda: kd_rows_torch(z, zt, None, grad, options),
+        "C++ row op": lambda: torch.ops.fastkd.kd_rows(z, zt, None, grad, "kl", 0.5, 1.0, 1.0,
+                                                        0.0, -100),
+    }
+    names = list(calls)
+    for call in calls.values():
+        call()
+    wall = {name: [] for name in names}
+    cpu = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % 2:] + names[: r % 2]:
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            calls[name]()
+            wall[name].append(time.perf_counter() - start_wall)
+            cpu[name].append(time.process_time() - start_cpu)
+    return {"shape": {"N": rows, "V": vocab, "dtype": "fp32", "divergence": "kl"},
+            "wall_s": wall, "cpu_s": cpu,
+            "speedup_wall": ratios(wall, "C++ row op")["torch row op"],
+            "speedup_cpu": ratios(cpu, "C++ row op")["torch row op"]}
+
+
+def environment() -> dict:
+    from fastkd import csrc
+
+    return {"device": platform.processor() or platform.machine(),
+            "cpu_model": _cpu_model(), "threads": torch.get_num_threads(),
+            "cpu_capability": csrc.cpu_capability(), "torch": torch.__version__,
+            "python": platform.python_version(), "load_average_start": os.getloadavg(),
+            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def _cpu_model() -> str:
+    with open("/proc/cpuinfo") as info:
+        return next((line.split(":", 1)[1].strip() for line in info
+                     if line.startswith("model name")), "unknown")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, a minute")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="rounds (at least 5)")
+    parser.add_argument("--out", type=Path, default=HERE / "results",
+                        help="folder for the JSON (default benchmarks/results)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    args = parser.parse_args(argv)
+    if args.rounds < 5:
+        parser.error(f"--rounds must be at least 5, got {args.rounds}")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file; give a folder")
+    from fastkd import csrc
+
+    if not csrc.load():
+        parser.error("the C++ extension did not build: nothing to compare (see the warning)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = args.out / f"cpu-side-by-side-{stamp}{'-quick' if args.quick else ''}.json"
+    record = {"environment": environment(), "rounds": args.rounds, "cases": []}
+
+    record["rowop"] = rowop_case(args.rounds, args.quick)
+    speed = record["rowop"]["speedup_wall"]["median"]
+    print(f"row op {record['rowop']['shape']}: C++ {speed:.1f}x faster than torch (wall, median)")
+    for case in goal_cases(args.quick):
+        names = methods_for(case, args.quick)
+        print(f"{case.name}: {', '.join(names)}", flush=True)
+        result = {"case": case.name, "params": case.params, **time_case(case, names, args.rounds)}
+        result["ratio_wall"] = ratios(result["wall_s"], "plain")
+        result["ratio_cpu"] = ratios(result["cpu_s"], "plain")
+        result["vs_compile_wall"] = ratios(result["wall_s"], "torch.compile(plain)")
+        result["predicted_fastkd_s"] = predicted_seconds(case)
+        if not args.no_memory:
+            result["extra_mib"] = {name: (None if (b := extra_memory(case, name)) is None
+                                          else b / MIB)
+                                   for name in names if name != "torch.compile(plain)"}
+        record["cases"].append(result)
+        _print_case(result)
+        path.write_text(json.dumps(record, indent=1))  # kept after every case
+    record["environment"]["load_average_end"] = os.getloadavg()
+    path.write_text(json.dumps(record, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+def _print_case(result: dict) -> None:
+    for name, wall in result["ratio_wall"].items():
+        median_s = statistics.median(result["wall_s"][name])
+        cpu = result["ratio_cpu"][name]["median"]
+        extra = result.get("extra_mib", {}).get(name)
+        print(f"  {name:22s} {median_s:8.2f} s  x{wall['median']:.2f} plain "
+              f"[{wall['min']:.2f}, {wall['max']:.2f}] (cpu x{cpu:.2f})"
+              + (f"  extra {extra:.0f} MiB" if extra is not None else ""))
+    print(f"  model's fastkd prediction {result['predicted_fastkd_s']:.2f} s", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
