@@ -120,8 +120,10 @@ def test_chunking_does_not_change_the_result(backend, device):
               *linear_inputs((23,), 8, 64, 6.0, torch.float32, device, gen)[:2]]
     losses = [fused_kd_loss(*inputs, divergence="reverse_kl", backend=backend, chunk_size=c)
               for c in (1, 5, 23, 64)]
+    # fp32 against fp32: the chunk size changes the GEMM shapes and so their rounding (2e-7
+    # here; blocking and FMA use vary with the CPU); a chunking bug is off by far more
     for other in losses[1:]:
-        torch.testing.assert_close(other, losses[0], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(other, losses[0], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
