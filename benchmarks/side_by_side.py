@@ -1,6 +1,6 @@
 """Speed side by side: methods alternated round by round in one process, ratios per round.
 
-    python benchmarks/side_by_side.py                  # the CPU goal grid (about 40 minutes)
+    python benchmarks/side_by_side.py                  # the CPU goal grid (about an hour)
     python benchmarks/side_by_side.py --quick          # small shapes, a minute
     python benchmarks/side_by_side.py --out DIR        # JSON into DIR (default results/)
 
@@ -14,7 +14,8 @@ floor (the GEMMs alone) and the bytes-and-FLOPs model's prediction (fastkd/plan.
 
 Memory is per process: a fresh subprocess per (case, method) runs one forward + backward and
 reports its peak RSS above the inputs ("extra"). The ``rowop`` suite times the C++ row op
-against the torch row op on one chunk of logits.
+against the torch row op on one chunk of logits, the ``logits`` suite ``kd_loss`` on given
+logits with each backend.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ METHODS = {
     "fastkd torch": C.fastkd_vocab("torch"),
     "matmul floor": C.matmul_floor,
 }
+LOGIT_METHODS = {
+    "plain": C.plain_logits,
+    "fastkd cpp": C.fastkd_logits("cpp"),
+    "fastkd torch": C.fastkd_logits("torch"),
+}
 
 
 def goal_cases(quick: bool) -> list[C.Case]:
@@ -57,10 +63,23 @@ def goal_cases(quick: bool) -> list[C.Case]:
             for dtype in ("fp32", "bf16") for n, v in shapes]
 
 
+def logit_cases(quick: bool) -> list[C.Case]:
+    """kd_loss on given logits, each backend: N = 1024, V = 65,536, fp32."""
+    n, v = (256, 16384) if quick else (1024, 65536)
+    return [C.Case("logits", f"logits N={n} V={v} fp32",
+                   dict(N=n, V=v, dtype="fp32", T=1.0, beta=0.5, divergence="kl"))]
+
+
 def methods_for(case: C.Case, quick: bool) -> list[str]:
     """Every method at the smallest shape of a dtype; the torch backend only there."""
+    if case.suite == "logits":
+        return list(LOGIT_METHODS)
     smallest = quick or (case.params["N"], case.params["V"]) == (1024, 65536)
     return [m for m in METHODS if m != "fastkd torch" or smallest]
+
+
+def method(case: C.Case, name: str):
+    return (LOGIT_METHODS if case.suite == "logits" else METHODS)[name]
 
 
 def _clear(inputs: C.Inputs) -> None:
@@ -71,7 +90,7 @@ def _clear(inputs: C.Inputs) -> None:
 def time_case(case: C.Case, names: list[str], rounds: int) -> dict:
     """Per-round wall and CPU seconds of forward + backward of each method, alternated."""
     inputs = C.make_inputs(case, "cpu")
-    losses = {name: METHODS[name](inputs, case) for name in names}
+    losses = {name: method(case, name)(inputs, case) for name in names}
     for name in names:  # warm-up: compiles, builds the extension, faults pages in
         _clear(inputs)
         losses[name]().backward()
@@ -117,7 +136,7 @@ import side_by_side as S
 torch.set_num_threads({threads})
 case = C.Case(**json.loads({case!r}))
 inputs = C.make_inputs(case, "cpu")
-loss = S.METHODS[{name!r}](inputs, case)
+loss = S.method(case, {name!r})(inputs, case)
 before = S.rss("VmRSS")
 S.reset_peak()
 loss().backward()
@@ -226,14 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     record["rowop"] = rowop_case(args.rounds, args.quick)
     speed = record["rowop"]["speedup_wall"]["median"]
     print(f"row op {record['rowop']['shape']}: C++ {speed:.1f}x faster than torch (wall, median)")
-    for case in goal_cases(args.quick):
+    for case in logit_cases(args.quick) + goal_cases(args.quick):
         names = methods_for(case, args.quick)
         print(f"{case.name}: {', '.join(names)}", flush=True)
         result = {"case": case.name, "params": case.params, **time_case(case, names, args.rounds)}
         result["ratio_wall"] = ratios(result["wall_s"], "plain")
         result["ratio_cpu"] = ratios(result["cpu_s"], "plain")
-        result["vs_compile_wall"] = ratios(result["wall_s"], "torch.compile(plain)")
-        result["predicted_fastkd_s"] = predicted_seconds(case)
+        if case.suite == "vocab":
+            result["vs_compile_wall"] = ratios(result["wall_s"], "torch.compile(plain)")
+            result["predicted_fastkd_s"] = predicted_seconds(case)
         if not args.no_memory:
             result["extra_mib"] = {name: (None if (b := extra_memory(case, name)) is None
                                           else b / MIB)
@@ -255,7 +275,8 @@ def _print_case(result: dict) -> None:
         print(f"  {name:22s} {median_s:8.2f} s  x{wall['median']:.2f} plain "
               f"[{wall['min']:.2f}, {wall['max']:.2f}] (cpu x{cpu:.2f})"
               + (f"  extra {extra:.0f} MiB" if extra is not None else ""))
-    print(f"  model's fastkd prediction {result['predicted_fastkd_s']:.2f} s", flush=True)
+    if "predicted_fastkd_s" in result:
+        print(f"  model's fastkd prediction {result['predicted_fastkd_s']:.2f} s", flush=True)
 
 
 if __name__ == "__main__":

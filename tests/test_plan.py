@@ -71,3 +71,19 @@ def test_cpu_plan_reaches_the_speed_rows_for_the_native_op():
 def test_chunk_size_overrides_and_rows_never_fall_below_16():
     assert plan_chunks(65536, 3, "torch", False, chunk_size=7).rows == 7
     assert plan_chunks(10**9, 1, "triton", False).rows == 16
+
+
+def test_cost_model_report_prints_the_plan_and_its_prediction():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "cost_model.py"
+    done = subprocess.run([sys.executable, str(script), "--vocab", "256000"], text=True,
+                          capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "fastkd's plan: rows 304, gradient rows 608" in done.stdout
+    assert "chunk_size=128: rows 128" in done.stdout
+    bad = subprocess.run([sys.executable, str(script), "--tokens", "0"], text=True,
+                         capture_output=True, timeout=120)
+    assert bad.returncode == 2 and "must be positive" in bad.stderr
