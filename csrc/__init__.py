@@ -84,6 +84,13 @@ def load() -> bool:
     return True
 
 
+@torch.compiler.assume_constant_result
+def available() -> bool:
+    """``load()``, for code that torch.compile traces: the build-or-load (files, locks, a
+    compiler) runs once at trace time and its answer is a constant of the graph."""
+    return load()
+
+
 def _build_and_load() -> None:
     from torch.utils.cpp_extension import load as cpp_load
 

@@ -216,10 +216,7 @@ def resolve_backend(backend: str, device: torch.device, *, native: bool = False)
     return backend
 
 
-# Under torch.compile the build-or-load (files, locks, a compiler) runs once at trace time and
-# its answer is a constant of the graph, instead of being traced.
-@torch.compiler.assume_constant_result
 def _csrc_loads() -> bool:
     from fastkd import csrc
 
-    return csrc.load()
+    return csrc.available()  # a constant under torch.compile

@@ -56,7 +56,7 @@ def _cpu_half_gemm(a: torch.Tensor, out: torch.Tensor) -> bool:
         return False
     from fastkd import csrc
 
-    return csrc.load()
+    return csrc.available()
 
 
 @functools.cache
