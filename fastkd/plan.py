@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -151,8 +152,13 @@ def plan_chunks(
     """
     cap = int(os.environ.get("FASTKD_CHUNK_MEMORY", DEFAULT_CHUNK_MEMORY.get(device_type, 0))
               or DEFAULT_CHUNK_MEMORY["cpu"])
-    return _constant_plan(vocab, teachers, backend, half_weights, chunk_size, device_type, widths,
-                          tokens, cap)
+    # Under torch.compile with dynamic shapes these may be symbolic; the chunk loops are Python
+    # loops over them anyway, so the graph specializes on them (operator.index guards on the
+    # value, where int() would keep a symbol).
+    widths = None if widths is None else tuple(operator.index(w) for w in widths)
+    tokens = None if tokens is None else operator.index(tokens)
+    return _constant_plan(operator.index(vocab), teachers, backend, half_weights, chunk_size,
+                          device_type, widths, tokens, cap)
 
 
 # Pure Python on ints: torch.compile takes its result as a constant of the traced graph (the

@@ -160,3 +160,18 @@ def test_fused_kd_loss_half_weights_compiles(backend):
 
     _compare(fn, (hidden, weight, t_hidden.bfloat16(), t_weight.bfloat16(), labels),
              (hidden, weight))
+
+
+def test_varying_token_counts_compile():
+    """A new token count recompiles (the chunk loops specialize on it), never breaks the graph:
+    with dynamic shapes the plan's arguments are symbolic and are made concrete first."""
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        lambda h, w, th, tw, y: fused_kd_loss(h, w, th, tw, y, hard_weight=0.2, backend="torch"),
+        fullgraph=True, backend="aot_eager", dynamic=True)
+    for tokens in (17, 30):
+        hidden, weight, t_hidden, t_weight, labels = _linear_inputs(9 + tokens, tokens=tokens)
+        expected = fused_kd_loss(hidden, weight, t_hidden, t_weight, labels, hard_weight=0.2,
+                                 backend="torch")
+        torch.testing.assert_close(compiled(hidden, weight, t_hidden, t_weight, labels), expected)
+    torch._dynamo.reset()
