@@ -164,12 +164,13 @@ def test_fused_kd_loss_half_weights_compiles(backend):
 
 def test_varying_token_counts_compile():
     """A new token count recompiles (the chunk loops specialize on it), never breaks the graph:
-    with dynamic shapes the plan's arguments are symbolic and are made concrete first."""
+    the second count turns the shapes dynamic (automatic dynamic), where the plan's arguments
+    are symbolic and are made concrete first."""
     torch._dynamo.reset()
     compiled = torch.compile(
         lambda h, w, th, tw, y: fused_kd_loss(h, w, th, tw, y, hard_weight=0.2, backend="torch"),
-        fullgraph=True, backend="aot_eager", dynamic=True)
-    for tokens in (17, 30):
+        fullgraph=True, backend="aot_eager")
+    for tokens in (17, 30, 45):
         hidden, weight, t_hidden, t_weight, labels = _linear_inputs(9 + tokens, tokens=tokens)
         expected = fused_kd_loss(hidden, weight, t_hidden, t_weight, labels, hard_weight=0.2,
                                  backend="torch")
