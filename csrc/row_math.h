@@ -103,6 +103,13 @@ FASTKD_HD V divergence_grad(int divergence, V log_q, V log_p, V ds, V dt, V mean
   return one_minus_beta * M::xlogy(q, eq_sp - softplus<M>(jsd_x(log_q, log_p, log_odds_beta)));
 }
 
+// ---- the hard CE term at T = 1: d CE / d z_j = softmax(z)_j - onehot(label)_j; this is the
+// softmax part, from the untempered max m_z and log l_z (the caller subtracts the onehot).
+template <typename M, typename V>
+FASTKD_HD V hard_grad(V z, V m_z, V log_l_z) {
+  return M::exp(z - m_z - log_l_z);
+}
+
 // ---- multi-teacher: teacher k's entropy from its sums, H_k = log l_k - b_k / l_k with
 // b_k = sum e^{dt_k} dt_k; the weighted-KL term KL(p_k || q) = a_k / l_k - log l_k + log l_s.
 template <typename T>

@@ -126,21 +126,8 @@ RawLse<T> raw_lse(const T* z, int64_t n, T m_z, T l_s, T temperature) {
   return {m_z, log_(l_z.total())};
 }
 
-// Adds hard_weight (softmax(z) - onehot(label)) to the row gradient g (the softmax part per
-// element, the onehot part here) and returns the hard CE term LSE(z) - z[label].
-template <typename T>
-T add_hard_term(const T* z, T* g, int64_t n, int64_t label, RawLse<T> lse, T hard_weight) {
-  sweep<T>(n, [&](auto lane, int64_t j) {
-    using L = decltype(lane);
-    using V = typename L::V;
-    V softmax = L::M::exp(L::load(z + j) - V(lse.m) - V(lse.log_l));
-    L::store(g + j, L::load(g + j) + V(hard_weight) * softmax);
-  });
-  g[label] -= hard_weight;
-  return lse.log_l - (z[label] - lse.m);
-}
-
-// Loss of one counted row; writes d loss / d z_s into g (n) when g is given.
+// Loss of one counted row; writes d loss / d z_s into g (n) when g is given. g may be z itself:
+// every z_j is read before g_j is written, and nothing reads z after the gradient pass.
 template <typename T>
 T kd_row(const T* z, const T* zt, int64_t n, int64_t label, const KDOptions& o, T* g) {
   const T inv_t = T(1) / T(o.temperature);
@@ -190,26 +177,31 @@ T kd_row(const T* z, const T* zt, int64_t n, int64_t label, const KDOptions& o, 
     divergence = one_pass_divergence(o.divergence, a.total(), l_s.total(), l_t.total());
   }
   T loss = T(o.soft_weight) * divergence;
-  const bool hard = o.hard_weight > 0;
-  const RawLse<T> lse = hard ? raw_lse(z, n, m_z, l_s.total(), T(o.temperature)) : RawLse<T>{};
-  if (g == nullptr) return hard ? loss + T(o.hard_weight) * (lse.log_l - (z[label] - lse.m)) : loss;
+  const T hard_weight = T(o.hard_weight);
+  const RawLse<T> lse = hard_weight > 0 ? raw_lse(z, n, m_z, l_s.total(), T(o.temperature))
+                                        : RawLse<T>{};
+  if (hard_weight > 0) loss += hard_weight * (lse.log_l - (z[label] - lse.m));  // CE
+  if (g == nullptr) return loss;
+  const int64_t top = o.divergence != KL ? first_index_of(z, n, m_z) : -1;
 
-  // pass 3: g = soft_weight / T d div / d s (+ the hard CE gradient)
+  // pass 3: g = soft_weight / T d div / d s + hard_weight softmax(z) (the onehot after)
   const T coef = T(o.soft_weight) * inv_t;
   sweep<T>(n, [&](auto lane, int64_t j) {
     using L = decltype(lane);
+    using M = typename L::M;
     using V = typename L::V;
     auto [ds, dt] = shifted(lane, j);
-    V grad = divergence_grad<typename L::M>(o.divergence, ds - V(log_l_s), dt - V(log_l_t), ds,
-                                            dt, V(mean_ds_dt), V(jsd.one_minus_beta),
-                                            V(jsd.log_odds_beta), V(eq_sp));
-    L::store(g + j, V(coef) * grad);
+    V grad = V(coef) * divergence_grad<M>(o.divergence, ds - V(log_l_s), dt - V(log_l_t), ds,
+                                          dt, V(mean_ds_dt), V(jsd.one_minus_beta),
+                                          V(jsd.log_odds_beta), V(eq_sp));
+    if (hard_weight > 0) grad = grad + V(hard_weight) * hard_grad<M>(L::load(z + j), V(lse.m),
+                                                                      V(lse.log_l));
+    L::store(g + j, grad);
   });
-  if (hard) loss += T(o.hard_weight) * add_hard_term(z, g, n, label, lse, T(o.hard_weight));
-  if (o.divergence != KL) {
+  if (hard_weight > 0) g[label] -= hard_weight;
+  if (top >= 0) {
     // Rows sum to zero (softmax is shift invariant). At the top student logit the reverse-KL
     // and JSD formulas cancel when q is near one-hot, so that entry is -(sum of the others).
-    const int64_t top = first_index_of(z, n, m_z);
     g[top] = T(0);
     Sum<T> others;
     sweep<T>(n, [&](auto lane, int64_t j) { others.add(decltype(lane)::load(g + j)); });
@@ -301,18 +293,23 @@ T multi_teacher_row(const T* z, const T* zt, int64_t teacher_stride, int64_t n, 
       divergence += weight[k] * (a[k].total() / l_t[k].total() - log_l_t[k] + log_l_s);
   }
   T loss = T(o.soft_weight) * divergence;
-  const bool hard = o.hard_weight > 0;
-  const RawLse<T> lse = hard ? raw_lse(z, n, m_z, l_s.total(), T(o.temperature)) : RawLse<T>{};
-  if (g == nullptr) return hard ? loss + T(o.hard_weight) * (lse.log_l - (z[label] - lse.m)) : loss;
+  const T hard_weight = T(o.hard_weight);
+  const RawLse<T> lse = hard_weight > 0 ? raw_lse(z, n, m_z, l_s.total(), T(o.temperature))
+                                        : RawLse<T>{};
+  if (hard_weight > 0) loss += hard_weight * (lse.log_l - (z[label] - lse.m));  // CE
+  if (g == nullptr) return loss;
 
-  const T coef = T(o.soft_weight) * inv_t;  // pass 4: g = soft_weight / T (q - P)
+  const T coef = T(o.soft_weight) * inv_t;  // pass 4: g = soft_weight / T (q - P) + hard
   sweep<T>(n, [&](auto lane, int64_t j) {
     using L = decltype(lane);
+    using M = typename L::M;
     using V = typename L::V;
-    V q = L::M::exp(L::load(z + j) * V(inv_t) - V(m_s) - V(log_l_s));
-    L::store(g + j, V(coef) * (q - mixture(lane, j)));
+    V zj = L::load(z + j);
+    V grad = V(coef) * (M::exp(zj * V(inv_t) - V(m_s) - V(log_l_s)) - mixture(lane, j));
+    if (hard_weight > 0) grad = grad + V(hard_weight) * hard_grad<M>(zj, V(lse.m), V(lse.log_l));
+    L::store(g + j, grad);
   });
-  if (hard) loss += T(o.hard_weight) * add_hard_term(z, g, n, label, lse, T(o.hard_weight));
+  if (hard_weight > 0) g[label] -= hard_weight;
   return loss;
 }
 
@@ -343,17 +340,23 @@ std::vector<int64_t> row_labels(const std::optional<at::Tensor>& labels, int64_t
   return out;
 }
 
-// Runs row(r, g_row) for every row in parallel; g_row is a per-thread scratch row (or null),
-// copied into grad_out's row in its dtype afterwards (grad_out may alias the logits).
+// Runs row(r, g_row) for every row in parallel. g_row is grad_out's row when grad_out has the
+// math dtype T (it may alias the logits: the row functions allow it), else a per-thread
+// scratch row converted into grad_out's dtype afterwards; null without grad_out. A row that
+// does not count (row returns false) gets a zero gradient row.
 template <typename T, typename RowFn>
 void for_each_row(int64_t rows, int64_t vocab, const std::optional<at::Tensor>& grad_out,
                   RowFn&& row) {
+  const bool direct =
+      grad_out.has_value() && grad_out->scalar_type() == c10::CppTypeToScalarType<T>::value;
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scratch(grad_out.has_value() ? vocab : 0);
+    std::vector<T> scratch(grad_out.has_value() && !direct ? vocab : 0);
     for (int64_t r = begin; r < end; ++r) {
-      T* g = grad_out.has_value() ? scratch.data() : nullptr;
-      if (!row(r, g) && g != nullptr) std::fill(scratch.begin(), scratch.end(), T(0));
-      if (g == nullptr) continue;
+      T* g = !grad_out.has_value() ? nullptr
+             : direct ? grad_out->data_ptr<T>() + r * grad_out->stride(0)
+                      : scratch.data();
+      if (!row(r, g) && g != nullptr) std::fill(g, g + vocab, T(0));
+      if (g == nullptr || direct) continue;
       AT_DISPATCH_FLOATING_TYPES_AND2(
           at::kBFloat16, at::kHalf, grad_out->scalar_type(), "fastkd_grad_store", [&] {
             scalar_t* dst = grad_out->data_ptr<scalar_t>() + r * grad_out->stride(0);

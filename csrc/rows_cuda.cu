@@ -183,7 +183,7 @@ kd_rows_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
                                         mean_ds_dt, jsd.one_minus_beta, jsd.log_odds_beta,
                                         eq_sp);
     if (o.hard_weight > 0)
-      value += T(o.hard_weight) * (M::exp(z[j] - m_z - log_l_z) - (j == label ? T(1) : T(0)));
+      value += T(o.hard_weight) * (hard_grad<M>(z[j], m_z, log_l_z) - (j == label ? T(1) : T(0)));
     if (j == top) continue;
     others += value;
     g[j] = store_value<G>(value);  // z[j] was read above: g may alias the student logits
@@ -291,7 +291,7 @@ multi_teacher_rows_kernel(const T* __restrict__ student, const T* __restrict__ t
   for (int64_t j = threadIdx.x; j < V; j += THREADS) {
     T value = coef * (M::exp(z[j] * inv_t - m_s - log_l_s) - mixture(j));
     if (o.hard_weight > 0)
-      value += T(o.hard_weight) * (M::exp(z[j] - m_z - log_l_z) - (j == label ? T(1) : T(0)));
+      value += T(o.hard_weight) * (hard_grad<M>(z[j], m_z, log_l_z) - (j == label ? T(1) : T(0)));
     g[j] = store_value<G>(value);
   }
 }
