@@ -26,7 +26,8 @@ HOPPER = GPUTarget("cuda", 90, 32)
 KD_ROWS_SIGNATURE = {
     "s_ptr": "*fp32", "t_ptr": "*bf16", "grad_ptr": "*bf16", "labels_ptr": "*i64",
     "loss_ptr": "*fp32", "V": "i32", "stride_s": "i64", "stride_t": "i64", "stride_g": "i64",
-    "temperature": "fp32", "beta": "fp32", "soft_weight": "fp32", "hard_weight": "fp32",
+    "temperature": "fp32", "beta": "fp32", "one_minus_beta": "fp32", "log_odds_beta": "fp32",
+    "binary_entropy": "fp32", "soft_weight": "fp32", "hard_weight": "fp32",
     "ignore_index": "i32",
 }
 
