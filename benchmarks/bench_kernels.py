@@ -319,7 +319,8 @@ def measure_all(cases: list[C.Case], device: str, checks: dict) -> list[dict]:
     todo = []
     for case in cases:
         record = {"suite": case.suite, "name": case.name, "params": case.params,
-                  "flops": {mode: C.flops(case, mode) for mode in case.modes}, "methods": []}
+                  "flops": {mode: C.flops(case, mode) for mode in case.modes},
+                  "model": C.predicted(case, device), "methods": []}
         records.append(record)
         for method in C.METHODS[case.suite]:
             skip = method.available(case, device)
@@ -405,6 +406,11 @@ def print_table(records: list[dict], env: dict) -> None:
         ref = C.REFERENCE_METHOD.get(record["suite"], "-")
         print(f"\n== {record['name']}  (fwd+bwd {flop / 1e12:.3g} TFLOP; x ref: {ref})"
               if flop else f"\n== {record['name']}  (memory-bound: no FLOP figure)")
+        if record.get("model"):
+            model = record["model"]
+            print(f"   model ({model['machine']}): fastkd fwd+bwd {model['fwd+bwd_ms']:.1f} ms, "
+                  f"floor {model['floor_ms']:.1f} ms; plan {model['rows']} rows, "
+                  f"{model['grad_rows']} gradient rows")
         print(head)
         skipped = []
         for method in record["methods"]:
@@ -491,8 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(args.device)
     print(f"fastkd benchmark on {env['device_name']} ({args.device}): {len(cases)} cases")
     if args.device == "cpu":
-        print("CPU run: only the torch backend of fastkd is timed (the triton backend needs a "
-              "GPU; on CPU it runs in the interpreter, checked for correctness only)")
+        print("CPU run: fastkd's torch and cpp backends are timed (the triton backend needs a "
+              "GPU; on CPU it runs in the interpreter, checked for correctness only); "
+              "benchmarks/side_by_side.py gives the CPU speed ratios")
     print("correctness against the float64 oracle (small odd shapes):")
     checks = check_all(cases, args.device)
     records = measure_all(cases, args.device, checks)

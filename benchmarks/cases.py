@@ -285,6 +285,31 @@ def compile_available(case: Case, device: str) -> Skip | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The bytes-and-FLOPs model's prediction (fastkd/plan.py), printed beside the measured times
+
+
+def predicted(case: Case, device: str) -> dict | None:
+    """fastkd's plan for the case and its predicted fwd+bwd time on this GPU's peak figures
+    (H100 or H200 datasheet values); None on CPU, for other suites and for other GPUs."""
+    if device != "cuda" or case.suite not in ("vocab", "multi_teacher"):
+        return None
+    from fastkd.plan import H100, H200, plan_chunks, predict
+
+    name = torch.cuda.get_device_name()
+    machine = H200 if "H200" in name else H100 if "H100" in name else None
+    if machine is None:
+        return None
+    p = case.params
+    widths = (p["Hs"], *[p["Ht"]] * p.get("K", 1))
+    half = p["dtype"] != "fp32"
+    plan = plan_chunks(p["V"], len(widths) - 1, "triton", half, device_type="cuda",
+                       widths=widths, tokens=p["N"])
+    cost = predict(plan, p["N"], p["V"], p["Hs"], widths[1:], 2 if half else 4, machine)
+    return {"machine": machine.name, "rows": plan.rows, "grad_rows": plan.grad_rows,
+            "fwd+bwd_ms": cost.seconds * 1e3, "floor_ms": cost.floor * 1e3}
+
+
+# ---------------------------------------------------------------------------------------------
 # fastkd
 
 
@@ -302,6 +327,14 @@ def fastkd_available(function: str, backend: str) -> Callable[[Case, str], Skip 
             return Skip("the triton backend runs on CPU only in the Triton interpreter, far too "
                         "slow to time; checked against the oracle at the small shape only",
                         checkable=True)
+        native_device = {"cpp": "cpu", "cuda": "cuda"}.get(backend, device)
+        if native_device != device:
+            return Skip(f"the {backend} backend runs on {native_device} tensors only")
+        if backend in ("cpp", "cuda"):
+            from fastkd import csrc
+
+            if not csrc.load():
+                return Skip("the C++ extension did not build (see the warning)")
         return None
 
     return available
@@ -431,12 +464,13 @@ def _vocab_methods(fastkd_function: str, fastkd_build, plain, liger=()) -> list[
         Method("torch.compile", compiled(plain), compile_available),
         *liger,
     ]
-    methods += [
-        Method("fastkd torch", fastkd_build("torch"), fastkd_available(fastkd_function, "torch")),
-        Method("fastkd triton", fastkd_build("triton"),
-               fastkd_available(fastkd_function, "triton")),
-    ]
-    return methods
+    return methods + fastkd_methods(fastkd_function, fastkd_build)
+
+
+def fastkd_methods(function: str, build) -> list[Method]:
+    """fastkd's backends: torch, triton, and the C++ row ops (cpp on CPU, cuda on a GPU)."""
+    return [Method(f"fastkd {backend}", build(backend), fastkd_available(function, backend))
+            for backend in ("torch", "triton", "cpp", "cuda")]
 
 
 METHODS: dict[str, list[Method]] = {
@@ -453,8 +487,7 @@ METHODS: dict[str, list[Method]] = {
         Method("torch (materialized)", plain_logits),
         Method("torch.compile", compiled(plain_logits), compile_available),
         Method("liger KL/JSD op", liger_logits, liger_available(("kl", "jsd"))),
-        Method("fastkd torch", fastkd_logits("torch"), fastkd_available("kd_loss", "torch")),
-        Method("fastkd triton", fastkd_logits("triton"), fastkd_available("kd_loss", "triton")),
+        *fastkd_methods("kd_loss", fastkd_logits),
     ],
     "multi_teacher": _vocab_methods("multi_teacher_kd_loss", fastkd_multi_teacher,
                                     plain_multi_teacher),

@@ -64,6 +64,7 @@ class Machine:
 
 
 H100 = Machine("H100 SXM (bf16 dense)", 790e12, 3.35e12)  # docs/design.md section 6
+H200 = Machine("H200 SXM (bf16 dense)", 989e12, 4.8e12)  # NVIDIA's datasheet peaks
 
 
 @dataclass(frozen=True)

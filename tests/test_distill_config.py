@@ -37,7 +37,7 @@ def test_unknown_key_is_named_with_a_suggestion(tmp_path):
     ({"teachers": "t"}, TypeError, "'teachers' expects"),
     ({"temperature": 0}, ValueError, "temperature must be > 0"),
     ({"soft_weight": 0, "hard_weight": 0}, ValueError, "not both 0"),
-    ({"divergence": "jsd", "beta": 1.0}, ValueError, "beta must be in"),
+    ({"divergence": "jsd", "beta": 1.5}, ValueError, "beta must be in"),
     ({"teachers": ["a"], "teacher_priors": [1.0, 2.0]}, ValueError, "2 entries for 1"),
     ({"seq_len": 1}, ValueError, "seq_len must be >= 2"),
     ({"teachers": ["a", "b"], "divergence": "jsd"}, ValueError, "'jsd' is for one teacher"),

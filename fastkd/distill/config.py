@@ -48,7 +48,7 @@ class DistillConfig:
     packing: bool = _opt(True, "concatenate documents and cut them into seq_len blocks")
     # loss
     divergence: str = _opt("kl", f"one of {DIVERGENCES} (one teacher)")
-    beta: float = _opt(0.5, "JSD mixing coefficient, 0 < beta < 1")
+    beta: float = _opt(0.5, "JSD mixing coefficient in [0, 1] (0: forward KL, 1: reverse KL)")
     temperature: float = _opt(1.0, "softmax temperature of the soft targets")
     soft_weight: float = _opt(1.0, "weight of the divergence to the teacher(s)")
     hard_weight: float = _opt(0.0, "weight of cross-entropy on the data labels")
@@ -129,8 +129,8 @@ class DistillConfig:
                 "by KL to their mixture or by weighted per-teacher KLs (fusion: "
                 f"{' or '.join(FUSIONS)})"
             )
-        if self.divergence == "jsd" and not 0 < self.beta < 1:
-            raise ValueError(f"beta must be in (0, 1) for divergence 'jsd', got {self.beta}")
+        if self.divergence == "jsd" and not 0 <= self.beta <= 1:
+            raise ValueError(f"beta must be in [0, 1] for divergence 'jsd', got {self.beta}")
         if self.teacher_priors is not None and len(self.teacher_priors) != len(self.teachers):
             raise ValueError(
                 f"teacher_priors has {len(self.teacher_priors)} entries for "
