@@ -109,7 +109,10 @@ def _build_and_load() -> None:
             name="fastkd_csrc",
             sources=[str(s) for s in sources],
             build_directory=str(folder),
-            extra_cflags=["-O3", *CAPABILITY_FLAGS[cpu_capability()]],
+            # at::parallel_for is an OpenMP loop in ATen's headers: without -fopenmp it runs
+            # every row on one thread (libgomp itself comes with torch)
+            extra_cflags=["-O3", "-fopenmp", *CAPABILITY_FLAGS[cpu_capability()]],
+            extra_ldflags=["-fopenmp"],
             extra_cuda_cflags=["-O3", "-gencode=arch=compute_90,code=sm_90"],
             is_python_module=False,
             verbose=False,
