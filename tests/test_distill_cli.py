@@ -175,14 +175,15 @@ def test_bad_settings_fail_before_training(dirs, tmp_path, capsys, extra, messag
     (["--weight-decay", "-1"], "weight_decay must be >= 0"),
     (["--entropy-tau", "0", "--teachers", "TEACHER"], "entropy_tau must be > 0, got 0.0"),
     (["--backend", "triton"], "backend 'triton' needs a CUDA device"),
+    (["--backend", "cuda"], "backend='cuda' needs CUDA tensors"),
     (["--output-dir", "FILE"], "is an existing file, not a folder"),
     (["--output-dir", "FILE/run"], "is a file, not a folder"),
 ])
 def test_settings_are_refused_before_any_model_loads(dirs, tmp_path, capsys, monkeypatch, extra,
                                                      message):
-    if "triton" in extra:
+    if "triton" in extra or "cuda" in extra:
         if torch.cuda.is_available():
-            pytest.skip("a CUDA device runs the triton backend")
+            pytest.skip("a CUDA device runs the triton and cuda backends")
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     import fastkd.distill.run as run
 

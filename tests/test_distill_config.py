@@ -109,6 +109,7 @@ def test_runtime_checks(tmp_path, monkeypatch):
             DistillConfig(backend="triton", output_dir=str(tmp_path)).check_runtime()
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     DistillConfig(backend="triton", output_dir=str(tmp_path)).check_runtime()
+    DistillConfig(backend="cpp", output_dir=str(tmp_path)).check_runtime()  # builds here
 
 
 def test_help_shows_defaults():

@@ -56,7 +56,8 @@ class DistillConfig:
     entropy_tau: float = _opt(1.0, "entropy weighting temperature")
     teacher_priors: list[float] | None = _opt(None, "multi-teacher prior weights", nargs="+")
     fusion: str = _opt("mixture", f"multi-teacher fusion, one of {FUSIONS}")
-    backend: str = _opt("auto", "fastkd backend: auto, triton or torch")
+    backend: str = _opt("auto", "fastkd backend: auto, triton, torch, cpp (C++, CPU) or cuda "
+                               "(CUDA C++)")
     # feature alignment of mapped layers (0 = off)
     hidden_weight: float = _opt(0.0, "weight of hidden-state alignment (learned projections)")
     hidden_loss: str = _opt("relative_mse", "hidden-state loss: relative_mse "
@@ -98,7 +99,7 @@ class DistillConfig:
         _check_choice("divergence", self.divergence, DIVERGENCES)
         _check_choice("weighting", self.weighting, WEIGHTINGS)
         _check_choice("fusion", self.fusion, FUSIONS)
-        _check_choice("backend", self.backend, ("auto", "triton", "torch"))
+        _check_choice("backend", self.backend, ("auto", "triton", "torch", "cpp", "cuda"))
         _check_choice("demo_scale", self.demo_scale, DEMO_SCALES)
         for name in ("steps", "batch_size", "grad_accum", "logging_steps", "save_steps"):
             if getattr(self, name) < 1:
@@ -196,6 +197,13 @@ class DistillConfig:
                                  "use backend 'torch' or 'auto' on CPU, or set "
                                  "TRITON_INTERPRET=1 to run the kernels in Triton's "
                                  "interpreter (slow)")
+        if self.backend in ("cpp", "cuda"):  # the device, and the C++ build (before any model)
+            import torch
+
+            from fastkd._checks import resolve_backend
+
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            resolve_backend(self.backend, device, native=True)
         _check_output_dir(self.output_dir)
 
     def to_dict(self) -> dict[str, Any]:
