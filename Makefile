@@ -40,8 +40,10 @@ lint: setup
 	$(BIN)/ruff check fastkd kernels benchmarks tests
 
 # Wheels that a lent GPU machine (torch and triton installed, no network) lacks: the peer
-# library of the benchmark and the trainer's datasets. Used by benchmarks/gpu_session.sh.
-GPU_WHEELS ?= liger-kernel==0.8.5 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+# library of the benchmark, the trainer's datasets, and a setuptools that reads the SPDX
+# license of pyproject.toml (>= 77). Used by benchmarks/gpu_session.sh.
+GPU_WHEELS ?= liger-kernel==0.8.5 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
+	setuptools==80.9.0
 gpu-wheels:
 	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
 		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
