@@ -33,6 +33,8 @@ from pathlib import Path
 
 import cases as C
 import torch
+from bench_kernels import _proc_status as rss  # noqa: F401 (the memory worker's)
+from bench_kernels import _reset_peak_rss as reset_peak  # noqa: F401
 
 HERE = Path(__file__).resolve().parent
 MIB = 2**20
@@ -143,21 +145,6 @@ S.reset_peak()
 loss().backward()
 print(json.dumps({{"extra_bytes": S.rss("VmHWM") - before}}))
 """
-
-
-def rss(field: str) -> int:
-    """A VmRSS / VmHWM line of /proc/self/status, in bytes."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def reset_peak() -> None:
-    """Reset VmHWM (peak RSS) to the current RSS (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
 
 
 def extra_memory(case: C.Case, name: str) -> int | None:

@@ -126,6 +126,12 @@ RawLse<T> raw_lse(const T* z, int64_t n, T m_z, T l_s, T temperature) {
   return {m_z, log_(l_z.total())};
 }
 
+// hard_weight (LSE(z) - z[label]), read before any gradient is written (g may alias z).
+template <typename T>
+T hard_ce(const T* z, int64_t label, RawLse<T> lse, T hard_weight) {
+  return hard_weight > 0 ? hard_weight * (lse.log_l - (z[label] - lse.m)) : T(0);
+}
+
 // Loss of one counted row; writes d loss / d z_s into g (n) when g is given. g may be z itself:
 // every z_j is read before g_j is written, and nothing reads z after the gradient pass.
 template <typename T>
@@ -176,11 +182,10 @@ T kd_row(const T* z, const T* zt, int64_t n, int64_t label, const KDOptions& o, 
   } else {
     divergence = one_pass_divergence(o.divergence, a.total(), l_s.total(), l_t.total());
   }
-  T loss = T(o.soft_weight) * divergence;
   const T hard_weight = T(o.hard_weight);
   const RawLse<T> lse = hard_weight > 0 ? raw_lse(z, n, m_z, l_s.total(), T(o.temperature))
                                         : RawLse<T>{};
-  if (hard_weight > 0) loss += hard_weight * (lse.log_l - (z[label] - lse.m));  // CE
+  const T loss = T(o.soft_weight) * divergence + hard_ce(z, label, lse, hard_weight);
   if (g == nullptr) return loss;
   const int64_t top = o.divergence != KL ? first_index_of(z, n, m_z) : -1;
 
@@ -292,11 +297,10 @@ T multi_teacher_row(const T* z, const T* zt, int64_t teacher_stride, int64_t n, 
     for (int64_t k = 0; k < K; ++k)
       divergence += weight[k] * (a[k].total() / l_t[k].total() - log_l_t[k] + log_l_s);
   }
-  T loss = T(o.soft_weight) * divergence;
   const T hard_weight = T(o.hard_weight);
   const RawLse<T> lse = hard_weight > 0 ? raw_lse(z, n, m_z, l_s.total(), T(o.temperature))
                                         : RawLse<T>{};
-  if (hard_weight > 0) loss += hard_weight * (lse.log_l - (z[label] - lse.m));  // CE
+  const T loss = T(o.soft_weight) * divergence + hard_ce(z, label, lse, hard_weight);
   if (g == nullptr) return loss;
 
   const T coef = T(o.soft_weight) * inv_t;  // pass 4: g = soft_weight / T (q - P) + hard

@@ -13,9 +13,9 @@ once per ``grad_rows`` tokens rather than once per chunk.
 
 When the shapes are known the plan is the fastest by ``predict`` within the cap. At the
 headline shape (N = 8192, V = 128,256, Hs = 2048, Ht = 4096, bf16, CUDA, the 896 MiB cap) that
-is C = 512 with a 1,536-row bf16 gradient buffer: 0.53 GB of fp32 logit buffers and 0.39 GB
-of gradient rows beside the 1.05 GB fp32 weight gradient (1.97 GB extra), predicted 1.21x
-the matmul floor (128-token chunks: 1.91x). At V = 256,000: C = 304 with 608 gradient rows
+is C = 512 with a 1,024-row bf16 gradient buffer: 0.53 GB of fp32 logit buffers and 0.26 GB
+of gradient rows beside the 1.05 GB fp32 weight gradient (1.84 GB extra), predicted 1.21x
+the matmul floor (128-token chunks: 1.81x). At V = 256,000: C = 304 with 608 gradient rows
 (0.93 GB), 1.26x. A larger ``FASTKD_CHUNK_MEMORY`` buys rows up to ``SPEED_ROWS``; a smaller
 one (or ``chunk_size=``) trades speed for memory.
 """
@@ -34,7 +34,7 @@ import torch
 # Tokens per chunk at which the logit GEMMs stop being weight-bandwidth-bound, by device type.
 SPEED_ROWS = {"cuda": 512, "cpu": 256}
 # Default cap on a chunk's working set in bytes (FASTKD_CHUNK_MEMORY overrides), by device type.
-DEFAULT_CHUNK_MEMORY = {"cuda": 896 * 2**20, "cpu": 256 * 2**20}
+DEFAULT_CHUNK_MEMORY = {"cuda": 896 * 2**20, "cpu": 320 * 2**20}
 # At most this many chunks' gradient rows collect in the half-precision gradient buffer.
 GRAD_CHUNKS = 8
 ROW_ALIGN = 16
@@ -124,11 +124,13 @@ def predict(
 
 
 # The machines the plan is chosen for, by device type and weight bytes: an H100 for CUDA, and
-# the 2-core CPU machines of the project's CI (fp32 GEMMs ~80 GFLOP/s, bf16 ~200, ~15 GB/s).
+# the 2-core CPU machines of the project's CI, from the matmul floor and a streaming add
+# measured there (benchmarks/results/cpu-side-by-side-20261203-071317.json: fp32 GEMMs 257
+# GFLOP/s, bf16 920 with the MKL half GEMMs, 27 GB/s).
 PLAN_MACHINES = {
     ("cuda", 2): H100, ("cuda", 4): Machine("H100 SXM (tf32)", 395e12, 3.35e12),
-    ("cpu", 2): Machine("2-core x86 CPU (bf16)", 200e9, 15e9),
-    ("cpu", 4): Machine("2-core x86 CPU (fp32)", 80e9, 15e9),
+    ("cpu", 2): Machine("2-core x86 CPU (bf16)", 920e9, 27e9),
+    ("cpu", 4): Machine("2-core x86 CPU (fp32)", 257e9, 27e9),
 }
 
 
@@ -146,7 +148,8 @@ def plan_chunks(
 
     ``widths`` (Hs, Ht_1, ..., Ht_K) and ``tokens`` N, when given, let ``predict`` choose the
     rows per chunk (multiples of 16 up to ``SPEED_ROWS``) and the gradient rows per pass; among
-    plans within 1% of the fastest, the one with the most rows per chunk. Without them (logits
+    plans within 1% of the fastest, the one with the most rows per chunk and then the fewest
+    gradient rows (speed first, then memory). Without them (logits
     given: no GEMMs) the rows are the most the cap allows, up to ``SPEED_ROWS``.
     ``half_weights``: d loss / d z_s is written in half precision into its own buffer of
     ``grad_rows`` rows, which the cap includes.
@@ -197,4 +200,4 @@ def _plan(vocab, teachers, backend, half_weights, chunk_size, device_type, width
                      machine).seconds for plan in plans]
     fastest = min(times)
     return max((plan for plan, t in zip(plans, times) if t <= 1.01 * fastest),
-               key=lambda plan: (plan.rows, plan.grad_rows))
+               key=lambda plan: (plan.rows, -plan.grad_rows))
