@@ -216,7 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=HERE / "results",
                         help="folder for the JSON (default benchmarks/results)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--table", type=Path, metavar="RUN.json",
+                        help="print the README's speed table of a recorded run and exit")
     args = parser.parse_args(argv)
+    if args.table is not None:
+        print(markdown(json.loads(args.table.read_text())))
+        return 0
     if args.rounds < 5:
         parser.error(f"--rounds must be at least 5, got {args.rounds}")
     if args.out.exists() and not args.out.is_dir():
@@ -265,6 +270,27 @@ def _print_case(result: dict) -> None:
               + (f"  extra {extra:.0f} MiB" if extra is not None else ""))
     if "predicted_fastkd_s" in result:
         print(f"  model's fastkd prediction {result['predicted_fastkd_s']:.2f} s", flush=True)
+
+
+def markdown(record: dict) -> str:
+    """The README's speed table of a recorded run: per case the median per-round ratios of
+    fastkd to plain PyTorch and to torch.compile (wall), the seconds, and extra memory."""
+    lines = ["| dtype | N | V | plain s | compile s | fastkd s | fastkd / plain | "
+             "fastkd / compile | extra MiB plain / fastkd |", "|---|---|---|---:|---:|---:|---:|"
+             "---:|---:|"]
+    for case in record["cases"]:
+        if case["params"].get("Hs") is None:
+            continue
+        p, wall = case["params"], case["wall_s"]
+        extra = case.get("extra_mib", {})
+        seconds = {name: statistics.median(times) for name, times in wall.items()}
+        lines.append(
+            f"| {p['dtype']} | {p['N']} | {p['V']:,} | {seconds['plain']:.2f} | "
+            f"{seconds['torch.compile(plain)']:.2f} | {seconds['fastkd cpp']:.2f} | "
+            f"{case['ratio_wall']['fastkd cpp']['median']:.2f} | "
+            f"{case['vs_compile_wall']['fastkd cpp']['median']:.2f} | "
+            f"{extra.get('plain', 0):.0f} / {extra.get('fastkd cpp', 0):.0f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
