@@ -482,6 +482,7 @@ METHODS: dict[str, list[Method]] = {
     "memory": [
         Method("torch (materialized)", plain_vocab),
         Method("fastkd torch", fastkd_vocab("torch"), fastkd_available("fused_kd_loss", "torch")),
+        Method("fastkd cpp", fastkd_vocab("cpp"), fastkd_available("fused_kd_loss", "cpp")),
     ],
     "logits": [
         Method("torch (materialized)", plain_logits),
