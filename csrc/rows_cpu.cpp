@@ -71,11 +71,33 @@ struct Sum {
   T tail{0};
   void add(Vectorized<T> x) { lanes = lanes + x; }
   void add(T x) { tail += x; }
+  void rescale(T alpha) {
+    lanes = lanes * Vectorized<T>(alpha);
+    tail *= alpha;
+  }
+  // (this - shift * weights) * alpha: a sum of w_j x_j whose x_j all moved by -shift
+  void shift_rescale(const Sum& weights, T shift, T alpha) {
+    lanes = (lanes - Vectorized<T>(shift) * weights.lanes) * Vectorized<T>(alpha);
+    tail = (tail - shift * weights.tail) * alpha;
+  }
   T total() const {
     return at::vec::vec_reduce_all<T>([](Vectorized<T> a, Vectorized<T> b) { return a + b; },
                                       lanes) + tail;
   }
 };
+
+template <typename T>
+T nan_max(T a, T b) {
+  return std::isnan(a) || a > b ? a : b;
+}
+
+template <typename T>
+T finite_or_zero(T m) {
+  return m == -std::numeric_limits<T>::infinity() ? T(0) : m;
+}
+
+// Elements per block of the row's first pass: two blocks of logits stay in L1.
+constexpr int64_t kBlock = 2048;
 
 template <typename T>
 struct Max {
@@ -137,29 +159,62 @@ T hard_ce(const T* z, int64_t label, RawLse<T> lse, T hard_weight) {
 template <typename T>
 T kd_row(const T* z, const T* zt, int64_t n, int64_t label, const KDOptions& o, T* g) {
   const T inv_t = T(1) / T(o.temperature);
-  Max<T> max_z, max_t;
-  sweep<T>(n, [&](auto lane, int64_t j) {
-    using L = decltype(lane);
-    max_z.add(L::load(z + j));
-    max_t.add(L::load(zt + j));
-  });
-  const T m_z = max_z.total(), m_s = m_z * inv_t, m_t = max_t.total() * inv_t;
-
-  // pass 2: l_s, l_t and the one-pass divergence sum a
-  Sum<T> l_s, l_t, a;
+  const bool hard = o.hard_weight > 0, raw_sum = hard && o.temperature != 1;
+  // pass 1, block by block: the block's maxima first (it stays in L1), then its exps against
+  // the running maxima; a block that raises a maximum by d rescales the running sums by e^-d.
+  // The divergence sum a is of e^{dt} (dt - ds) (kl) or e^{ds} (ds - dt) (reverse_kl) with
+  // shifted values, so it also moves by d_t - d_s times the sum it weights.
+  T m_z = -std::numeric_limits<T>::infinity(), m_t = m_z;  // raw z max; tempered teacher max
+  // The sums' shifts: the running maxima (z's, s = z / T's, t's), 0 while one is -inf (its
+  // elements so far are all -inf, and no sum has a term yet).
+  T shift_z = 0, shift_s = 0, shift_t = 0;
+  Sum<T> l_s, l_t, l_z, a;
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t len = std::min(kBlock, n - start);
+    const T* zb = z + start;
+    const T* tb = zt + start;
+    Max<T> block_z, block_t;
+    sweep<T>(len, [&](auto lane, int64_t j) {
+      using L = decltype(lane);
+      block_z.add(L::load(zb + j));
+      block_t.add(L::load(tb + j));
+    });
+    const T new_z = nan_max(m_z, block_z.total()), new_t = nan_max(m_t, block_t.total() * inv_t);
+    if (new_z != m_z || new_t != m_t) {
+      const T next_z = finite_or_zero(new_z), next_s = next_z * inv_t;
+      const T next_t = finite_or_zero(new_t);
+      const T d_s = next_s - shift_s, d_t = next_t - shift_t;
+      if (o.divergence == KL) a.shift_rescale(l_t, d_t - d_s, exp_(-d_t));
+      if (o.divergence == REVERSE_KL) a.shift_rescale(l_s, d_s - d_t, exp_(-d_s));
+      l_s.rescale(exp_(-d_s));
+      l_t.rescale(exp_(-d_t));
+      if (raw_sum) l_z.rescale(exp_(shift_z - next_z));
+      shift_z = next_z;
+      shift_s = next_s;
+      shift_t = next_t;
+      m_z = new_z;
+      m_t = new_t;
+    }
+    sweep<T>(len, [&](auto lane, int64_t j) {
+      using L = decltype(lane);
+      using M = typename L::M;
+      using V = typename L::V;
+      V zj = L::load(zb + j);
+      V ds = zj * V(inv_t) - V(shift_s), dt = L::load(tb + j) * V(inv_t) - V(shift_t);
+      V e_s = M::exp(ds), e_t = M::exp(dt);
+      l_s.add(e_s);
+      l_t.add(e_t);
+      if (o.divergence != JSD) a.add(divergence_term<M>(o.divergence, ds, dt, e_s, e_t));
+      if (raw_sum) l_z.add(M::exp(zj - V(shift_z)));
+    });
+  }
+  const T m_s = shift_s;  // the later passes shift by the sums' values (NaN for a NaN row)
   auto shifted = [&](auto lane, int64_t j) {
     using L = decltype(lane);
     using V = typename L::V;
-    return std::make_pair(L::load(z + j) * V(inv_t) - V(m_s), L::load(zt + j) * V(inv_t) - V(m_t));
+    return std::make_pair(L::load(z + j) * V(inv_t) - V(m_s),
+                          L::load(zt + j) * V(inv_t) - V(shift_t));
   };
-  sweep<T>(n, [&](auto lane, int64_t j) {
-    using M = typename decltype(lane)::M;
-    auto [ds, dt] = shifted(lane, j);
-    auto e_s = M::exp(ds), e_t = M::exp(dt);
-    l_s.add(e_s);
-    l_t.add(e_t);
-    if (o.divergence != JSD) a.add(divergence_term<M>(o.divergence, ds, dt, e_s, e_t));
-  });
   const T log_l_s = log_(l_s.total()), log_l_t = log_(l_t.total());
   const T mean_ds_dt = a.total() / l_s.total();  // reverse_kl: E_q[ds - dt]
   const JsdConstants<T> jsd = jsd_constants<T>(o.beta);
@@ -183,8 +238,7 @@ T kd_row(const T* z, const T* zt, int64_t n, int64_t label, const KDOptions& o, 
     divergence = one_pass_divergence(o.divergence, a.total(), l_s.total(), l_t.total());
   }
   const T hard_weight = T(o.hard_weight);
-  const RawLse<T> lse = hard_weight > 0 ? raw_lse(z, n, m_z, l_s.total(), T(o.temperature))
-                                        : RawLse<T>{};
+  const RawLse<T> lse{shift_z, log_(raw_sum ? l_z.total() : l_s.total())};
   const T loss = T(o.soft_weight) * divergence + hard_ce(z, label, lse, hard_weight);
   if (g == nullptr) return loss;
   const int64_t top = o.divergence != KL ? first_index_of(z, n, m_z) : -1;

@@ -75,6 +75,33 @@ def test_kd_rows_matches_oracle(divergence, temperature, dtype, std):
     assert rel_err(grad, ref_grad) < tolerance(dtype)
 
 
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
+@pytest.mark.parametrize("masked_start", [False, True])
+def test_kd_rows_across_vocab_blocks(divergence, temperature, masked_start):
+    """V = 5003 spans three of the first pass's 2,048-element blocks; logits trending upward
+    raise the running maxima in every block (the sums are rescaled each time), and a first
+    block of -inf (a masked vocab range) leaves nothing to rescale."""
+    rows, vocab = 5, 5003
+    trend = torch.linspace(0, 40, vocab, dtype=torch.float64)
+    z = (logits((rows, vocab), 6.0, torch.float64, 19) + trend).float()
+    zt = (logits((rows, vocab), 6.0, torch.float64, 20) + trend.flip(0) * 0.5 + trend).float()
+    if masked_start:
+        z[:, :2048] = float("-inf") if divergence == "reverse_kl" else z[:, :2048]
+        zt[:, :2048] = float("-inf")
+    labels = labels_with_ignored(rows, vocab, 21)
+    labels[labels >= 0] = vocab - 1 - labels[labels >= 0] % 100  # finite student logits
+    options = dict(divergence=divergence, beta=0.4, temperature=temperature, hard_weight=0.4)
+    # the oracle's 0 * log 0 at -inf logits is NaN: give it -1e4 there (exp underflows to 0)
+    finite = lambda t: t.double().clamp(min=-1e4)  # noqa: E731
+    ref_loss, ref_grad = kd_oracle(finite(z), finite(zt), labels, **options)
+    grad = torch.empty_like(z)
+    loss = torch.ops.fastkd.kd_rows(z, zt, labels, grad, divergence, 0.4, temperature, 1.0, 0.4,
+                                    -100)
+    assert rel_err(loss, ref_loss) < 1e-5
+    assert rel_err(grad, ref_grad) < 1e-5
+
+
 @pytest.mark.parametrize("beta", [1e-7, 0.5, 1 - 1e-7])
 def test_jsd_at_extreme_beta(beta):
     z, zt = logits((5, 389), 10.0, torch.float32, 4), logits((5, 389), 10.0, torch.float32, 5)
