@@ -148,18 +148,25 @@ RawLse<T> raw_lse(const T* z, int64_t n, T m_z, T l_s, T temperature) {
   return {m_z, log_(l_z.total())};
 }
 
-// hard_weight (LSE(z) - z[label]), read before any gradient is written (g may alias z).
+// hard_weight (LSE(z) - z[label]); z[label] is read before any gradient is written (g may
+// alias z).
 template <typename T>
-T hard_ce(const T* z, int64_t label, RawLse<T> lse, T hard_weight) {
-  return hard_weight > 0 ? hard_weight * (lse.log_l - (z[label] - lse.m)) : T(0);
+T hard_ce(T z_label, RawLse<T> lse, T hard_weight) {
+  return hard_weight > 0 ? hard_weight * (lse.log_l - (z_label - lse.m)) : T(0);
 }
 
 // Loss of one counted row; writes d loss / d z_s into g (n) when g is given. g may be z itself:
 // every z_j is read before g_j is written, and nothing reads z after the gradient pass.
 template <typename T>
-T kd_row(const T* z, const T* zt, int64_t n, int64_t label, const KDOptions& o, T* g) {
+T kd_row(const T* z, const T* zt, int64_t n, int64_t label, const KDOptions& o, T* g,
+         T* spare) {
   const T inv_t = T(1) / T(o.temperature);
   const bool hard = o.hard_weight > 0, raw_sum = hard && o.temperature != 1;
+  const T z_label = hard ? z[label] : T(0);
+  // kl without a tempered hard term keeps pass 1's exps for the gradient: e^{ds} in g, e^{dt}
+  // in spare, each block's shifts beside them (q - p then costs no exp)
+  const bool keep_exps = o.divergence == KL && !raw_sum && g != nullptr && spare != nullptr;
+  std::vector<T> block_shift_s, block_shift_t;
   // pass 1, block by block: the block's maxima first (it stays in L1), then its exps against
   // the running maxima; a block that raises a maximum by d rescales the running sums by e^-d.
   // The divergence sum a is of e^{dt} (dt - ds) (kl) or e^{ds} (ds - dt) (reverse_kl) with
@@ -206,7 +213,16 @@ T kd_row(const T* z, const T* zt, int64_t n, int64_t label, const KDOptions& o, 
       l_t.add(e_t);
       if (o.divergence != JSD) a.add(divergence_term<M>(o.divergence, ds, dt, e_s, e_t));
       if (raw_sum) l_z.add(M::exp(zj - V(shift_z)));
+      if (keep_exps) {  // z_j, zt_j were read above
+        L::store(g + start + j, e_s);
+        L::store(spare + start + j, e_t);
+      }
     });
+    if (keep_exps) {  // a -inf max: its exps are all 0, and so is their factor later
+      const T minus_inf = -std::numeric_limits<T>::infinity();
+      block_shift_s.push_back(m_z == minus_inf ? minus_inf : shift_s);
+      block_shift_t.push_back(m_t == minus_inf ? minus_inf : shift_t);
+    }
   }
   const T m_s = shift_s;  // the later passes shift by the sums' values (NaN for a NaN row)
   auto shifted = [&](auto lane, int64_t j) {
@@ -239,12 +255,26 @@ T kd_row(const T* z, const T* zt, int64_t n, int64_t label, const KDOptions& o, 
   }
   const T hard_weight = T(o.hard_weight);
   const RawLse<T> lse{shift_z, log_(raw_sum ? l_z.total() : l_s.total())};
-  const T loss = T(o.soft_weight) * divergence + hard_ce(z, label, lse, hard_weight);
+  const T loss = T(o.soft_weight) * divergence + hard_ce(z_label, lse, hard_weight);
   if (g == nullptr) return loss;
+  const T coef = T(o.soft_weight) * inv_t;
+  if (keep_exps) {  // g = soft_weight / T (q - p) + hard_weight q (T = 1), q and p from pass 1
+    for (int64_t b = 0, start = 0; start < n; ++b, start += kBlock) {
+      const T to_q = exp_(block_shift_s[b] - shift_s - log_l_s);
+      const T to_p = exp_(block_shift_t[b] - shift_t - log_l_t);
+      sweep<T>(std::min(kBlock, n - start), [&](auto lane, int64_t j) {
+        using L = decltype(lane);
+        using V = typename L::V;
+        V q = L::load(g + start + j) * V(to_q), p = L::load(spare + start + j) * V(to_p);
+        L::store(g + start + j, V(coef) * (q - p) + V(hard_weight) * q);
+      });
+    }
+    if (hard) g[label] -= hard_weight;
+    return loss;
+  }
   const int64_t top = o.divergence != KL ? first_index_of(z, n, m_z) : -1;
 
   // pass 3: g = soft_weight / T d div / d s + hard_weight softmax(z) (the onehot after)
-  const T coef = T(o.soft_weight) * inv_t;
   sweep<T>(n, [&](auto lane, int64_t j) {
     using L = decltype(lane);
     using M = typename L::M;
@@ -354,7 +384,7 @@ T multi_teacher_row(const T* z, const T* zt, int64_t teacher_stride, int64_t n, 
   const T hard_weight = T(o.hard_weight);
   const RawLse<T> lse = hard_weight > 0 ? raw_lse(z, n, m_z, l_s.total(), T(o.temperature))
                                         : RawLse<T>{};
-  const T loss = T(o.soft_weight) * divergence + hard_ce(z, label, lse, hard_weight);
+  const T loss = T(o.soft_weight) * divergence + hard_ce(z[label], lse, hard_weight);
   if (g == nullptr) return loss;
 
   const T coef = T(o.soft_weight) * inv_t;  // pass 4: g = soft_weight / T (q - P) + hard
@@ -398,10 +428,11 @@ std::vector<int64_t> row_labels(const std::optional<at::Tensor>& labels, int64_t
   return out;
 }
 
-// Runs row(r, g_row) for every row in parallel. g_row is grad_out's row when grad_out has the
-// math dtype T (it may alias the logits: the row functions allow it), else a per-thread
-// scratch row converted into grad_out's dtype afterwards; null without grad_out. A row that
-// does not count (row returns false) gets a zero gradient row.
+// Runs row(r, g_row, spare) for every row in parallel. g_row is grad_out's row when grad_out
+// has the math dtype T (it may alias the logits: the row functions allow it), else a
+// per-thread scratch row converted into grad_out's dtype afterwards; null without grad_out.
+// spare is one more per-thread row for the row function's use (null without grad_out). A row
+// that does not count (row returns false) gets a zero gradient row.
 template <typename T, typename RowFn>
 void for_each_row(int64_t rows, int64_t vocab, const std::optional<at::Tensor>& grad_out,
                   RowFn&& row) {
@@ -409,11 +440,13 @@ void for_each_row(int64_t rows, int64_t vocab, const std::optional<at::Tensor>& 
       grad_out.has_value() && grad_out->scalar_type() == c10::CppTypeToScalarType<T>::value;
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> scratch(grad_out.has_value() && !direct ? vocab : 0);
+    std::vector<T> spare(grad_out.has_value() ? vocab : 0);  // a row the row op may use
     for (int64_t r = begin; r < end; ++r) {
       T* g = !grad_out.has_value() ? nullptr
              : direct ? grad_out->data_ptr<T>() + r * grad_out->stride(0)
                       : scratch.data();
-      if (!row(r, g) && g != nullptr) std::fill(g, g + vocab, T(0));
+      if (!row(r, g, spare.empty() ? nullptr : spare.data()) && g != nullptr)
+        std::fill(g, g + vocab, T(0));
       if (g == nullptr || direct) continue;
       AT_DISPATCH_FLOATING_TYPES_AND2(
           at::kBFloat16, at::kHalf, grad_out->scalar_type(), "fastkd_grad_store", [&] {
@@ -439,11 +472,12 @@ at::Tensor kd_rows_cpu(const at::Tensor& student_logits, const at::Tensor& teach
   at::Tensor loss = at::empty({rows}, student_logits.options().dtype(math));
   AT_DISPATCH_FLOATING_TYPES(math, "fastkd_kd_rows", [&] {
     scalar_t* out = loss.data_ptr<scalar_t>();
-    for_each_row<scalar_t>(rows, vocab, grad_out, [&](int64_t r, scalar_t* g) {
+    for_each_row<scalar_t>(rows, vocab, grad_out, [&](int64_t r, scalar_t* g, scalar_t* spare) {
       out[r] = 0;
       if (label[r] == IGNORED) return false;
       out[r] = kd_row(z.data_ptr<scalar_t>() + r * z.stride(0),
-                      zt.data_ptr<scalar_t>() + r * zt.stride(0), vocab, label[r], options, g);
+                      zt.data_ptr<scalar_t>() + r * zt.stride(0), vocab, label[r], options, g,
+                      spare);
       return true;
     });
   });
@@ -474,7 +508,7 @@ at::Tensor multi_teacher_rows_cpu(const at::Tensor& student_logits,
   AT_DISPATCH_FLOATING_TYPES(math, "fastkd_multi_teacher_rows", [&] {
     scalar_t* out = loss.data_ptr<scalar_t>();
     float* weights = weights_out.data_ptr<float>();
-    for_each_row<scalar_t>(rows, vocab, grad_out, [&](int64_t r, scalar_t* g) {
+    for_each_row<scalar_t>(rows, vocab, grad_out, [&](int64_t r, scalar_t* g, scalar_t*) {
       const bool counted = label[r] != IGNORED;
       out[r] = multi_teacher_row(z.data_ptr<scalar_t>() + r * z.stride(0),
                                  zt.data_ptr<scalar_t>() + r * vocab, rows * vocab, vocab,

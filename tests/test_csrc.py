@@ -122,13 +122,18 @@ def test_half_gradient_output(grad_dtype):
     assert rel_err(grad, ref_grad) < 2**-8
 
 
-def test_gradient_in_place_of_the_logits_and_int32_labels():
-    z, zt = logits((9, 500), 12.0, torch.float32, 8), logits((9, 500), 12.0, torch.float32, 9)
-    labels = labels_with_ignored(9, 500, 10)
-    ref_loss, ref_grad = kd_oracle(z, zt, labels, divergence="jsd", hard_weight=0.5)
+@pytest.mark.parametrize("divergence", ["kl", "jsd"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_gradient_in_place_of_the_logits_and_int32_labels(divergence, temperature):
+    """grad_out is student_logits (the fp32 chunk path); kl at T = 1 keeps pass 1's exps in
+    the gradient row, which then holds the logits no more."""
+    z, zt = logits((9, 4099), 12.0, torch.float32, 8), logits((9, 4099), 12.0, torch.float32, 9)
+    labels = labels_with_ignored(9, 4099, 10)
+    ref_loss, ref_grad = kd_oracle(z, zt, labels, divergence=divergence, hard_weight=0.5,
+                                   temperature=temperature)
     in_place = z.clone()
-    loss = torch.ops.fastkd.kd_rows(in_place, zt, labels.int(), in_place, "jsd", 0.5, 1.0, 1.0,
-                                    0.5, -100)
+    loss = torch.ops.fastkd.kd_rows(in_place, zt, labels.int(), in_place, divergence, 0.5,
+                                    temperature, 1.0, 0.5, -100)
     assert rel_err(loss, ref_loss) < 1e-5
     assert rel_err(in_place, ref_grad) < 1e-5
 
