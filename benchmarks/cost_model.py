@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--student-hidden", type=int, default=2048)
     parser.add_argument("--teacher-hidden", type=int, action="append",
-                        help="one per teacher (default 4096)")
+                        help="a teacher's hidden size; repeat the flag once per teacher "
+                             "(default one of 4096)")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     parser.add_argument("--flops", type=float, default=H100.flops, help="peak GEMM FLOP/s")
     parser.add_argument("--bandwidth", type=float, default=H100.bandwidth, help="bytes/s")
@@ -55,9 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("sizes, --flops and --bandwidth must be positive")
     machine = Machine("given", args.flops, args.bandwidth)
     half = args.dtype != "fp32"
-    chosen = plan_chunks(args.vocab, len(args.teacher_hidden), "triton", half,
-                         device_type=args.device_type,
-                         widths=(args.student_hidden, *args.teacher_hidden), tokens=args.tokens)
+    try:
+        chosen = plan_chunks(args.vocab, len(args.teacher_hidden), "triton", half,
+                             device_type=args.device_type,
+                             widths=(args.student_hidden, *args.teacher_hidden),
+                             tokens=args.tokens)
+    except ValueError as error:  # a bad FASTKD_CHUNK_MEMORY
+        parser.error(str(error))
     fixed = plan_chunks(args.vocab, len(args.teacher_hidden), "triton", half, args.chunk_size,
                         args.device_type)
     print(f"N={args.tokens} V={args.vocab} Hs={args.student_hidden} "

@@ -220,7 +220,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="print the README's speed table of a recorded run and exit")
     args = parser.parse_args(argv)
     if args.table is not None:
-        print(markdown(json.loads(args.table.read_text())))
+        try:
+            print(markdown(json.loads(args.table.read_text())))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            parser.error(f"--table {args.table}: not a side_by_side.py run "
+                         f"({type(error).__name__}: {error})")
         return 0
     if args.rounds < 5:
         parser.error(f"--rounds must be at least 5, got {args.rounds}")
@@ -289,8 +293,12 @@ def markdown(record: dict) -> str:
             f"{seconds['torch.compile(plain)']:.2f} | {seconds['fastkd cpp']:.2f} | "
             f"{case['ratio_wall']['fastkd cpp']['median']:.2f} | "
             f"{case['vs_compile_wall']['fastkd cpp']['median']:.2f} | "
-            f"{extra.get('plain', 0):.0f} / {extra.get('fastkd cpp', 0):.0f} |")
+            f"{_mib(extra.get('plain'))} / {_mib(extra.get('fastkd cpp'))} |")
     return "\n".join(lines)
+
+
+def _mib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"  # n/a: run with --no-memory
 
 
 if __name__ == "__main__":

@@ -154,8 +154,7 @@ def plan_chunks(
     ``half_weights``: d loss / d z_s is written in half precision into its own buffer of
     ``grad_rows`` rows, which the cap includes.
     """
-    cap = int(os.environ.get("FASTKD_CHUNK_MEMORY", DEFAULT_CHUNK_MEMORY.get(device_type, 0))
-              or DEFAULT_CHUNK_MEMORY["cpu"])
+    cap = chunk_memory(device_type)
     # Under torch.compile with dynamic shapes these may be symbolic; the chunk loops are Python
     # loops over them anyway, so the graph specializes on them (operator.index guards on the
     # value, where int() would keep a symbol).
@@ -163,6 +162,22 @@ def plan_chunks(
     tokens = None if tokens is None else operator.index(tokens)
     return _constant_plan(operator.index(vocab), teachers, backend, half_weights, chunk_size,
                           device_type, widths, tokens, cap)
+
+
+def chunk_memory(device_type: str) -> int:
+    """The cap in bytes: ``FASTKD_CHUNK_MEMORY`` (an integer > 0; unset or empty: the device
+    type's default). Rows never fall below 16, so a cap under 16 rows' buffers is exceeded."""
+    value = os.environ.get("FASTKD_CHUNK_MEMORY", "").strip()
+    if not value:
+        return DEFAULT_CHUNK_MEMORY.get(device_type, DEFAULT_CHUNK_MEMORY["cpu"])
+    try:
+        cap = int(value)
+    except ValueError:
+        raise ValueError(
+            f"FASTKD_CHUNK_MEMORY must be a whole number of bytes, got {value!r}") from None
+    if cap <= 0:
+        raise ValueError(f"FASTKD_CHUNK_MEMORY must be > 0 bytes, got {cap}")
+    return cap
 
 
 # Pure Python on ints: torch.compile takes its result as a constant of the traced graph (the

@@ -87,3 +87,19 @@ def test_cost_model_report_prints_the_plan_and_its_prediction():
     bad = subprocess.run([sys.executable, str(script), "--tokens", "0"], text=True,
                          capture_output=True, timeout=120)
     assert bad.returncode == 2 and "must be positive" in bad.stderr
+
+
+@pytest.mark.parametrize("value, message", [("abc", "must be a whole number of bytes, got 'abc'"),
+                                            ("1e9", "must be a whole number of bytes"),
+                                            ("0", "must be > 0 bytes, got 0"),
+                                            ("-5", "must be > 0 bytes, got -5")])
+def test_a_bad_chunk_memory_is_named(monkeypatch, value, message):
+    monkeypatch.setenv("FASTKD_CHUNK_MEMORY", value)
+    with pytest.raises(ValueError, match=f"FASTKD_CHUNK_MEMORY {message}"):
+        plan_chunks(65536, 1, "cpp", False)
+
+
+def test_an_empty_chunk_memory_is_the_default(monkeypatch):
+    monkeypatch.setenv("FASTKD_CHUNK_MEMORY", "")
+    assert plan_chunks(256000, 1, "triton", True, device_type="cuda", widths=(2048, 4096),
+                       tokens=8192) == ChunkPlan(304, 608)
