@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cases as C
@@ -90,23 +91,33 @@ def _clear(inputs: C.Inputs) -> None:
         tensor.grad = None
 
 
-def time_case(case: C.Case, names: list[str], rounds: int) -> dict:
-    """Per-round wall and CPU seconds of forward + backward of each method, alternated."""
-    inputs = C.make_inputs(case, "cpu")
-    losses = {name: method(case, name)(inputs, case) for name in names}
-    for name in names:  # warm-up: compiles, builds the extension, faults pages in
-        _clear(inputs)
-        losses[name]().backward()
+def alternate(calls: dict[str, Callable[[], object]], rounds: int,
+              prepare: Callable[[], None] = lambda: None) -> dict:
+    """Per-round wall and CPU seconds of each call: one warm-up call each (compiles, builds the
+    extension, faults pages in), then ``rounds`` rounds in an order rotated by the round;
+    ``prepare`` runs before every call, untimed."""
+    names = list(calls)
+    for name in names:
+        prepare()
+        calls[name]()
     wall = {name: [] for name in names}
     cpu = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            _clear(inputs)
+            prepare()
             start_wall, start_cpu = time.perf_counter(), time.process_time()
-            losses[name]().backward()
+            calls[name]()
             wall[name].append(time.perf_counter() - start_wall)
             cpu[name].append(time.process_time() - start_cpu)
     return {"wall_s": wall, "cpu_s": cpu}
+
+
+def time_case(case: C.Case, names: list[str], rounds: int) -> dict:
+    """Per-round wall and CPU seconds of forward + backward of each method, alternated."""
+    inputs = C.make_inputs(case, "cpu")
+    losses = {name: method(case, name)(inputs, case) for name in names}
+    steps = {name: (lambda loss=loss: loss().backward()) for name, loss in losses.items()}
+    return alternate(steps, rounds, prepare=lambda: _clear(inputs))
 
 
 def ratios(samples: dict[str, list[float]], reference: str) -> dict[str, dict]:
@@ -176,17 +187,8 @@ def rowop_case(rounds: int, quick: bool) -> dict:
         "C++ row op": lambda: torch.ops.fastkd.kd_rows(z, zt, None, grad, "kl", 0.5, 1.0, 1.0,
                                                         0.0, -100),
     }
-    names = list(calls)
-    for call in calls.values():
-        call()
-    wall = {name: [] for name in names}
-    cpu = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % 2:] + names[: r % 2]:
-            start_wall, start_cpu = time.perf_counter(), time.process_time()
-            calls[name]()
-            wall[name].append(time.perf_counter() - start_wall)
-            cpu[name].append(time.process_time() - start_cpu)
+    timed = alternate(calls, rounds)
+    wall, cpu = timed["wall_s"], timed["cpu_s"]
     return {"shape": {"N": rows, "V": vocab, "dtype": "fp32", "divergence": "kl"},
             "wall_s": wall, "cpu_s": cpu,
             "speedup_wall": ratios(wall, "C++ row op")["torch row op"],

@@ -22,6 +22,18 @@ inline at::Tensor math_logits(const at::Tensor& logits, at::ScalarType math) {
   return out.stride(-1) == 1 ? out : out.contiguous();
 }
 
+// Labels (C,) as contiguous int64 on their device, or none; hard_weight > 0 needs them.
+inline std::optional<at::Tensor> int64_labels(const std::optional<at::Tensor>& labels,
+                                              int64_t rows, bool hard, const char* op) {
+  TORCH_CHECK(labels.has_value() || !hard, op, ": hard_weight > 0 needs labels");
+  if (!labels.has_value()) return std::nullopt;
+  TORCH_CHECK(labels->dim() == 1 && labels->size(0) == rows, op, ": labels shape ",
+              labels->sizes(), " must be (", rows, ",)");
+  TORCH_CHECK(labels->scalar_type() == at::kLong || labels->scalar_type() == at::kInt, op,
+              ": labels must be int64 or int32, got ", labels->scalar_type());
+  return labels->to(at::kLong).contiguous();
+}
+
 inline void check_grad_out(const char* op, const std::optional<at::Tensor>& grad_out,
                     const at::Tensor& student) {
   if (!grad_out.has_value()) return;

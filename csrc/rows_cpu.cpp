@@ -42,7 +42,6 @@ template <typename T, bool SIMD>
 struct Lane {
   using V = Vectorized<T>;
   using M = Vec<T>;
-  static constexpr int64_t width = V::size();
   static V load(const T* p) { return V::loadu(p); }
   static void store(T* p, V v) { v.store(p); }
 };
@@ -51,7 +50,6 @@ template <typename T>
 struct Lane<T, false> {
   using V = T;
   using M = ScalarWithLog<T>;
-  static constexpr int64_t width = 1;
   static T load(const T* p) { return *p; }
   static void store(T* p, T v) { *p = v; }
 };
@@ -411,14 +409,9 @@ constexpr int64_t IGNORED = std::numeric_limits<int64_t>::min();
 std::vector<int64_t> row_labels(const std::optional<at::Tensor>& labels, int64_t rows,
                                  int64_t vocab, int64_t ignore_index, bool hard, const char* op) {
   std::vector<int64_t> out(rows, -1);
-  TORCH_CHECK(labels.has_value() || !hard, op, ": hard_weight > 0 needs labels");
-  if (!labels.has_value()) return out;
-  TORCH_CHECK(labels->dim() == 1 && labels->size(0) == rows, op, ": labels shape ",
-              labels->sizes(), " must be (", rows, ",)");
-  TORCH_CHECK(labels->scalar_type() == at::kLong || labels->scalar_type() == at::kInt, op,
-              ": labels must be int64 or int32, got ", labels->scalar_type());
-  at::Tensor flat = labels->to(at::kLong).contiguous();
-  const int64_t* values = flat.data_ptr<int64_t>();
+  const std::optional<at::Tensor> flat = int64_labels(labels, rows, hard, op);
+  if (!flat.has_value()) return out;
+  const int64_t* values = flat->data_ptr<int64_t>();
   for (int64_t r = 0; r < rows; ++r) {
     out[r] = values[r] == ignore_index ? IGNORED : values[r];
     TORCH_CHECK(!hard || out[r] == IGNORED ||

@@ -342,16 +342,6 @@ void dispatch(at::ScalarType math, const std::optional<at::Tensor>& grad_out, La
   else with_grad(float{});
 }
 
-std::optional<at::Tensor> device_labels(const std::optional<at::Tensor>& labels, int64_t rows,
-                                        const char* op) {
-  if (!labels.has_value()) return std::nullopt;
-  TORCH_CHECK(labels->dim() == 1 && labels->size(0) == rows, op, ": labels shape ",
-              labels->sizes(), " must be (", rows, ",)");
-  TORCH_CHECK(labels->scalar_type() == at::kLong || labels->scalar_type() == at::kInt, op,
-              ": labels must be int64 or int32, got ", labels->scalar_type());
-  return labels->to(at::kLong).contiguous();
-}
-
 at::Tensor kd_rows_cuda(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                         const std::optional<at::Tensor>& labels,
                         const std::optional<at::Tensor>& grad_out, c10::string_view divergence,
@@ -362,8 +352,7 @@ at::Tensor kd_rows_cuda(const at::Tensor& student_logits, const at::Tensor& teac
   const int64_t rows = student_logits.size(0), vocab = student_logits.size(1);
   const at::ScalarType math = math_dtype(student_logits);
   const at::Tensor z = math_logits(student_logits, math), zt = math_logits(teacher_logits, math);
-  const auto label = device_labels(labels, rows, "kd_rows");
-  TORCH_CHECK(label.has_value() || hard_weight == 0, "kd_rows: hard_weight > 0 needs labels");
+  const auto label = int64_labels(labels, rows, hard_weight > 0, "kd_rows");
   at::Tensor loss = at::empty({rows}, student_logits.options().dtype(math));
   if (rows == 0) return loss;
   KDArgs args{vocab, z.stride(0), zt.stride(0), grad_out.has_value() ? grad_out->stride(0) : 0,
@@ -401,9 +390,7 @@ at::Tensor multi_teacher_rows_cuda(const at::Tensor& student_logits,
   const at::ScalarType math = math_dtype(student_logits);
   const at::Tensor z = math_logits(student_logits, math);
   const at::Tensor zt = math_logits(teacher_logits, math).contiguous();
-  const auto label = device_labels(labels, rows, "multi_teacher_rows");
-  TORCH_CHECK(label.has_value() || hard_weight == 0,
-              "multi_teacher_rows: hard_weight > 0 needs labels");
+  const auto label = int64_labels(labels, rows, hard_weight > 0, "multi_teacher_rows");
   at::Tensor loss = at::empty({rows}, student_logits.options().dtype(math));
   if (rows == 0) return loss;
   MultiTeacherArgs args{};

@@ -13,6 +13,8 @@ from collections.abc import Iterable
 
 import torch
 
+from fastkd import csrc
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "triton", "torch", "cpp", "cuda")
 # The backends of the C++ / CUDA C++ row ops (csrc/): the vocabulary losses have them, the
@@ -193,7 +195,7 @@ def resolve_backend(backend: str, device: torch.device, *, native: bool = False)
     if backend == "auto":
         if device.type == "cuda":
             return "triton"
-        return "cpp" if native and device.type == "cpu" and _csrc_loads() else "torch"
+        return "cpp" if native and device.type == "cpu" and csrc.available() else "torch"
     if backend == "triton" and device.type != "cuda" and not triton_interpreted():
         raise ValueError(
             f"backend='triton' needs CUDA tensors, got tensors on {device}; set "
@@ -205,18 +207,10 @@ def resolve_backend(backend: str, device: torch.device, *, native: bool = False)
         if device.type != wanted:
             raise ValueError(f"backend={backend!r} needs {wanted.upper()} tensors, got tensors "
                              f"on {device}; use backend='auto'")
-        if not _csrc_loads():
+        if not csrc.available():  # a constant under torch.compile
             raise ValueError(f"backend={backend!r}: the C++ row ops are unavailable (see the "
                              "warning above, or FASTKD_CSRC=0 is set); use backend='torch'")
-        from fastkd import csrc
-
         if backend == "cuda" and not csrc.with_cuda():
             raise ValueError("backend='cuda' needs a CUDA build of torch; this one is "
                              f"{torch.__version__}")
     return backend
-
-
-def _csrc_loads() -> bool:
-    from fastkd import csrc
-
-    return csrc.available()  # a constant under torch.compile

@@ -149,8 +149,8 @@ def plan_chunks(
     ``widths`` (Hs, Ht_1, ..., Ht_K) and ``tokens`` N, when given, let ``predict`` choose the
     rows per chunk (multiples of 16 up to ``SPEED_ROWS``) and the gradient rows per pass; among
     plans within 1% of the fastest, the one with the most rows per chunk and then the fewest
-    gradient rows (speed first, then memory). Without them (logits
-    given: no GEMMs) the rows are the most the cap allows, up to ``SPEED_ROWS``.
+    gradient rows (speed first, then memory). Without them (logits given: no GEMMs) the rows
+    are the most the cap allows, up to ``SPEED_ROWS``.
     ``half_weights``: d loss / d z_s is written in half precision into its own buffer of
     ``grad_rows`` rows, which the cap includes.
     """

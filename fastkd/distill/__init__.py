@@ -47,10 +47,16 @@ def require_train_extra() -> None:
         )
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def lazy_attribute(package: str, lazy: dict[str, str], namespace: dict, name: str) -> Any:
+    """``name`` of ``package`` imported on first use from its submodule ``lazy[name]`` (the
+    train extra checked first) and kept in ``namespace``: a package's ``__getattr__``."""
+    if name not in lazy:
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
     require_train_extra()
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value
+    value = getattr(importlib.import_module(f".{lazy[name]}", package), name)
+    namespace[name] = value
     return value
+
+
+def __getattr__(name: str) -> Any:
+    return lazy_attribute(__name__, _LAZY, globals(), name)
