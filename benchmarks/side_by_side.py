@@ -16,6 +16,11 @@ Memory is per process: a fresh subprocess per (case, method) runs one forward + 
 reports its peak RSS above the inputs ("extra"). The ``rowop`` suite times the C++ row op
 against the torch row op on one chunk of logits, the ``logits`` suite ``kd_loss`` on given
 logits with each backend.
+
+Growth exponents (time ~ V^a, N^b) come from shapes alternated in one process as well: for
+each pair of goal shapes that differ in V (or N) alone, fastkd runs at both, round by round,
+and each round gives a = log(t_large / t_small) / log(V_large / V_small)
+(``--scaling-only`` runs just these).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -57,8 +63,8 @@ LOGIT_METHODS = {
 
 def goal_cases(quick: bool) -> list[C.Case]:
     """The CPU goal grid: N in {1024, 4096}, V in {65,536, 131,072}, H = 512, fp32 and bf16."""
-    shapes = [(256, 16384)] if quick else [(1024, 65536), (1024, 131072), (4096, 65536),
-                                           (4096, 131072)]
+    shapes = [(256, 8192), (256, 16384)] if quick else [
+        (1024, 65536), (1024, 131072), (4096, 65536), (4096, 131072)]
     hidden = 128 if quick else 512
     return [C.Case("vocab", f"N={n} V={v} H={hidden} {dtype}",
                    dict(N=n, V=v, Hs=hidden, Ht=hidden, dtype=dtype, T=1.0, beta=0.5,
@@ -195,6 +201,35 @@ def rowop_case(rounds: int, quick: bool) -> dict:
             "speedup_cpu": ratios(cpu, "C++ row op")["torch row op"]}
 
 
+def scaling_pairs(quick: bool) -> list[tuple[str, C.Case, C.Case]]:
+    """Pairs of goal cases of one dtype that differ in V alone or in N alone."""
+    by_shape = {(c.params["dtype"], c.params["N"], c.params["V"]): c for c in goal_cases(quick)}
+    pairs = []
+    for (dtype, n, v), small in by_shape.items():
+        for axis, larger in (("V", (dtype, n, 2 * v)), ("N", (dtype, 4 * n, v))):
+            if larger in by_shape:
+                pairs.append((axis, small, by_shape[larger]))
+    return pairs
+
+
+def scaling_case(axis: str, small: C.Case, large: C.Case, rounds: int) -> dict:
+    """Per-round growth exponents of fastkd cpp's forward + backward from ``small`` to
+    ``large`` (the two alternated in one process)."""
+    build = METHODS["fastkd cpp"]
+    inputs = {"small": C.make_inputs(small, "cpu"), "large": C.make_inputs(large, "cpu")}
+    losses = {"small": build(inputs["small"], small), "large": build(inputs["large"], large)}
+    steps = {size: (lambda loss=loss: loss().backward()) for size, loss in losses.items()}
+    timed = alternate(steps, rounds, prepare=lambda: [_clear(i) for i in inputs.values()])
+    growth = math.log(large.params[axis] / small.params[axis])
+    result = {"axis": axis, "small": small.params, "large": large.params, **timed}
+    for clock in ("wall_s", "cpu_s"):
+        exponents = [math.log(b / a) / growth
+                     for a, b in zip(timed[clock]["small"], timed[clock]["large"])]
+        result[f"exponent_{clock[:-2]}"] = {"median": statistics.median(exponents),
+                                            "min": min(exponents), "max": max(exponents)}
+    return result
+
+
 def environment() -> dict:
     from fastkd import csrc
 
@@ -218,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=HERE / "results",
                         help="folder for the JSON (default benchmarks/results)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--scaling-only", action="store_true",
+                        help="only the growth exponents (shapes alternated in one process)")
     parser.add_argument("--table", type=Path, metavar="RUN.json",
                         help="print the README's speed table of a recorded run and exit")
     args = parser.parse_args(argv)
@@ -238,9 +275,27 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the C++ extension did not build: nothing to compare (see the warning)")
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = args.out / f"cpu-side-by-side-{stamp}{'-quick' if args.quick else ''}.json"
-    record = {"environment": environment(), "rounds": args.rounds, "cases": []}
+    kind = "scaling" if args.scaling_only else "side-by-side"
+    path = args.out / f"cpu-{kind}-{stamp}{'-quick' if args.quick else ''}.json"
+    record = {"environment": environment(), "rounds": args.rounds, "cases": [], "scaling": []}
+    if not args.scaling_only:
+        run_cases(record, args, path)
+    for axis, small, large in scaling_pairs(args.quick):
+        result = scaling_case(axis, small, large, args.rounds)
+        record["scaling"].append(result)
+        wall, cpu = result["exponent_wall"], result["exponent_cpu"]
+        print(f"{small.name} -> {axis}={large.params[axis]}: fastkd time ~ {axis}^"
+              f"{wall['median']:.2f} [{wall['min']:.2f}, {wall['max']:.2f}] (cpu "
+              f"{cpu['median']:.2f})", flush=True)
+        path.write_text(json.dumps(record, indent=1))
+    record["environment"]["load_average_end"] = os.getloadavg()
+    path.write_text(json.dumps(record, indent=1))
+    print(f"wrote {path}")
+    return 0
 
+
+def run_cases(record: dict, args: argparse.Namespace, path: Path) -> None:
+    """The row-op case, then every loss case, each method alternated; JSON kept after each."""
     record["rowop"] = rowop_case(args.rounds, args.quick)
     speed = record["rowop"]["speedup_wall"]["median"]
     print(f"row op {record['rowop']['shape']}: C++ {speed:.1f}x faster than torch (wall, median)")
@@ -260,10 +315,6 @@ def main(argv: list[str] | None = None) -> int:
         record["cases"].append(result)
         _print_case(result)
         path.write_text(json.dumps(record, indent=1))  # kept after every case
-    record["environment"]["load_average_end"] = os.getloadavg()
-    path.write_text(json.dumps(record, indent=1))
-    print(f"wrote {path}")
-    return 0
 
 
 def _print_case(result: dict) -> None:

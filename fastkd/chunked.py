@@ -69,7 +69,10 @@ def chunked_kd(
     acc = dict(dtype=accumulation_dtype(student.weight), device=device)
     want_grads = token_scale is not None and any(need)
     grad_hidden = torch.empty_like(student.hidden) if want_grads and need[0] else None
-    grad_weight = torch.zeros(student.weight.shape, **acc) if want_grads and need[1] else None
+    # grad_weight's first gradient pass overwrites it (beta = 0): no zero fill, no extra read.
+    # With no tokens there is no pass, so it starts as zeros then.
+    make_weight_grad = torch.empty if tokens else torch.zeros
+    grad_weight = make_weight_grad(student.weight.shape, **acc) if want_grads and need[1] else None
     grad_bias = torch.zeros(vocab, **acc) if want_grads and need[2] else None
     loss = torch.empty(tokens, **acc)
 
@@ -105,7 +108,8 @@ def chunked_kd(
             if labels is not None and ignore_index is not None:
                 counted = labels[grad_rows] != ignore_index
             _accumulate(student, grad_rows, grad_logits[: grad_rows.stop - grad_rows.start],
-                        token_scale, grad_hidden, grad_weight, grad_bias, counted)
+                        token_scale, grad_hidden, grad_weight, grad_bias, counted,
+                        first=grad_start == 0)
     return loss, StudentGrads(grad_hidden, grad_weight, grad_bias)
 
 
@@ -118,6 +122,7 @@ def _accumulate(
     grad_weight: torch.Tensor | None,
     grad_bias: torch.Tensor | None,
     counted: torch.Tensor | None = None,  # (R,) bool, False at ignored tokens
+    first: bool = False,  # the first pass: grad_weight is overwritten, not accumulated into
 ) -> None:
     """The gradient GEMMs of the tokens in ``rows``, with per-token scales g.
 
@@ -136,6 +141,6 @@ def _accumulate(
         scaled = student.hidden[rows] * scale
         if counted is not None:
             scaled = torch.where(counted[:, None], scaled, 0)
-        addmm_(grad_weight, grad_logits.T, scaled.to(grad_logits.dtype))
+        addmm_(grad_weight, grad_logits.T, scaled.to(grad_logits.dtype), beta=0.0 if first else 1.0)
     if grad_bias is not None:  # g^T dlogits
         grad_bias += (scale.T.to(grad_logits.dtype) @ grad_logits)[0]

@@ -33,18 +33,26 @@ def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)  # out_dtype is CUDA-only
 
 
-def addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (M, N) fp32/fp64 += a (M, K) @ b (K, N), without an (M, N) temporary on CUDA."""
+def addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 1.0) -> None:
+    """acc (M, N) fp32/fp64 = beta acc + a (M, K) @ b (K, N), without an (M, N) temporary on
+    CUDA. ``beta`` is 1 (accumulate) or 0 (overwrite: acc's old contents, even NaN, are never
+    read, so acc may come from ``torch.empty``)."""
+    if beta not in (0.0, 1.0):
+        raise ValueError(f"addmm_: beta must be 0 or 1, got {beta}")
     if _cpu_half_gemm(a, acc):
-        torch.ops.fastkd.addmm_fp32(acc, a, b, 1.0)
+        torch.ops.fastkd.addmm_fp32(acc, a, b, beta)
     elif not (a.dtype in HALF and a.is_cuda):
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype), beta=beta)
     elif _fp32_accumulating_addmm(acc.device):
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        torch.addmm(acc, a, b, beta=beta, out_dtype=torch.float32, out=acc)
     else:  # bounded fp32 temporaries, SLAB_ROWS rows of acc at a time
         for start in range(0, acc.shape[0], SLAB_ROWS):
             rows = slice(start, start + SLAB_ROWS)
-            acc[rows] += torch.mm(a[rows], b, out_dtype=torch.float32)
+            product = torch.mm(a[rows], b, out_dtype=torch.float32)
+            if beta:
+                acc[rows] += product
+            else:
+                acc[rows] = product
 
 
 SLAB_ROWS = 8192
