@@ -30,9 +30,26 @@ def kd_rows_torch(
     T = options.temperature
     log_q = _tempered_log_softmax(z_s, T)  # student
     log_p = _tempered_log_softmax(teacher_logits.to(math_dtype), T)  # teacher
-    want_grad = grad_out is not None
-    grad = None
+    divergence, grad = tempered_divergence(log_p, log_q, options, grad_out is not None)
+    loss = options.soft_weight * divergence
+    if grad is not None and options.soft_weight != T:
+        grad.mul_(options.soft_weight / T)  # chain rule through s = z_s / T
+    # q - p has no cancelling constant: only reverse KL and JSD need the top-logit rewrite
+    exact_top = options.divergence != "kl"
+    return _finish(z_s, labels, loss, grad, grad_out, options, log_q if T == 1 else None,
+                   exact_top)
 
+
+def tempered_divergence(
+    log_p: torch.Tensor, log_q: torch.Tensor, options: KDOptions, want_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row divergence (C,) of log-probabilities (C, V) and, when ``want_grad``, its
+    gradient with respect to the tempered student logits s (before the 1 / T chain rule).
+
+    Shared by the dense row op and the sparse one (which passes the teacher's implied full
+    distribution, docs/sparse.md).
+    """
+    grad = None
     if options.divergence == "kl":  # KL(p || q); d/ds = q - p
         p = log_p.exp()
         divergence = _xlogy(p, log_p - log_q).sum(-1)
@@ -59,13 +76,7 @@ def kd_rows_torch(
         divergence = binary_entropy - beta * ep_sp_neg - (1 - beta) * eq_sp
         if want_grad:
             grad = _xlogy(q, sp_x.neg_().add_(eq_sp[:, None]), out=sp_x).mul_(1 - beta)
-    loss = options.soft_weight * divergence
-    if grad is not None and options.soft_weight != T:
-        grad.mul_(options.soft_weight / T)  # chain rule through s = z_s / T
-    # q - p has no cancelling constant: only reverse KL and JSD need the top-logit rewrite
-    exact_top = options.divergence != "kl"
-    return _finish(z_s, labels, loss, grad, grad_out, options, log_q if T == 1 else None,
-                   exact_top)
+    return divergence, grad
 
 
 def _xlogy(
@@ -159,3 +170,85 @@ def multi_teacher_rows_torch(
         if options.soft_weight != T:
             grad.mul_(options.soft_weight / T)
     return _finish(z_s, labels, loss, grad, grad_out, options, log_q if T == 1 else None)
+
+
+# log of the smallest normal fp32: reverse KL floors the teacher's log-probabilities here, so a
+# zero teacher probability (a -inf logit, a tail below teacher_lse's resolution) gives a large
+# finite loss instead of inf and a NaN gradient (docs/sparse.md)
+LOG_P_FLOOR = math.log(torch.finfo(torch.float32).tiny)
+
+
+def sparse_kd_rows_torch(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    teacher_lse: torch.Tensor,
+    labels: torch.Tensor | None,
+    grad_out: torch.Tensor | None,
+    tail: str,
+    options: KDOptions,
+) -> torch.Tensor:
+    """Per-token loss (C,) of student logits (C, V) against a sparse teacher; fills ``grad_out``.
+
+    teacher_ids (C, k) int64 distinct per row, teacher_logits (C, k) raw teacher logits at
+    them, teacher_lse (C,) = logsumexp over the full vocabulary of z_t / T. ``tail``:
+    "bucket" (the k ids plus one tail bucket) or "renormalize" (both onto the k ids).
+    docs/sparse.md derives the math.
+    """
+    math_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    z_s = student_logits.to(math_dtype)
+    T = options.temperature
+    s = z_s if T == 1 else z_s / T
+    ids = teacher_ids.long()
+    want_grad = grad_out is not None
+    if tail == "bucket":
+        # The bucket divergence equals the full-vocabulary divergence against the implied
+        # teacher p~: p on the ids, p_tail * q_j / q_tail elsewhere (docs/sparse.md)
+        log_q = torch.log_softmax(s, dim=-1)
+        log_p_ids, log_tail = teacher_log_probs(teacher_logits, teacher_lse, T)
+        log_p_ids, log_tail = (_floored(x, options).to(math_dtype) for x in (log_p_ids, log_tail))
+        support = torch.zeros_like(s, dtype=torch.bool).scatter_(1, ids, True)
+        lse_off = torch.logsumexp(s.masked_fill(support, -math.inf), dim=-1, keepdim=True)
+        log_p = (s - lse_off).add_(log_tail).scatter_(1, ids, log_p_ids)
+        divergence, grad = tempered_divergence(log_p, log_q, options, want_grad)
+        log_q1 = log_q if T == 1 else None
+    else:  # renormalize: q and p both softmaxed over the k ids; zero gradient elsewhere
+        log_q_ids = torch.log_softmax(s.gather(1, ids), dim=-1)
+        log_p_ids = _floored(torch.log_softmax(teacher_logits.to(math_dtype) / T, dim=-1), options)
+        divergence, grad_ids = tempered_divergence(log_p_ids, log_q_ids, options, want_grad)
+        grad = None
+        if want_grad:
+            grad = torch.zeros_like(s).scatter_(1, ids, grad_ids)
+        log_q1 = None
+    loss = options.soft_weight * divergence
+    if grad is not None and options.soft_weight != T:
+        grad.mul_(options.soft_weight / T)  # chain rule through s = z_s / T
+    return _finish(z_s, labels, loss, grad, grad_out, options, log_q1,
+                   options.divergence != "kl")
+
+
+def teacher_log_probs(
+    teacher_logits: torch.Tensor, teacher_lse: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p on the ids (C, k) and log p_tail (C, 1), in float64.
+
+    p_tail = 1 - sum p is a difference of nearly equal numbers when the ids hold most of the
+    mass; float64 over these k values per token (not V) makes it exact for the given inputs.
+    """
+    log_p = teacher_logits.double() / temperature - teacher_lse.double()[:, None]
+    return log_p, log1mexp(torch.logsumexp(log_p, dim=-1, keepdim=True))
+
+
+def _floored(log_p: torch.Tensor, options: KDOptions) -> torch.Tensor:
+    """Reverse KL's floor on the teacher's bucket log-probabilities (LOG_P_FLOOR)."""
+    return log_p.clamp(min=LOG_P_FLOOR) if options.divergence == "reverse_kl" else log_p
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0 (x > 0, a rounding excess, counts as 0: result -inf).
+
+    expm1 near 0 and log1p far from it keep full relative precision (Maechler 2012).
+    """
+    x = x.clamp(max=0.0)
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)),
+                       torch.log1p(-torch.exp(x)))
