@@ -62,7 +62,8 @@ SPARSE_KD_ROWS_SCHEMA = (
 ROW_OPS: dict[str, dict[str, str]] = {
     "torch": {"kd_rows": "kd_rows_torch", "multi_teacher_rows": "multi_teacher_rows_torch",
               "sparse_kd_rows": "sparse_kd_rows_torch"},
-    "triton": {"kd_rows": "kd_rows_triton", "multi_teacher_rows": "multi_teacher_rows_triton"},
+    "triton": {"kd_rows": "kd_rows_triton", "multi_teacher_rows": "multi_teacher_rows_triton",
+               "sparse_kd_rows": "sparse_kd_rows_triton"},
     "cpp": {"kd_rows": "kd_rows", "multi_teacher_rows": "multi_teacher_rows"},
     "cuda": {"kd_rows": "kd_rows", "multi_teacher_rows": "multi_teacher_rows"},
 }
@@ -241,6 +242,12 @@ def _triton_multi_teacher_rows(*args):
     return multi_teacher_rows(*args)
 
 
+def _triton_sparse_kd_rows(*args):
+    from fastkd.kernels.sparse_rows import sparse_rows
+
+    return sparse_rows(*args)
+
+
 def _torch_kd_rows(*args):
     from fastkd.rowops import kd_rows_torch
 
@@ -264,6 +271,7 @@ define_kd_rows("kd_rows_triton", _triton_kd_rows)
 define_multi_teacher_rows("multi_teacher_rows_torch", _torch_multi_teacher_rows)
 define_multi_teacher_rows("multi_teacher_rows_triton", _triton_multi_teacher_rows)
 define_sparse_kd_rows("sparse_kd_rows_torch", _torch_sparse_kd_rows)
+define_sparse_kd_rows("sparse_kd_rows_triton", _triton_sparse_kd_rows)
 register_native_fakes()  # when csrc was loaded before this module
 
 

@@ -201,20 +201,19 @@ def sparse_kd_rows_torch(
     s = z_s if T == 1 else z_s / T
     ids = teacher_ids.long()
     want_grad = grad_out is not None
+    log_p_ids, log_tail = (x.to(math_dtype) for x in sparse_teacher_log_probs(
+        teacher_logits, teacher_lse, T, tail, options.divergence))
     if tail == "bucket":
         # The bucket divergence equals the full-vocabulary divergence against the implied
         # teacher p~: p on the ids, p_tail * q_j / q_tail elsewhere (docs/sparse.md)
         log_q = torch.log_softmax(s, dim=-1)
-        log_p_ids, log_tail = teacher_log_probs(teacher_logits, teacher_lse, T)
-        log_p_ids, log_tail = (_floored(x, options).to(math_dtype) for x in (log_p_ids, log_tail))
         support = torch.zeros_like(s, dtype=torch.bool).scatter_(1, ids, True)
         lse_off = torch.logsumexp(s.masked_fill(support, -math.inf), dim=-1, keepdim=True)
-        log_p = (s - lse_off).add_(log_tail).scatter_(1, ids, log_p_ids)
+        log_p = (s - lse_off).add_(log_tail[:, None]).scatter_(1, ids, log_p_ids)
         divergence, grad = tempered_divergence(log_p, log_q, options, want_grad)
         log_q1 = log_q if T == 1 else None
     else:  # renormalize: q and p both softmaxed over the k ids; zero gradient elsewhere
         log_q_ids = torch.log_softmax(s.gather(1, ids), dim=-1)
-        log_p_ids = _floored(torch.log_softmax(teacher_logits.to(math_dtype) / T, dim=-1), options)
         divergence, grad_ids = tempered_divergence(log_p_ids, log_q_ids, options, want_grad)
         grad = None
         if want_grad:
@@ -227,21 +226,30 @@ def sparse_kd_rows_torch(
                    options.divergence != "kl")
 
 
-def teacher_log_probs(
-    teacher_logits: torch.Tensor, teacher_lse: torch.Tensor, temperature: float
+def sparse_teacher_log_probs(
+    teacher_logits: torch.Tensor,
+    teacher_lse: torch.Tensor,
+    temperature: float,
+    tail: str,
+    divergence: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p on the ids (C, k) and log p_tail (C, 1), in float64.
+    """The teacher's bucket log-probabilities in float64: log p on the ids (C, k) and
+    log p_tail (C,) ("bucket"), or log softmax over the ids and -inf ("renormalize").
 
     p_tail = 1 - sum p is a difference of nearly equal numbers when the ids hold most of the
     mass; float64 over these k values per token (not V) makes it exact for the given inputs.
+    Reverse KL floors both at LOG_P_FLOOR. The Triton launcher shares this (O(C k)) step.
     """
-    log_p = teacher_logits.double() / temperature - teacher_lse.double()[:, None]
-    return log_p, log1mexp(torch.logsumexp(log_p, dim=-1, keepdim=True))
-
-
-def _floored(log_p: torch.Tensor, options: KDOptions) -> torch.Tensor:
-    """Reverse KL's floor on the teacher's bucket log-probabilities (LOG_P_FLOOR)."""
-    return log_p.clamp(min=LOG_P_FLOOR) if options.divergence == "reverse_kl" else log_p
+    tempered = teacher_logits.double() / temperature
+    if tail == "bucket":
+        log_p = tempered - teacher_lse.double()[:, None]
+        log_tail = log1mexp(torch.logsumexp(log_p, dim=-1))
+    else:
+        log_p = torch.log_softmax(tempered, dim=-1)
+        log_tail = torch.full_like(log_p[:, 0], -math.inf)
+    if divergence == "reverse_kl":
+        return log_p.clamp(min=LOG_P_FLOOR), log_tail.clamp(min=LOG_P_FLOOR)
+    return log_p, log_tail
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
