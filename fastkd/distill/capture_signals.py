@@ -11,11 +11,11 @@ shards already on disk and writes each missing one once.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import PartialState
@@ -102,14 +102,30 @@ def run_capture(cfg: DistillConfig) -> list[CaptureReport]:
             tokens=sum(len(x) for x in blocks["input_ids"]),
             rows_per_shard=cfg.capture_rows_per_shard,
         )
-        _start(folder, meta, state)
-        teacher.to(state.device).eval().requires_grad_(False)
-        head = output_head(teacher, rows)
-        if kind == "hidden" and state.is_main_process:
-            write_head(folder, head)
-        reports.append(_capture_teacher(teacher, head, blocks, meta, folder, cfg, state))
+        reports.append(write_capture(teacher, rows, blocks, meta, folder, cfg.batch_size,
+                                     state))
         del teacher
     return reports
+
+
+def write_capture(
+    teacher: torch.nn.Module, rows: int, blocks: Any, meta: CaptureMeta, folder: Path,
+    batch_size: int, state: PartialState | None = None,
+) -> CaptureReport:
+    """Capture `teacher` (the first `rows` rows of its lm_head) over `blocks` (token blocks
+    with `input_ids`) into `folder`, resuming a capture of the same `meta` found there.
+
+    Args:
+        batch_size: token blocks per teacher forward.
+        state: the process layout (default: `accelerate.PartialState()`).
+    """
+    state = state or PartialState()
+    _start(folder, meta, state)
+    teacher.to(state.device).eval().requires_grad_(False)
+    head = output_head(teacher, rows)
+    if meta.kind == "hidden" and state.is_main_process:
+        write_head(folder, head)
+    return _capture_teacher(teacher, head, blocks, meta, folder, batch_size, state)
 
 
 def _revision(teacher: torch.nn.Module, path: str) -> str:
@@ -147,8 +163,8 @@ def _start(folder: Path, meta: CaptureMeta, state: PartialState) -> None:
 
 @torch.no_grad()
 def _capture_teacher(
-    teacher: torch.nn.Module, head: Head, blocks, meta: CaptureMeta, folder: Path,
-    cfg: DistillConfig, state: PartialState,
+    teacher: torch.nn.Module, head: Head, blocks: Any, meta: CaptureMeta, folder: Path,
+    batch_size: int, state: PartialState,
 ) -> CaptureReport:
     """Write this process's missing shards of one teacher's capture."""
     mine = [i for i in missing_shards(folder, meta) if i % state.num_processes ==
@@ -163,8 +179,8 @@ def _capture_teacher(
     for index in mine:
         rows = blocks[index * per_shard:(index + 1) * per_shard]["input_ids"]
         parts: list[dict[str, torch.Tensor]] = []
-        for b in range(0, len(rows), cfg.batch_size):
-            batch = collate([{"input_ids": r} for r in rows[b:b + cfg.batch_size]])
+        for b in range(0, len(rows), batch_size):
+            batch = collate([{"input_ids": r} for r in rows[b:b + batch_size]])
             mask = batch["attention_mask"].to(state.device)
             hidden = final_hidden(teacher, batch["input_ids"].to(state.device), mask)
             parts.append(_signals(hidden[mask.bool()], head, meta))
@@ -186,8 +202,6 @@ def _capture_teacher(
         if meta.kind == "topk":
             print(f"fastkd capture: serves temperatures {meta.temperatures}; train with "
                   f"--teacher-signals {folder}")
-        (folder / "capture_speed.json").write_text(json.dumps(
-            {"tokens": todo, "seconds": seconds, "processes": state.num_processes}) + "\n")
     return report
 
 
