@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +78,7 @@ def run_capture(cfg: DistillConfig) -> list[CaptureReport]:
     student_rows = None if cfg.student is None else \
         load_config(cfg.student, "student").get_text_config().vocab_size
     identity, fingerprint = tokenizer_identity(tokenizer), data_fingerprint(blocks)
-    state = PartialState()
+    state = process_state()
     out = Path(cfg.capture_out)
     reports = []
     for k, path in enumerate(cfg.teachers):
@@ -117,15 +118,24 @@ def write_capture(
 
     Args:
         batch_size: token blocks per teacher forward.
-        state: the process layout (default: `accelerate.PartialState()`).
+        state: the process layout (default: `process_state()`).
     """
-    state = state or PartialState()
+    state = state or process_state()
     _start(folder, meta, state)
     teacher.to(state.device).eval().requires_grad_(False)
     head = output_head(teacher, rows)
     if meta.kind == "hidden" and state.is_main_process:
         write_head(folder, head)
     return _capture_teacher(teacher, head, blocks, meta, folder, batch_size, state)
+
+
+def process_state() -> PartialState:
+    """accelerate's process layout: under torchrun / accelerate launch, one process group
+    (gloo where there is no GPU), else one process."""
+    if torch.cuda.is_available():
+        return PartialState()
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return PartialState(cpu=True, **({"backend": "gloo"} if launched else {}))
 
 
 def _revision(teacher: torch.nn.Module, path: str) -> str:
