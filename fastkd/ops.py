@@ -64,13 +64,15 @@ ROW_OPS: dict[str, dict[str, str]] = {
               "sparse_kd_rows": "sparse_kd_rows_torch"},
     "triton": {"kd_rows": "kd_rows_triton", "multi_teacher_rows": "multi_teacher_rows_triton",
                "sparse_kd_rows": "sparse_kd_rows_triton"},
-    "cpp": {"kd_rows": "kd_rows", "multi_teacher_rows": "multi_teacher_rows"},
-    "cuda": {"kd_rows": "kd_rows", "multi_teacher_rows": "multi_teacher_rows"},
+    "cpp": {"kd_rows": "kd_rows", "multi_teacher_rows": "multi_teacher_rows",
+            "sparse_kd_rows": "sparse_kd_rows"},
+    "cuda": {"kd_rows": "kd_rows", "multi_teacher_rows": "multi_teacher_rows",
+             "sparse_kd_rows": "sparse_kd_rows"},
 }
 # Ops defined in C++ (csrc/): their fakes are registered once the extension is loaded.
 # addmm_fp32 is the CPU's half GEMM with fp32 output (fastkd/matmul.py), not a row op.
 NATIVE_OPS = {"kd_rows": "kd_rows", "multi_teacher_rows": "multi_teacher_rows",
-              "addmm_fp32": "addmm_fp32"}
+              "sparse_kd_rows": "sparse_kd_rows", "addmm_fp32": "addmm_fp32"}
 
 
 def row_op(backend: str, kind: str) -> torch._ops.OpOverload:

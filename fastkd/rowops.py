@@ -35,9 +35,8 @@ def kd_rows_torch(
     if grad is not None and options.soft_weight != T:
         grad.mul_(options.soft_weight / T)  # chain rule through s = z_s / T
     # q - p has no cancelling constant: only reverse KL and JSD need the top-logit rewrite
-    exact_top = options.divergence != "kl"
-    return _finish(z_s, labels, loss, grad, grad_out, options, log_q if T == 1 else None,
-                   exact_top)
+    top = z_s.argmax(dim=-1, keepdim=True) if options.divergence != "kl" else None
+    return _finish(z_s, labels, loss, grad, grad_out, options, log_q if T == 1 else None, top)
 
 
 def tempered_divergence(
@@ -101,12 +100,12 @@ def _finish(
     grad_out: torch.Tensor | None,
     options: KDOptions | MultiTeacherOptions,
     log_q1: torch.Tensor | None = None,
-    exact_top: bool = False,
+    top: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Add the hard CE term, zero ignored tokens, write the gradient; returns the loss (C,).
 
-    ``log_q1`` is log_softmax(z_s) when the caller has it already (T = 1); ``exact_top``
-    rewrites the gradient at the top student logit (below).
+    ``log_q1`` is log_softmax(z_s) when the caller has it already (T = 1); ``top``, when given,
+    rewrites the gradient at ``top`` (C, 1), the entries of the student's mode (below).
     """
     counted = None
     if labels is not None:
@@ -122,10 +121,9 @@ def _finish(
     if grad_out is not None:
         if counted is not None:
             grad.masked_fill_(~counted[:, None], 0.0)
-        if exact_top:
-            # Rows sum to zero (softmax is shift invariant). At the top student logit the
+        if top is not None:
+            # Rows sum to zero (softmax is shift invariant). At the student's mode the
             # formulas cancel when q is near one-hot, so that entry is -(sum of the others).
-            top = z_s.argmax(dim=-1, keepdim=True)
             grad.scatter_(1, top, 0.0)
             grad.scatter_(1, top, -grad.sum(dim=-1, keepdim=True))
         grad_out.copy_(grad)
@@ -212,6 +210,7 @@ def sparse_kd_rows_torch(
         log_p = (s - lse_off).add_(log_tail[:, None]).scatter_(1, ids, log_p_ids)
         divergence, grad = tempered_divergence(log_p, log_q, options, want_grad)
         log_q1 = log_q if T == 1 else None
+        top = z_s.argmax(dim=-1, keepdim=True)  # the mode of q
     else:  # renormalize: q and p both softmaxed over the k ids; zero gradient elsewhere
         log_q_ids = torch.log_softmax(s.gather(1, ids), dim=-1)
         divergence, grad_ids = tempered_divergence(log_p_ids, log_q_ids, options, want_grad)
@@ -219,11 +218,12 @@ def sparse_kd_rows_torch(
         if want_grad:
             grad = torch.zeros_like(s).scatter_(1, ids, grad_ids)
         log_q1 = None
+        top = ids.gather(1, log_q_ids.argmax(dim=-1, keepdim=True))  # the mode of q on S
     loss = options.soft_weight * divergence
     if grad is not None and options.soft_weight != T:
         grad.mul_(options.soft_weight / T)  # chain rule through s = z_s / T
     return _finish(z_s, labels, loss, grad, grad_out, options, log_q1,
-                   options.divergence != "kl")
+                   top if options.divergence == "reverse_kl" else None)
 
 
 def sparse_teacher_log_probs(

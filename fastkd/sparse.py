@@ -25,7 +25,7 @@ from fastkd._checks import (
     resolve_backend,
 )
 from fastkd.functional import STUDENT_NAMES, check_linear, chunked_loss, flat_labels
-from fastkd.ops import ROW_OPS, row_op, sparse_kd_arguments
+from fastkd.ops import row_op, sparse_kd_arguments
 from fastkd.options import KDOptions
 
 TAILS = ("bucket", "renormalize")
@@ -77,7 +77,8 @@ def sparse_kd_loss(
             at least the logsumexp of teacher_logits / temperature (up to rounding).
         labels: (*) token ids, or None. Tokens equal to ``ignore_index`` do not count.
         reduction: "mean" over counted tokens, "sum", or "none" (per token, shape ``*``).
-        backend: "auto", "torch" (other backends as they land: see ``ROW_OPS``).
+        backend: "auto" (Triton on CUDA; on CPU the C++ row op, or torch where it does not
+            build), "triton", "torch", "cpp" (C++, CPU) or "cuda" (CUDA C++).
         chunk_size: tokens per chunk; by default the plan's choice (fastkd/plan.py).
 
     Returns:
@@ -105,7 +106,7 @@ def sparse_kd_loss(
     ids, logits, lse = check_sparse_teacher(teacher_ids, teacher_logits, teacher_lse, leading,
                                             vocab, options.temperature, tail, token_labels,
                                             options.ignore_index)
-    backend = _sparse_backend(backend, device)
+    backend = resolve_backend(backend, device, native=True)
     op = partial(_sparse_rows, row_op(backend, "sparse_kd_rows"), ids, logits, lse,
                  sparse_kd_arguments(tail, options))
     return chunked_loss(student_hidden, student_weight, student_bias, [], token_labels, op,
@@ -194,18 +195,6 @@ def check_sparse_teacher(
             raise ValueError(f"teacher_logits row {row} (flattened) is all -inf: "
                              "tail='renormalize' has no teacher mass to renormalize there")
     return ids, logits, lse
-
-
-def _sparse_backend(backend: str, device: torch.device) -> str:
-    """``resolve_backend``, then "auto" falls back to torch where the sparse op is missing."""
-    wanted = backend
-    backend = resolve_backend(backend, device, native=True)
-    if "sparse_kd_rows" in ROW_OPS[backend]:
-        return backend
-    if wanted == "auto":
-        return "torch"
-    raise ValueError(f"backend={wanted!r} has no sparse_kd_loss kernels yet; use 'torch' or "
-                     "'auto'")
 
 
 def _sparse_rows(op, ids, logits, lse, arguments, rows, student_logits, teacher_logits, labels,

@@ -19,8 +19,9 @@ per row), it computes in fp32 (docs/sparse.md):
             kl q_i - p_i, reverse q_i (log q_i - log p_i - KL), with the bucket's or the
             renormalized q.
           Plus hard_weight (softmax(z_s) - onehot(y)) everywhere, times 0 at ignored rows.
-          Reverse KL writes the top student logit's entry last, as minus the sum of all the
-          others (rows sum to zero), as the dense kernel does (kernels/kd_rows.py).
+          Reverse KL writes the entry of the student's mode (the top logit; for "renormalize"
+          the top logit on S) last, as minus the sum of all the others (rows sum to zero), as
+          the dense kernel does (kernels/kd_rows.py).
 """
 
 from __future__ import annotations
@@ -115,7 +116,11 @@ def _sparse_rows_kernel(
             valid, ids, z_i, s_i, log_p = _load_ids(ids_row, s_row, logp_row, start, k,
                                                     inv_temperature, BLOCK_K)
             s_i = tl.where(valid, s_i, -float("inf"))
-            m_r_new = tl.maximum(m_r, tl.max(s_i, axis=0))
+            block_top = tl.max(s_i, axis=0)
+            best = tl.sum(tl.where(tl.arange(0, BLOCK_K) == tl.argmax(s_i, axis=0), ids, 0),
+                          axis=0)
+            j_top = tl.where(block_top > m_r, best.to(tl.int32), j_top)  # the mode of q on S
+            m_r_new = tl.maximum(m_r, block_top)
             l_r = l_r * tl.exp(m_r - m_r_new) + tl.sum(tl.exp(s_i - m_r_new), axis=0)
             m_r = m_r_new
         shift = m_r + tl.log(l_r)

@@ -12,14 +12,14 @@ from fastkd import fused_kd_loss, sparse_kd_loss
 from fastkd.ops import row_op, sparse_kd_arguments
 from fastkd.options import KDOptions
 from fastkd.reference import sparse_kd_loss_reference
-from tests.helpers import linear_inputs, random_labels, rel_err, tolerance
+from tests.helpers import NATIVE_BACKEND, linear_inputs, random_labels, rel_err, tolerance
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton", NATIVE_BACKEND]
 VOCAB = 389  # prime: no multiple of any block size
 
 
 def sparse_teacher(leading, vocab, k, temperature, std, gen, *, dtype=torch.float32,
-                   lse_dtype=torch.float32):
+                   lse_dtype=torch.float32, device="cpu"):
     """Top-k ids, their raw logits and the full tempered LSE of a random teacher (N, V)."""
     z_t = torch.randn(*leading, vocab, generator=gen, dtype=torch.float64) * std
     top = z_t.topk(k, dim=-1)
@@ -27,19 +27,20 @@ def sparse_teacher(leading, vocab, k, temperature, std, gen, *, dtype=torch.floa
     order = torch.rand(*leading, k, generator=gen).argsort(dim=-1)
     ids, logits = top.indices.gather(-1, order), top.values.gather(-1, order)
     lse = torch.logsumexp(z_t / temperature, dim=-1)
-    return z_t, ids, logits.to(dtype), lse.to(lse_dtype)
+    return (z_t.to(device), ids.to(device), logits.to(device, dtype),
+            lse.to(device, lse_dtype))
 
 
-def run_both(leading, hidden, vocab, k, dtype, seed, *, bias=True, labels=True, std=8.0,
-             chunk_size=3, teacher_dtype=torch.float32, **options):
+def run_both(leading, hidden, vocab, k, dtype, device, seed, *, bias=True, labels=True,
+             std=8.0, chunk_size=3, teacher_dtype=torch.float32, **options):
     """Loss and student gradients from sparse_kd_loss and from the oracle, same inputs."""
     gen = torch.Generator().manual_seed(seed)
-    h, w, b = linear_inputs(leading, hidden, vocab, std, dtype, "cpu", gen, bias)
+    h, w, b = linear_inputs(leading, hidden, vocab, std, dtype, device, gen, bias)
     _, ids, logits, lse = sparse_teacher(leading, vocab, k, options.get("temperature", 1.0), std,
-                                         gen, dtype=teacher_dtype)
-    y = random_labels(leading, vocab, gen, "cpu") if labels else None
+                                         gen, dtype=teacher_dtype, device=device)
+    y = random_labels(leading, vocab, gen, device) if labels else None
     reduction = options.get("reduction", "mean")
-    token_weights = torch.rand(leading, generator=gen) + 0.5  # per-token backward for "none"
+    token_weights = torch.rand(leading, generator=gen).to(device) + 0.5  # per-token backward for "none"
 
     def total(loss):
         return (loss * token_weights.to(loss.dtype)).sum() if reduction == "none" else loss
@@ -71,12 +72,12 @@ GRID = list(itertools.product([1, 8, 64, VOCAB], ["kl", "reverse_kl"], ["bucket"
 
 
 @pytest.mark.parametrize("k,divergence,tail,temperature,backend", GRID)
-def test_matches_oracle(k, divergence, tail, temperature, backend):
+def test_matches_oracle(k, divergence, tail, temperature, backend, device):
     """fp32 inside: 1e-4 (docs/design.md section 5; the oracle is float64, the row math fp32
     over V = 389 terms and the teacher's p_tail in float64)."""
     seed = hash((k, divergence, tail, temperature, backend)) % 2**31
     std = [3.0, 10.0, 30.0][seed % 3]
-    loss, ref, ours, refs = run_both((2, 5), 16, VOCAB, k, torch.float32, seed, std=std,
+    loss, ref, ours, refs = run_both((2, 5), 16, VOCAB, k, torch.float32, device, seed, std=std,
                                      divergence=divergence, tail=tail, temperature=temperature,
                                      soft_weight=0.7, hard_weight=0.4, backend=backend)
     assert_close(loss, ref, ours, refs, 1e-4)
@@ -85,8 +86,8 @@ def test_matches_oracle(k, divergence, tail, temperature, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_and_reductions(reduction, dtype, backend):
-    loss, ref, ours, refs = run_both((11,), 16, VOCAB, 8, dtype, 7, reduction=reduction,
+def test_half_precision_and_reductions(reduction, dtype, backend, device):
+    loss, ref, ours, refs = run_both((11,), 16, VOCAB, 8, dtype, device, 7, reduction=reduction,
                                      temperature=2.0, hard_weight=0.5, backend=backend,
                                      teacher_dtype=torch.bfloat16)
     assert_close(loss, ref, ours, refs, tolerance(dtype))
@@ -95,16 +96,16 @@ def test_half_precision_and_reductions(reduction, dtype, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl"])
 @pytest.mark.parametrize("temperature", [1.0, 3.0])
-def test_all_ids_bucket_equals_fused_kd_loss(divergence, temperature, backend):
+def test_all_ids_bucket_equals_fused_kd_loss(divergence, temperature, backend, device):
     """k = V: the tail is empty and tail="bucket" is the dense loss."""
     gen = torch.Generator().manual_seed(5)
     leading, vocab = (7,), 97
-    h_s, w_s, b_s = linear_inputs(leading, 12, vocab, 8.0, torch.float32, "cpu", gen, True)
-    h_t, w_t, _ = linear_inputs(leading, 20, vocab, 8.0, torch.float32, "cpu", gen)
+    h_s, w_s, b_s = linear_inputs(leading, 12, vocab, 8.0, torch.float32, device, gen, True)
+    h_t, w_t, _ = linear_inputs(leading, 20, vocab, 8.0, torch.float32, device, gen)
     z_t = h_t.double() @ w_t.double().T
-    ids = torch.stack([torch.randperm(vocab, generator=gen) for _ in range(7)])
+    ids = torch.stack([torch.randperm(vocab, generator=gen) for _ in range(7)]).to(device)
     lse = torch.logsumexp(z_t / temperature, dim=-1).float()
-    labels = random_labels(leading, vocab, gen, "cpu")
+    labels = random_labels(leading, vocab, gen, device)
     grads = []
     for dense in (True, False):
         student = [t.clone().requires_grad_() for t in (h_s, w_s, b_s)]
@@ -124,12 +125,12 @@ def test_all_ids_bucket_equals_fused_kd_loss(divergence, temperature, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl"])
 @pytest.mark.parametrize("tail", ["bucket", "renormalize"])
-def test_padded_entries(divergence, tail, backend):
+def test_padded_entries(divergence, tail, backend, device):
     """-inf teacher logits are padded entries with p = 0: finite, and as the oracle says."""
     gen = torch.Generator().manual_seed(3)
     leading, vocab, k = (9,), 61, 8
-    h, w, _ = linear_inputs(leading, 12, vocab, 6.0, torch.float32, "cpu", gen)
-    _, ids, logits, lse = sparse_teacher(leading, vocab, k, 1.5, 6.0, gen)
+    h, w, _ = linear_inputs(leading, 12, vocab, 6.0, torch.float32, device, gen)
+    _, ids, logits, lse = sparse_teacher(leading, vocab, k, 1.5, 6.0, gen, device=device)
     logits[:, -3:] = -math.inf
     logits[0, 1:] = -math.inf  # one real entry left
     ours = [t.clone().requires_grad_() for t in (h, w)]
@@ -146,15 +147,15 @@ def test_padded_entries(divergence, tail, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_all_tokens_ignored(reduction, backend):
+def test_all_tokens_ignored(reduction, backend, device):
     """No counted token: loss 0 (never NaN) and zero gradients, even with garbage teachers."""
     gen = torch.Generator().manual_seed(0)
-    h, w, _ = linear_inputs((6,), 8, 50, 5.0, torch.float32, "cpu", gen)
-    _, ids, logits, lse = sparse_teacher((6,), 50, 4, 1.0, 5.0, gen)
+    h, w, _ = linear_inputs((6,), 8, 50, 5.0, torch.float32, device, gen)
+    _, ids, logits, lse = sparse_teacher((6,), 50, 4, 1.0, 5.0, gen, device=device)
     logits[2] = -math.inf  # an all-padded row at an ignored token
     h.requires_grad_()
     w.requires_grad_()
-    labels = torch.full((6,), -100)
+    labels = torch.full((6,), -100, device=device)
     loss = sparse_kd_loss(h, w, ids, logits, lse, labels, hard_weight=1.0, reduction=reduction,
                           tail="renormalize", backend=backend)
     loss.sum().backward()
@@ -164,11 +165,11 @@ def test_all_tokens_ignored(reduction, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_chunking_and_leading_shape(backend):
+def test_chunking_and_leading_shape(backend, device):
     """(B, T) leading shape, N not divisible by the chunk: same as one chunk."""
     gen = torch.Generator().manual_seed(8)
-    h, w, _ = linear_inputs((3, 7), 8, 83, 6.0, torch.float32, "cpu", gen)
-    _, ids, logits, lse = sparse_teacher((3, 7), 83, 5, 1.0, 6.0, gen)
+    h, w, _ = linear_inputs((3, 7), 8, 83, 6.0, torch.float32, device, gen)
+    _, ids, logits, lse = sparse_teacher((3, 7), 83, 5, 1.0, 6.0, gen, device=device)
     outs = [sparse_kd_loss(h, w, ids, logits, lse, reduction="none", chunk_size=c,
                            backend=backend) for c in (4, 21)]
     assert outs[0].shape == (3, 7)
@@ -272,11 +273,11 @@ def test_refuses_an_all_padded_counted_row_when_renormalizing():
 # ---- the row ops themselves: opcheck, gradient in place, backends agree
 
 
-def _row_inputs(rows, vocab, k, seed, std=8.0, temperature=1.0):
+def _row_inputs(rows, vocab, k, seed, device, std=8.0, temperature=1.0):
     gen = torch.Generator().manual_seed(seed)
-    student = torch.randn(rows, vocab, generator=gen) * std
-    _, ids, logits, lse = sparse_teacher((rows,), vocab, k, temperature, std, gen)
-    labels = random_labels((rows,), vocab, gen, "cpu")
+    student = (torch.randn(rows, vocab, generator=gen) * std).to(device)
+    _, ids, logits, lse = sparse_teacher((rows,), vocab, k, temperature, std, gen, device=device)
+    labels = random_labels((rows,), vocab, gen, device)
     return student, ids, logits, lse, labels
 
 
@@ -288,8 +289,8 @@ def _arguments(tail, divergence, temperature=1.0, hard_weight=0.0):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("tail,divergence", [("bucket", "kl"), ("renormalize", "reverse_kl")])
 @pytest.mark.parametrize("with_labels,with_grad", [(False, False), (True, True)])
-def test_sparse_rows_opcheck(backend, tail, divergence, with_labels, with_grad):
-    student, ids, logits, lse, labels = _row_inputs(5, 37, 6, 2, temperature=2.0)
+def test_sparse_rows_opcheck(backend, tail, divergence, with_labels, with_grad, device):
+    student, ids, logits, lse, labels = _row_inputs(5, 37, 6, 2, device, temperature=2.0)
     grad = torch.empty_like(student) if with_grad else None
     torch.library.opcheck(
         row_op(backend, "sparse_kd_rows"),
@@ -299,10 +300,10 @@ def test_sparse_rows_opcheck(backend, tail, divergence, with_labels, with_grad):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_sparse_rows_gradient_in_place(backend):
+def test_sparse_rows_gradient_in_place(backend, device):
     """grad_out may be student_logits: the same loss and gradient as a separate buffer, eager
     and compiled."""
-    student, ids, logits, lse, labels = _row_inputs(6, 41, 9, 4)
+    student, ids, logits, lse, labels = _row_inputs(6, 41, 9, 4, device)
     arguments = _arguments("bucket", "reverse_kl", hard_weight=0.2)
     op = row_op(backend, "sparse_kd_rows")
     grad = torch.empty_like(student)
@@ -321,11 +322,12 @@ def test_sparse_rows_gradient_in_place(backend):
 
 @pytest.mark.parametrize("tail", ["bucket", "renormalize"])
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl"])
-def test_backends_agree_across_blocks(tail, divergence):
+def test_backends_agree_across_blocks(tail, divergence, device):
     """V = 2053 (past one 2048-column block) and k = 70 (past one 64-id block), T = 0.7, std 30
     (near one-hot rows): every backend's loss and gradient against the torch row op. Both are
     fp32 over V terms: 1e-5 relative."""
-    student, ids, logits, lse, labels = _row_inputs(3, 2053, 70, 9, std=30.0, temperature=0.7)
+    student, ids, logits, lse, labels = _row_inputs(3, 2053, 70, 9, device, std=30.0,
+                                                    temperature=0.7)
     arguments = _arguments(tail, divergence, 0.7, 0.3)
     results = {}
     for backend in BACKENDS:
