@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from fastkd import fused_kd_loss, sparse_kd_loss
+from fastkd import csrc, fused_kd_loss, sparse_kd_loss
 from fastkd.ops import row_op, sparse_kd_arguments
 from fastkd.options import KDOptions
 from fastkd.reference import sparse_kd_loss_reference
@@ -16,6 +16,11 @@ from tests.helpers import NATIVE_BACKEND, linear_inputs, random_labels, rel_err,
 
 BACKENDS = ["torch", "triton", NATIVE_BACKEND]
 VOCAB = 389  # prime: no multiple of any block size
+
+
+@pytest.fixture(scope="module", autouse=True)
+def native_ops_loaded():
+    assert csrc.load(), "the C++ extension did not build (see the warning)"
 
 
 def sparse_teacher(leading, vocab, k, temperature, std, gen, *, dtype=torch.float32,
