@@ -29,6 +29,7 @@ from .heads import Head, check_plain_logits, output_head, vocab_rows
 from .models import check_seq_len, existing, load_config, load_model
 from .run import token_blocks
 from .signals import (
+    HEAD_FILE,
     CaptureMeta,
     data_fingerprint,
     missing_shards,
@@ -124,7 +125,7 @@ def write_capture(
     _start(folder, meta, state)
     teacher.to(state.device).eval().requires_grad_(False)
     head = output_head(teacher, rows)
-    if meta.kind == "hidden" and state.is_main_process:
+    if meta.kind == "hidden" and state.is_main_process and not (folder / HEAD_FILE).is_file():
         write_head(folder, head)
     return _capture_teacher(teacher, head, blocks, meta, folder, batch_size, state)
 
