@@ -8,6 +8,7 @@ gives the math and the gradient of the tail bucket.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -152,49 +153,56 @@ def check_sparse_teacher(
     ids = ids.reshape(-1, k).to(torch.int64).contiguous()
     logits = logits.detach().reshape(-1, k).contiguous()
     lse = lse.detach().reshape(-1).contiguous()
-    if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
-        bad = ids[(ids < 0) | (ids >= vocab)][0].item()
-        raise ValueError(f"teacher_ids {tuple(teacher_ids.shape)} holds id {bad}, outside "
-                         f"[0, {vocab}) (V from student_weight)")
+    shape = tuple(teacher_ids.shape)
+    outside = ((ids < 0) | (ids >= vocab)).any(dim=-1)
+    _refuse(outside, f"teacher_ids {shape} holds an id outside [0, {vocab}) (V from "
+            "student_weight)", lambda row: f"token {row} (flattened): ids {ids[row].tolist()}")
     ordered = ids.sort(dim=-1).values
-    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=-1)
-    if repeated.any():
-        row = int(repeated.nonzero()[0, 0])
-        raise ValueError(f"teacher_ids {tuple(teacher_ids.shape)} repeats an id within token "
-                         f"{row} (flattened): each token's k ids must be distinct")
-    if torch.isnan(logits).any() or (logits == torch.inf).any():
-        raise ValueError(f"teacher_logits {tuple(logits.shape)} holds NaN or +inf; only -inf "
-                         "(a padded entry, p = 0) is allowed")
-    if not torch.isfinite(lse).all():
-        raise ValueError(f"teacher_lse {tuple(lse.shape)} holds NaN or inf values")
+    _refuse((ordered[:, 1:] == ordered[:, :-1]).any(dim=-1),
+            f"teacher_ids {shape} repeats an id within a token: each token's k ids must be "
+            "distinct", lambda row: f"token {row} (flattened)")
+    _refuse((torch.isnan(logits) | (logits == torch.inf)).any(dim=-1),
+            f"teacher_logits {tuple(logits.shape)} holds NaN or +inf; only -inf (a padded "
+            "entry, p = 0) is allowed", lambda row: f"token {row} (flattened)")
+    _refuse(~torch.isfinite(lse), f"teacher_lse {tuple(lse.shape)} holds NaN or inf values",
+            lambda row: f"token {row} (flattened)")
     math_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     tempered = logits.to(math_dtype) / temperature
     support_lse = torch.logsumexp(tempered, dim=-1)
     # Rounding: the stored logits carry a relative error of eps(teacher_logits.dtype) (so their
     # logsumexp moves by up to that times max |t|), the stored LSE one of eps(lse.dtype) |lse|;
-    # 4x covers the sums' own rounding. An excess beyond that is a wrong temperature or LSE.
+    # 4x, plus 1e-6 for values near 0, covers the sums' own rounding. An excess beyond that is
+    # a wrong temperature or LSE.
     finite = tempered.masked_fill(tempered == -torch.inf, 0)
     slack = 4 * (torch.finfo(logits.dtype).eps * finite.abs().amax(dim=-1)
                  + torch.finfo(lse.dtype).eps * lse.abs().to(math_dtype)) + 1e-6
-    excess = support_lse - lse.to(math_dtype)
-    too_small = excess > slack
-    if too_small.any():
-        row = int(too_small.nonzero()[0, 0])
-        raise ValueError(
-            f"teacher_lse[{row}] (flattened) = {lse[row].item():.6g} is smaller than the "
-            f"logsumexp of teacher_logits / temperature there ({support_lse[row].item():.6g}, "
-            f"T = {temperature}): teacher_lse must be the logsumexp over the full vocabulary "
-            "of teacher logits / T at this temperature"
-        )
+    _refuse(support_lse - lse.to(math_dtype) > slack,
+            f"teacher_lse is smaller than the logsumexp of teacher_logits / temperature "
+            f"(T = {temperature}): teacher_lse must be the logsumexp over the full vocabulary "
+            "of teacher logits / T at this temperature",
+            lambda row: f"teacher_lse[{row}] (flattened) = {lse[row].item():.6g} < "
+                        f"{support_lse[row].item():.6g}")
     if tail == "renormalize":
         empty = (logits == -torch.inf).all(dim=-1)
         if labels is not None:
             empty &= labels != ignore_index
-        if empty.any():
-            row = int(empty.nonzero()[0, 0])
-            raise ValueError(f"teacher_logits row {row} (flattened) is all -inf: "
-                             "tail='renormalize' has no teacher mass to renormalize there")
+        _refuse(empty, "teacher_logits has a counted token whose k logits are all -inf: "
+                "tail='renormalize' has no teacher mass to renormalize there",
+                lambda row: f"token {row} (flattened)")
     return ids, logits, lse
+
+
+def _refuse(bad: torch.Tensor, message: str, where: Callable[[int], str]) -> None:
+    """ValueError(``message``, and ``where(row)`` of the first bad row) if any of ``bad`` (N,).
+
+    Under ``torch.compile`` the host read would break the graph (and fail fullgraph=True), so
+    the check is an asynchronous device assert with ``message`` there (as check_label_range).
+    """
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), message)
+        return
+    if bad.any():
+        raise ValueError(f"{message}; first at {where(int(bad.nonzero()[0, 0]))}")
 
 
 def _sparse_rows(op, ids, logits, lse, arguments, rows, student_logits, teacher_logits, labels,
