@@ -408,3 +408,30 @@ def test_int32_ids_and_half_lse_are_accepted():
     _, ids, logits, lse = sparse_teacher((7,), 61, 61, 1.0, 5.0, gen, dtype=torch.bfloat16,
                                          lse_dtype=torch.bfloat16)  # k = V: lse_S = lse
     assert torch.isfinite(sparse_kd_loss(h, w, ids, logits, lse))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl"])
+def test_a_vanishing_student_tail_keeps_its_precision(divergence, backend, device):
+    """The student puts ~all its mass on the k ids (q_tail ~ e^-60) while the teacher keeps
+    p_tail ~ 1e-2: q_tail = 1 - sum q would round to 0 (an infinite KL); the row ops sum it
+    off the support instead, so the loss and gradients match the float64 oracle (1e-4: fp32)."""
+    gen = torch.Generator().manual_seed(31)
+    leading, vocab, k = (6,), 97, 5
+    h, w, _ = linear_inputs(leading, 8, vocab, 3.0, torch.float32, device, gen)
+    ids = torch.stack([torch.randperm(vocab, generator=gen)[:k] for _ in range(6)]).to(device)
+    bias = torch.zeros(vocab, device=device).index_fill_(0, ids[0], 60.0)  # row 0's ids
+    ids[:] = ids[0]  # every token's ids: the boosted ones
+    z_t = torch.randn(*leading, vocab, generator=gen, dtype=torch.float64).to(device)
+    z_t.scatter_add_(1, ids, torch.full(ids.shape, 8.0, dtype=torch.float64, device=device))
+    logits, lse = z_t.gather(1, ids).float(), torch.logsumexp(z_t, dim=-1).float()
+    ours = [t.clone().requires_grad_() for t in (h, w, bias)]
+    refs = [t.clone().double().requires_grad_() for t in (h, w, bias)]
+    loss = sparse_kd_loss(*ours[:2], ids, logits, lse, student_bias=ours[2],
+                          divergence=divergence, backend=backend)
+    ref = sparse_kd_loss_reference(*refs[:2], ids, logits, lse, student_bias=refs[2],
+                                   divergence=divergence)
+    loss.backward()
+    ref.backward()
+    assert ref > 0.1  # the tail term dominates: p_tail log(p_tail / q_tail) ~ 1e-2 * 55
+    assert_close(loss, ref, ours, refs, 1e-4)
