@@ -79,6 +79,27 @@ inline void check_multi_teacher_rows(const at::Tensor& student, const at::Tensor
   check_grad_out(op, grad_out, student);
 }
 
+// The tensors and options of sparse_kd_rows: ids (C, k) int64, logits (C, k), lse (C,).
+inline void check_sparse_kd_rows(const at::Tensor& student, const at::Tensor& ids,
+                                 const at::Tensor& logits, const at::Tensor& lse,
+                                 const std::optional<at::Tensor>& grad_out,
+                                 c10::string_view tail, c10::string_view divergence) {
+  const char* op = "sparse_kd_rows";
+  check_rows(op, "student_logits", student, 2);
+  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == student.size(0) && ids.scalar_type() == at::kLong,
+              op, ": teacher_ids must be int64 (", student.size(0), ", k), got ",
+              ids.scalar_type(), " ", ids.sizes());
+  TORCH_CHECK(logits.sizes() == ids.sizes(), op, ": teacher_logits ", logits.sizes(),
+              " must match teacher_ids ", ids.sizes());
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == student.size(0), op, ": teacher_lse ",
+              lse.sizes(), " must be (", student.size(0), ",)");
+  TORCH_CHECK(tail == "bucket" || tail == "renormalize", op,
+              ": tail must be bucket or renormalize, got ", tail);
+  TORCH_CHECK(divergence == "kl" || divergence == "reverse_kl", op,
+              ": divergence must be kl or reverse_kl, got ", divergence);
+  check_grad_out(op, grad_out, student);
+}
+
 // fp64 logits keep fp64 math; every other dtype computes in fp32.
 inline at::ScalarType math_dtype(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -5,6 +5,8 @@
 // grad_out (C, V) is given it receives d loss / d z_s (it may be student_logits itself).
 // multi_teacher_rows: the same against K teachers (K, C, V); weights_out (C, K) receives the
 // mixing weights. The loss is fp32 (fp64 for fp64 logits); ignored rows get 0 and a zero row.
+// sparse_kd_rows: the same against a sparse teacher, ids and logits (C, k), lse (C,)
+// (docs/sparse.md); the ids are distinct per row and in [0, V) (sparse_kd_loss checks them).
 // addmm_fp32: out (M, N) fp32 = beta out + a (M, K) @ b (K, N) for half a, b (gemm_cpu.cpp).
 
 #include <torch/library.h>
@@ -19,5 +21,9 @@ TORCH_LIBRARY(fastkd, m) {
       "Tensor(a!)? grad_out, Tensor(b!) weights_out, float[] priors, float temperature, "
       "str weighting, float entropy_tau, str fusion, float soft_weight, float hard_weight, "
       "int ignore_index) -> Tensor");
+  m.def(
+      "sparse_kd_rows(Tensor student_logits, Tensor teacher_ids, Tensor teacher_logits, "
+      "Tensor teacher_lse, Tensor? labels, Tensor(a!)? grad_out, str tail, str divergence, "
+      "float temperature, float soft_weight, float hard_weight, int ignore_index) -> Tensor");
   m.def("addmm_fp32(Tensor(a!) out, Tensor a, Tensor b, float beta) -> ()");
 }

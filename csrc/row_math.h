@@ -117,4 +117,37 @@ FASTKD_HD T entropy_from_sums(T l, T b) {
   return log_(l) - b / l;
 }
 
+// ---- sparse (top-k) teacher, docs/sparse.md. One token has k ids S with the teacher's bucket
+// log-probabilities log p_i (and log p_tail for tail="bucket"), computed in double over the k
+// entries; the student's log q comes from the full row. Every divergence is the dense one
+// against the implied teacher p~ (p_i on S, p_tail q_j / q_tail off S).
+
+// log 2^-126, the smallest normal float: reverse KL floors the teacher's log-probabilities here
+// (a zero probability would make KL(q || p) infinite and its gradient NaN).
+constexpr double kLogPFloor = -87.33654475055310898657;
+
+// log(1 - e^x) for x <= 0 (a rounding excess x > 0 counts as 0): expm1 near 0, log1p far.
+FASTKD_HD double log1mexp(double x) {
+  if (x >= 0) return -HUGE_VAL;
+  return x > -0.6931471805599453 ? log(-expm1(x)) : log1p(-exp(x));
+}
+
+FASTKD_HD double floored_log_p(double log_p, bool reverse) {
+  return reverse && !(log_p >= kLogPFloor) ? kLogPFloor : log_p;
+}
+
+// One bucket's term of the divergence: kl p (log p - log q), reverse q (log q - log p).
+template <typename M, typename V>
+FASTKD_HD V sparse_term(bool reverse, V log_p, V log_q) {
+  return reverse ? M::xlogy(M::exp(log_q), log_q - log_p)
+                 : M::xlogy(M::exp(log_p), log_p - log_q);
+}
+
+// d D / d s_j against the implied teacher log p~_j: kl q - p~, reverse q (log q - log p~ - D).
+template <typename M, typename V>
+FASTKD_HD V sparse_grad(bool reverse, V log_p, V log_q, V divergence) {
+  V q = M::exp(log_q);
+  return reverse ? M::xlogy(q, log_q - log_p - divergence) : q - M::exp(log_p);
+}
+
 }  // namespace fastkd

@@ -1,6 +1,7 @@
 // The CPU row ops (TORCH_LIBRARY_IMPL(fastkd, CPU)): one token row per at::parallel_for task,
 // the hot loops on at::vec::Vectorized lanes with a scalar tail, every formula from row_math.h.
-// Same contract as kernels/kd_rows.py and kernels/multi_teacher_rows.py (schemas in ops.cpp).
+// Same contract as kernels/kd_rows.py, kernels/multi_teacher_rows.py and kernels/sparse_rows.py
+// (schemas in ops.cpp).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -399,6 +400,122 @@ T multi_teacher_row(const T* z, const T* zt, int64_t teacher_stride, int64_t n, 
   return loss;
 }
 
+struct SparseOptions {
+  bool bucket, reverse;
+  double temperature, soft_weight, hard_weight;
+};
+
+// Loss of one counted row of student logits z (n) against a sparse teacher: ids (k), its raw
+// logits zt (k, double) and full LSE; writes d loss / d z_s into g (n) when given (g may be z
+// itself: the row's support values, label value and top index are read first). docs/sparse.md.
+template <typename T>
+T sparse_row(const T* z, const int64_t* ids, const double* zt, double lse, int64_t n,
+             int64_t k, int64_t label, const SparseOptions& o, T* g) {
+  constexpr T minus_inf = -std::numeric_limits<T>::infinity();
+  const T inv_t = T(1) / T(o.temperature);
+  const bool hard = o.hard_weight > 0;
+  thread_local std::vector<double> log_p;
+  thread_local std::vector<T> z_ids, work;
+  log_p.resize(k);
+  z_ids.resize(k);
+  work.resize(n);
+  // the teacher, in double over the k entries: x_i = t_i - LSE_t (bucket) or t_i
+  double m_x = -HUGE_VAL, sum_x = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    TORCH_CHECK(ids[i] >= 0 && ids[i] < n, "sparse_kd_rows: id ", ids[i], " outside [0, ", n,
+                ")");
+    log_p[i] = zt[i] / o.temperature - (o.bucket ? lse : 0.0);
+    m_x = std::max(m_x, log_p[i]);
+  }
+  if (m_x > -HUGE_VAL)
+    for (int64_t i = 0; i < k; ++i) sum_x += std::exp(log_p[i] - m_x);
+  const double lse_x = m_x + std::log(sum_x);
+  const T log_tail = T(o.bucket ? floored_log_p(log1mexp(lse_x), o.reverse) : -HUGE_VAL);
+  for (int64_t i = 0; i < k; ++i)
+    log_p[i] = floored_log_p(o.bucket ? log_p[i] : log_p[i] - lse_x, o.reverse);
+
+  // the student: s off S in `work` (-inf on S), its own max and sum; the k values on S apart
+  Max<T> max_z, max_off;
+  sweep<T>(n, [&](auto lane, int64_t j) {
+    using L = decltype(lane);
+    using V = typename L::V;
+    V zj = L::load(z + j);
+    max_z.add(zj);
+    L::store(work.data() + j, zj * V(inv_t));
+  });
+  T m_ids = minus_inf;
+  for (int64_t i = 0; i < k; ++i) {
+    z_ids[i] = z[ids[i]];
+    m_ids = std::max(m_ids, z_ids[i] * inv_t);
+    work[ids[i]] = minus_inf;
+  }
+  sweep<T>(n, [&](auto lane, int64_t j) { max_off.add(decltype(lane)::load(work.data() + j)); });
+  const T m_z = max_z.total(), m_off = max_off.total();
+  Sum<T> sum_off;
+  if (m_off > minus_inf)
+    sweep<T>(n, [&](auto lane, int64_t j) {
+      using L = decltype(lane);
+      using V = typename L::V;
+      sum_off.add(L::M::exp(L::load(work.data() + j) - V(m_off)));
+    });
+  T l_ids = 0;
+  for (int64_t i = 0; i < k; ++i) l_ids += exp_(z_ids[i] * inv_t - m_ids);
+  const T l_off = sum_off.total(), m_s = std::max(m_off, m_ids);
+  const T l_s = (l_off > 0 ? l_off * exp_(m_off - m_s) : T(0)) + l_ids * exp_(m_ids - m_s);
+  const T log_l_s = log_(l_s), log_l_off = log_(l_off);
+  // log q_i = s_i - shift: the full row's LSE (bucket) or the ids' (renormalize)
+  const T shift = o.bucket ? m_s + log_l_s : m_ids + log_(l_ids);
+  const bool has_tail = o.bucket && l_off > 0;  // k = V leaves no tail bucket
+  const T log_q_tail = (m_off - m_s) + (log_l_off - log_l_s);
+
+  T divergence = 0;
+  for (int64_t i = 0; i < k; ++i)
+    divergence += sparse_term<Scalar<T>>(o.reverse, T(log_p[i]), z_ids[i] * inv_t - shift);
+  if (has_tail) divergence += sparse_term<Scalar<T>>(o.reverse, log_tail, log_q_tail);
+  const T hard_weight = T(o.hard_weight);
+  const RawLse<T> lse_z = hard ? raw_lse(z, n, m_z, l_s, T(o.temperature)) : RawLse<T>{};
+  const T loss = T(o.soft_weight) * divergence + hard_ce(hard ? z[label] : T(0), lse_z,
+                                                         hard_weight);
+  if (g == nullptr) return loss;
+
+  // reverse: the entry of the student's mode, rewritten last (the top logit; on S for
+  // renormalize)
+  int64_t top = -1;
+  if (o.reverse && o.bucket) top = first_index_of(z, n, m_z);
+  if (o.reverse && !o.bucket)
+    top = ids[std::max_element(z_ids.begin(), z_ids.end()) - z_ids.begin()];
+  const T coef = T(o.soft_weight) * inv_t;
+  // every entry by the off-S formula (renormalize: 0) plus the hard term; S is rewritten below
+  sweep<T>(n, [&](auto lane, int64_t j) {
+    using L = decltype(lane);
+    using M = typename L::M;
+    using V = typename L::V;
+    V zj = L::load(z + j);
+    V grad(T(0));
+    if (o.bucket) {
+      V s = zj * V(inv_t);
+      V log_q = s - V(m_s) - V(log_l_s), log_pt = V(log_tail) + (s - V(m_off)) - V(log_l_off);
+      grad = V(coef) * sparse_grad<M>(o.reverse, log_pt, log_q, V(divergence));
+    }
+    if (hard) grad = grad + V(hard_weight) * hard_grad<M>(zj, V(lse_z.m), V(lse_z.log_l));
+    L::store(g + j, grad);
+  });
+  for (int64_t i = 0; i < k; ++i) {
+    T grad = coef * sparse_grad<Scalar<T>>(o.reverse, T(log_p[i]), z_ids[i] * inv_t - shift,
+                                           divergence);
+    if (hard) grad += hard_weight * hard_grad<Scalar<T>>(z_ids[i], lse_z.m, lse_z.log_l);
+    g[ids[i]] = grad;
+  }
+  if (hard) g[label] -= hard_weight;
+  if (top >= 0) {  // rows sum to zero: that entry is -(sum of the others), as kd_row's
+    g[top] = T(0);
+    Sum<T> others;
+    sweep<T>(n, [&](auto lane, int64_t j) { others.add(decltype(lane)::load(g + j)); });
+    g[top] = -others.total();
+  }
+  return loss;
+}
+
 // ---- the ops: one row per task
 
 // A row whose label is ignore_index.
@@ -513,11 +630,46 @@ at::Tensor multi_teacher_rows_cpu(const at::Tensor& student_logits,
   return loss;
 }
 
+at::Tensor sparse_kd_rows_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_ids,
+                              const at::Tensor& teacher_logits, const at::Tensor& teacher_lse,
+                              const std::optional<at::Tensor>& labels,
+                              const std::optional<at::Tensor>& grad_out, c10::string_view tail,
+                              c10::string_view divergence, double temperature,
+                              double soft_weight, double hard_weight, int64_t ignore_index) {
+  const char* op = "sparse_kd_rows";
+  check_sparse_kd_rows(student_logits, teacher_ids, teacher_logits, teacher_lse, grad_out, tail,
+                       divergence);
+  const int64_t rows = student_logits.size(0), vocab = student_logits.size(1);
+  const int64_t k = teacher_ids.size(1);
+  const SparseOptions options{tail == "bucket", divergence == "reverse_kl", temperature,
+                              soft_weight, hard_weight};
+  const auto label = row_labels(labels, rows, vocab, ignore_index, hard_weight > 0, op);
+  const at::ScalarType math = math_dtype(student_logits);
+  const at::Tensor z = math_logits(student_logits, math);
+  const at::Tensor ids = teacher_ids.contiguous();
+  const at::Tensor zt = teacher_logits.to(at::kDouble).contiguous();
+  const at::Tensor lse = teacher_lse.to(at::kDouble).contiguous();
+  at::Tensor loss = at::empty({rows}, student_logits.options().dtype(math));
+  AT_DISPATCH_FLOATING_TYPES(math, "fastkd_sparse_kd_rows", [&] {
+    scalar_t* out = loss.data_ptr<scalar_t>();
+    for_each_row<scalar_t>(rows, vocab, grad_out, [&](int64_t r, scalar_t* g, scalar_t*) {
+      out[r] = 0;
+      if (label[r] == IGNORED) return false;
+      out[r] = sparse_row(z.data_ptr<scalar_t>() + r * z.stride(0),
+                          ids.data_ptr<int64_t>() + r * k, zt.data_ptr<double>() + r * k,
+                          lse.data_ptr<double>()[r], vocab, k, label[r], options, g);
+      return true;
+    });
+  });
+  return loss;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
   m.impl("kd_rows", &kd_rows_cpu);
   m.impl("multi_teacher_rows", &multi_teacher_rows_cpu);
+  m.impl("sparse_kd_rows", &sparse_kd_rows_cpu);
 }
 
 }  // namespace fastkd

@@ -296,13 +296,157 @@ multi_teacher_rows_kernel(const T* __restrict__ student, const T* __restrict__ t
   }
 }
 
+struct SparseArgs {
+  int64_t vocab, k, stride_s, stride_g, ignore_index;
+  double temperature, soft_weight, hard_weight;
+  bool bucket, reverse, has_labels;
+};
+
+// Loss of one row against a sparse teacher: ids and its raw logits zt (k, double), its full LSE;
+// g receives d loss / d z_s; log_p_scratch (C, k) holds the teacher's bucket log-probabilities.
+// The row's support is a bit mask in dynamic shared memory ((V + 31) / 32 words). Every formula from row_math.h, as rows_cpu.cpp's sparse_row.
+template <typename T, typename G>
+__global__ void __launch_bounds__(kThreads<T>, 1)
+sparse_kd_rows_kernel(const T* __restrict__ student, const int64_t* __restrict__ teacher_ids,
+                      const double* __restrict__ teacher, const double* __restrict__ teacher_lse,
+                      const int64_t* __restrict__ labels, G* grad, T* __restrict__ loss,
+                      T* __restrict__ log_p_scratch, SparseArgs o) {
+  using M = Scalar<T>;
+  constexpr int THREADS = kThreads<T>;
+  extern __shared__ uint32_t support[];
+  __shared__ T shared[THREADS / 32];
+  __shared__ double shared_d[THREADS / 32];
+  __shared__ int64_t shared_index[THREADS / 32];
+  const int64_t row = blockIdx.x, V = o.vocab, K = o.k;
+  const T* z = student + row * o.stride_s;
+  const int64_t* ids = teacher_ids + row * K;
+  const double* zt = teacher + row * K;
+  const int64_t label = o.has_labels ? labels[row] : -1;
+  G* g = grad == nullptr ? nullptr : grad + row * o.stride_g;
+  if (o.has_labels && label == o.ignore_index) {
+    if (threadIdx.x == 0) loss[row] = T(0);
+    if (g != nullptr)
+      for (int64_t j = threadIdx.x; j < V; j += THREADS) g[j] = store_value<G>(T(0));
+    return;
+  }
+  const int64_t words = (V + 31) / 32;
+  for (int64_t w = threadIdx.x; w < words; w += THREADS) support[w] = 0u;
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < K; i += THREADS)  // ids are checked: in [0, V), distinct
+    atomicOr(&support[ids[i] / 32], 1u << (ids[i] % 32));
+  __syncthreads();
+  auto in_support = [&](int64_t j) { return (support[j / 32] >> (j % 32)) & 1u; };
+
+  // the teacher, in double over the k entries: x_i = t_i - LSE_t (bucket) or t_i
+  const double lse_t = o.bucket ? teacher_lse[row] : 0.0;
+  double m_x = -HUGE_VAL, sum_x = 0;
+  for (int64_t i = threadIdx.x; i < K; i += THREADS)
+    m_x = nan_max(m_x, zt[i] / o.temperature - lse_t);
+  m_x = block_max<THREADS>(m_x, shared_d);
+  if (m_x > -HUGE_VAL)
+    for (int64_t i = threadIdx.x; i < K; i += THREADS)
+      sum_x += exp(zt[i] / o.temperature - lse_t - m_x);
+  const double lse_x = m_x + log(block_sum<THREADS>(sum_x, shared_d));
+  const T log_tail = T(o.bucket ? floored_log_p(log1mexp(lse_x), o.reverse) : -HUGE_VAL);
+  // log p_i into the row's scratch (each thread reads back only its own entries)
+  T* log_p = log_p_scratch + row * K;
+  for (int64_t i = threadIdx.x; i < K; i += THREADS)
+    log_p[i] = T(floored_log_p(zt[i] / o.temperature - lse_t - (o.bucket ? 0.0 : lse_x),
+                               o.reverse));
+
+  // the student: maxima and sums of s off S, of s on S, of z (hard CE)
+  const T inv_t = T(1) / T(o.temperature);
+  T max_z = neg_inf<T>(), max_off = neg_inf<T>(), max_ids = neg_inf<T>();
+  for (int64_t j = threadIdx.x; j < V; j += THREADS) {
+    max_z = nan_max(max_z, z[j]);
+    if (!in_support(j)) max_off = nan_max(max_off, z[j] * inv_t);
+  }
+  for (int64_t i = threadIdx.x; i < K; i += THREADS) max_ids = nan_max(max_ids, z[ids[i]] * inv_t);
+  const T m_z = block_max<THREADS>(max_z, shared), m_off = block_max<THREADS>(max_off, shared);
+  const T m_ids = block_max<THREADS>(max_ids, shared);
+  T l_off = 0, l_z = 0, l_ids = 0;
+  for (int64_t j = threadIdx.x; j < V; j += THREADS) {
+    if (m_off > neg_inf<T>() && !in_support(j)) l_off += M::exp(z[j] * inv_t - m_off);
+    if (o.hard_weight > 0) l_z += M::exp(z[j] - m_z);
+  }
+  for (int64_t i = threadIdx.x; i < K; i += THREADS) l_ids += M::exp(z[ids[i]] * inv_t - m_ids);
+  l_off = block_sum<THREADS>(l_off, shared);
+  l_ids = block_sum<THREADS>(l_ids, shared);
+  const T log_l_z = log_(block_sum<THREADS>(l_z, shared));
+  const T m_s = M::max(m_off, m_ids);
+  const T l_s = (l_off > T(0) ? l_off * M::exp(m_off - m_s) : T(0)) + l_ids * M::exp(m_ids - m_s);
+  const T log_l_s = log_(l_s), log_l_off = log_(l_off);
+  const T shift = o.bucket ? m_s + log_l_s : m_ids + log_(l_ids);  // log q_i = s_i - shift
+  const bool has_tail = o.bucket && l_off > T(0);  // k = V leaves no tail bucket
+  const T log_q_tail = (m_off - m_s) + (log_l_off - log_l_s);
+
+  T divergence = 0;
+  for (int64_t i = threadIdx.x; i < K; i += THREADS)
+    divergence += sparse_term<M>(o.reverse, log_p[i], z[ids[i]] * inv_t - shift);
+  divergence = block_sum<THREADS>(divergence, shared);
+  if (has_tail) divergence += sparse_term<M>(o.reverse, log_tail, log_q_tail);
+  if (threadIdx.x == 0) {
+    T value = T(o.soft_weight) * divergence;
+    if (o.hard_weight > 0) value += T(o.hard_weight) * (log_l_z - (z[label] - m_z));
+    loss[row] = value;
+  }
+  if (g == nullptr) return;
+
+  // reverse: the entry of the student's mode last, -(sum of the others): the first top logit
+  // (bucket) or the first id with the top logit on S (renormalize)
+  int64_t top = -1;
+  if (o.reverse) {
+    int64_t first = INT64_MAX;
+    if (o.bucket) {
+      for (int64_t j = threadIdx.x; j < V; j += THREADS)
+        if (z[j] == m_z && j < first) first = j;
+    } else {
+      for (int64_t i = threadIdx.x; i < K; i += THREADS)
+        if (z[ids[i]] * inv_t == m_ids && i < first) first = i;
+    }
+    top = block_first_index<THREADS>(first, shared_index);
+    if (!o.bucket) top = ids[top];
+  }
+  const T coef = T(o.soft_weight) * inv_t;
+  auto hard = [&](T zj, int64_t j) {
+    return o.hard_weight > 0
+               ? T(o.hard_weight) * (hard_grad<M>(zj, m_z, log_l_z) - (j == label ? T(1) : T(0)))
+               : T(0);
+  };
+  T others = 0;
+  for (int64_t j = threadIdx.x; j < V; j += THREADS) {  // off S (renormalize: 0 but hard CE)
+    if (in_support(j) || j == top) continue;
+    T value = hard(z[j], j);
+    if (o.bucket) {
+      T s = z[j] * inv_t;
+      value += coef * sparse_grad<M>(o.reverse, log_tail + (s - m_off) - log_l_off,
+                                     s - m_s - log_l_s, divergence);
+    }
+    others += value;
+    g[j] = store_value<G>(value);  // z[j] was read above: g may alias the student logits
+  }
+  for (int64_t i = threadIdx.x; i < K; i += THREADS) {  // on S: no entry is written twice
+    const int64_t j = ids[i];
+    if (j == top) continue;
+    T value = coef * sparse_grad<M>(o.reverse, log_p[i], z[j] * inv_t - shift, divergence) +
+              hard(z[j], j);
+    others += value;
+    g[j] = store_value<G>(value);
+  }
+  others = block_sum<THREADS>(others, shared);
+  if (top >= 0 && threadIdx.x == 0) g[top] = store_value<G>(-others);
+}
+
 #ifdef FASTKD_KERNELS_ONLY
 // The kernels-only build (the sm_90 compile test) instantiates every variant the ops launch.
 #define FASTKD_INSTANTIATE(T, G)                                                              \
   template __global__ void kd_rows_kernel<T, G>(const T*, const T*, const int64_t*, G*, T*,    \
                                                 KDArgs);                                       \
   template __global__ void multi_teacher_rows_kernel<T, G>(                                    \
-      const T*, const T*, const int64_t*, G*, T*, float*, int64_t, MultiTeacherArgs);
+      const T*, const T*, const int64_t*, G*, T*, float*, int64_t, MultiTeacherArgs);        \
+  template __global__ void sparse_kd_rows_kernel<T, G>(                                        \
+      const T*, const int64_t*, const double*, const double*, const int64_t*, G*, T*, T*,      \
+      SparseArgs);
 FASTKD_INSTANTIATE(float, float)
 FASTKD_INSTANTIATE(float, __nv_bfloat16)
 FASTKD_INSTANTIATE(float, __half)
@@ -422,11 +566,53 @@ at::Tensor multi_teacher_rows_cuda(const at::Tensor& student_logits,
   return loss;
 }
 
+at::Tensor sparse_kd_rows_cuda(const at::Tensor& student_logits, const at::Tensor& teacher_ids,
+                               const at::Tensor& teacher_logits, const at::Tensor& teacher_lse,
+                               const std::optional<at::Tensor>& labels,
+                               const std::optional<at::Tensor>& grad_out, c10::string_view tail,
+                               c10::string_view divergence, double temperature,
+                               double soft_weight, double hard_weight, int64_t ignore_index) {
+  check_sparse_kd_rows(student_logits, teacher_ids, teacher_logits, teacher_lse, grad_out, tail,
+                       divergence);
+  c10::cuda::CUDAGuard guard(student_logits.device());
+  const int64_t rows = student_logits.size(0), vocab = student_logits.size(1);
+  const at::ScalarType math = math_dtype(student_logits);
+  const at::Tensor z = math_logits(student_logits, math);
+  const at::Tensor ids = teacher_ids.contiguous();
+  const at::Tensor zt = teacher_logits.to(at::kDouble).contiguous();
+  const at::Tensor lse = teacher_lse.to(at::kDouble).contiguous();
+  const auto label = int64_labels(labels, rows, hard_weight > 0, "sparse_kd_rows");
+  at::Tensor loss = at::empty({rows}, student_logits.options().dtype(math));
+  if (rows == 0) return loss;
+  at::Tensor log_p = at::empty(ids.sizes(), student_logits.options().dtype(math));
+  SparseArgs args{vocab, ids.size(1), z.stride(0),
+                  grad_out.has_value() ? grad_out->stride(0) : 0, ignore_index, temperature,
+                  soft_weight, hard_weight, tail == "bucket", divergence == "reverse_kl",
+                  label.has_value()};
+  const size_t mask_bytes = static_cast<size_t>((vocab + 31) / 32) * sizeof(uint32_t);
+  dispatch(math, grad_out, [&](auto t, auto g) {
+    using T = decltype(t);
+    using G = decltype(g);
+    auto kernel = sparse_kd_rows_kernel<T, G>;
+    if (mask_bytes > 48 * 1024)  // past the default dynamic shared memory: V > 393,216
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(mask_bytes)));
+    kernel<<<rows, kThreads<T>, mask_bytes, at::cuda::getCurrentCUDAStream()>>>(
+        static_cast<const T*>(z.data_ptr()), ids.data_ptr<int64_t>(), zt.data_ptr<double>(),
+        lse.data_ptr<double>(), label.has_value() ? label->data_ptr<int64_t>() : nullptr,
+        grad_out.has_value() ? static_cast<G*>(grad_out->data_ptr()) : nullptr,
+        static_cast<T*>(loss.data_ptr()), static_cast<T*>(log_p.data_ptr()), args);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return loss;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
   m.impl("kd_rows", &kd_rows_cuda);
   m.impl("multi_teacher_rows", &multi_teacher_rows_cuda);
+  m.impl("sparse_kd_rows", &sparse_kd_rows_cuda);
 }
 
 }  // namespace fastkd

@@ -8,6 +8,8 @@ Row ops (the chunk driver calls one per chunk of C tokens, V the vocab, K teache
 
     fastkd::kd_rows_{torch,triton}          (C, V), (C, V)    -> loss (C,)
     fastkd::multi_teacher_rows_{torch,triton}  (C, V), (K, C, V) -> loss (C,), weights (C, K)
+    fastkd::sparse_kd_rows_{torch,triton}   (C, V), ids (C, k), logits (C, k), lse (C,)
+                                            -> loss (C,)
 
 ``grad_out`` (C, V), when given, receives d loss / d z_s; it may be the same tensor as
 ``student_logits`` (every element is read before it is overwritten). The loss is fp32 (fp64
@@ -49,22 +51,32 @@ MULTI_TEACHER_ROWS_SCHEMA = (
     "float entropy_tau, str fusion, float soft_weight, float hard_weight, int ignore_index) "
     "-> Tensor"
 )
+SPARSE_KD_ROWS_SCHEMA = (
+    "(Tensor student_logits, Tensor teacher_ids, Tensor teacher_logits, Tensor teacher_lse, "
+    "Tensor? labels, Tensor(a!)? grad_out, str tail, str divergence, float temperature, "
+    "float soft_weight, float hard_weight, int ignore_index) -> Tensor"
+)
 
-# backend -> {kind: op name in the fastkd namespace}; kinds: "kd_rows", "multi_teacher_rows"
+# backend -> {kind: op name in the fastkd namespace}; kinds: "kd_rows", "multi_teacher_rows",
+# "sparse_kd_rows"
 ROW_OPS: dict[str, dict[str, str]] = {
-    "torch": {"kd_rows": "kd_rows_torch", "multi_teacher_rows": "multi_teacher_rows_torch"},
-    "triton": {"kd_rows": "kd_rows_triton", "multi_teacher_rows": "multi_teacher_rows_triton"},
-    "cpp": {"kd_rows": "kd_rows", "multi_teacher_rows": "multi_teacher_rows"},
-    "cuda": {"kd_rows": "kd_rows", "multi_teacher_rows": "multi_teacher_rows"},
+    "torch": {"kd_rows": "kd_rows_torch", "multi_teacher_rows": "multi_teacher_rows_torch",
+              "sparse_kd_rows": "sparse_kd_rows_torch"},
+    "triton": {"kd_rows": "kd_rows_triton", "multi_teacher_rows": "multi_teacher_rows_triton",
+               "sparse_kd_rows": "sparse_kd_rows_triton"},
+    "cpp": {"kd_rows": "kd_rows", "multi_teacher_rows": "multi_teacher_rows",
+            "sparse_kd_rows": "sparse_kd_rows"},
+    "cuda": {"kd_rows": "kd_rows", "multi_teacher_rows": "multi_teacher_rows",
+             "sparse_kd_rows": "sparse_kd_rows"},
 }
 # Ops defined in C++ (csrc/): their fakes are registered once the extension is loaded.
 # addmm_fp32 is the CPU's half GEMM with fp32 output (fastkd/matmul.py), not a row op.
 NATIVE_OPS = {"kd_rows": "kd_rows", "multi_teacher_rows": "multi_teacher_rows",
-              "addmm_fp32": "addmm_fp32"}
+              "sparse_kd_rows": "sparse_kd_rows", "addmm_fp32": "addmm_fp32"}
 
 
 def row_op(backend: str, kind: str) -> torch._ops.OpOverload:
-    """The op of ``kind`` ("kd_rows" or "multi_teacher_rows") for ``backend``."""
+    """The op of ``kind`` ("kd_rows", "multi_teacher_rows", "sparse_kd_rows") for ``backend``."""
     return getattr(torch.ops.fastkd, ROW_OPS[backend][kind]).default
 
 
@@ -82,6 +94,13 @@ def multi_teacher_arguments(options: MultiTeacherOptions) -> tuple:
     weights_out)."""
     return ([float(p) for p in options.priors], float(options.temperature), options.weighting,
             float(options.entropy_tau), options.fusion, float(options.soft_weight),
+            float(options.hard_weight), int(options.ignore_index))
+
+
+def sparse_kd_arguments(tail: str, options: KDOptions) -> tuple:
+    """The arguments of a sparse_kd_rows op after (student, ids, logits, lse, labels,
+    grad_out)."""
+    return (tail, options.divergence, float(options.temperature), float(options.soft_weight),
             float(options.hard_weight), int(options.ignore_index))
 
 
@@ -124,6 +143,19 @@ def multi_teacher_rows_fake(student_logits, teacher_logits, labels, grad_out, we
     return student_logits.new_empty(student_logits.shape[0], dtype=_loss_dtype(student_logits))
 
 
+def sparse_kd_rows_fake(student_logits, teacher_ids, teacher_logits, teacher_lse, labels,
+                        grad_out, tail, divergence, temperature, soft_weight, hard_weight,
+                        ignore_index) -> torch.Tensor:
+    """Per-token loss (C,) of student logits (C, V) against ids and logits (C, k), lse (C,)."""
+    torch._check(student_logits.dim() == 2, lambda: "student_logits must be (C, V)")
+    torch._check(teacher_ids.dim() == 2 and teacher_ids.shape[0] == student_logits.shape[0]
+                 and teacher_logits.shape == teacher_ids.shape,
+                 lambda: "teacher_ids and teacher_logits must be (C, k)")
+    torch._check(teacher_lse.shape == (student_logits.shape[0],),
+                 lambda: "teacher_lse must be (C,)")
+    return student_logits.new_empty(student_logits.shape[0], dtype=_loss_dtype(student_logits))
+
+
 def addmm_fp32_fake(out, a, b, beta) -> None:
     """out (M, N) fp32 += a (M, K) @ b (K, N) in place: no output, shapes only."""
     torch._check(a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[0]
@@ -132,7 +164,7 @@ def addmm_fp32_fake(out, a, b, beta) -> None:
 
 
 FAKES = {"kd_rows": kd_rows_fake, "multi_teacher_rows": multi_teacher_rows_fake,
-         "addmm_fp32": addmm_fp32_fake}
+         "sparse_kd_rows": sparse_kd_rows_fake, "addmm_fp32": addmm_fp32_fake}
 _FAKED: set[str] = set()
 
 
@@ -183,6 +215,23 @@ def define_multi_teacher_rows(name: str, kernel: Callable[..., torch.Tensor]) ->
     register_fakes("multi_teacher_rows", name)
 
 
+def define_sparse_kd_rows(name: str, kernel: Callable[..., torch.Tensor]) -> None:
+    """Define ``fastkd::<name>`` with the sparse_kd_rows schema from a Python row op
+    ``kernel(student_logits, ids, logits, lse, labels, grad_out, tail, options: KDOptions)``."""
+
+    def impl(student_logits, teacher_ids, teacher_logits, teacher_lse, labels, grad_out, tail,
+             divergence, temperature, soft_weight, hard_weight, ignore_index):
+        options = _kd_options(divergence, 0.5, temperature, soft_weight, hard_weight,
+                              ignore_index)
+        loss = kernel(student_logits, teacher_ids, teacher_logits, teacher_lse, labels,
+                      grad_out, tail, options)
+        return loss.to(_loss_dtype(student_logits))
+
+    torch.library.custom_op(f"fastkd::{name}", impl, mutates_args=("grad_out",),
+                            schema=SPARSE_KD_ROWS_SCHEMA)
+    register_fakes("sparse_kd_rows", name)
+
+
 def _triton_kd_rows(*args):
     from fastkd.kernels.kd_rows import kd_rows
 
@@ -195,10 +244,22 @@ def _triton_multi_teacher_rows(*args):
     return multi_teacher_rows(*args)
 
 
+def _triton_sparse_kd_rows(*args):
+    from fastkd.kernels.sparse_rows import sparse_rows
+
+    return sparse_rows(*args)
+
+
 def _torch_kd_rows(*args):
     from fastkd.rowops import kd_rows_torch
 
     return kd_rows_torch(*args)
+
+
+def _torch_sparse_kd_rows(*args):
+    from fastkd.rowops import sparse_kd_rows_torch
+
+    return sparse_kd_rows_torch(*args)
 
 
 def _torch_multi_teacher_rows(*args):
@@ -211,6 +272,8 @@ define_kd_rows("kd_rows_torch", _torch_kd_rows)
 define_kd_rows("kd_rows_triton", _triton_kd_rows)
 define_multi_teacher_rows("multi_teacher_rows_torch", _torch_multi_teacher_rows)
 define_multi_teacher_rows("multi_teacher_rows_triton", _triton_multi_teacher_rows)
+define_sparse_kd_rows("sparse_kd_rows_torch", _torch_sparse_kd_rows)
+define_sparse_kd_rows("sparse_kd_rows_triton", _triton_sparse_kd_rows)
 register_native_fakes()  # when csrc was loaded before this module
 
 
@@ -315,7 +378,8 @@ def attention_ops(backend: str) -> tuple[Callable, Callable]:
 
 
 __all__: Sequence[str] = [
-    "KD_ROWS_SCHEMA", "MULTI_TEACHER_ROWS_SCHEMA", "ROW_OPS", "row_op", "kd_arguments",
-    "multi_teacher_arguments", "register_fakes", "register_native_fakes", "define_kd_rows",
-    "define_multi_teacher_rows", "attention_ops",
+    "KD_ROWS_SCHEMA", "MULTI_TEACHER_ROWS_SCHEMA", "SPARSE_KD_ROWS_SCHEMA", "ROW_OPS", "row_op",
+    "kd_arguments", "multi_teacher_arguments", "sparse_kd_arguments", "register_fakes",
+    "register_native_fakes", "define_kd_rows", "define_multi_teacher_rows",
+    "define_sparse_kd_rows", "attention_ops",
 ]

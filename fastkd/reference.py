@@ -6,6 +6,8 @@ float64 and follows docs/design.md section 2 word for word; gradients come from 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -172,3 +174,55 @@ def multi_teacher_kd_loss_reference(
     if return_mixing:
         return out, weights.T.reshape(*leading, teachers)
     return out
+
+
+def sparse_kd_loss_reference(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    teacher_lse: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    student_bias: torch.Tensor | None = None,
+    divergence: str = "kl",
+    temperature: float = 1.0,
+    soft_weight: float = 1.0,
+    hard_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    tail: str = "bucket",
+) -> torch.Tensor:
+    """``sparse_kd_loss`` on materialized float64 logits, bucket by bucket (docs/sparse.md).
+
+    "bucket": the divergence over the k + 1 buckets (p_S, 1 - sum p_S) and (q_S, 1 - sum q_S),
+    with q_tail summed over the off-support ids directly; "renormalize": over the k ids of
+    p_S / sum p_S and q_S / sum q_S. Reverse KL floors p at 2^-126, as the kernels do.
+    """
+    leading = student_hidden.shape[:-1]
+    z_s = _logits(student_hidden, student_weight, student_bias)
+    k = teacher_ids.shape[-1]
+    ids = teacher_ids.reshape(-1, k).long()
+    t = teacher_logits.reshape(-1, k).double() / temperature
+    log_q = F.log_softmax(z_s / temperature, dim=-1)
+    log_q_ids = log_q.gather(1, ids)
+    if tail == "bucket":
+        log_p_ids = t - teacher_lse.reshape(-1, 1).double()
+        p_tail = (1 - log_p_ids.exp().sum(-1, keepdim=True)).clamp(min=0)
+        off = torch.ones_like(log_q, dtype=torch.bool).scatter_(1, ids, False)
+        q_tail = torch.where(off, log_q.exp(), 0).sum(-1, keepdim=True)
+        # k = V leaves no tail bucket: p_tail = q_tail = 1 there makes its term exactly 0
+        has_tail = off.any(-1, keepdim=True)
+        log_p = torch.cat([log_p_ids, torch.where(has_tail, p_tail, 1).log()], dim=-1)
+        log_q = torch.cat([log_q_ids, torch.where(has_tail, q_tail, 1).log()], dim=-1)
+    else:
+        log_p = F.log_softmax(t, dim=-1)
+        log_q = F.log_softmax(log_q_ids, dim=-1)
+    if divergence == "kl":  # 0 log 0 = 0 (an empty tail, a padded id)
+        per_token = (torch.xlogy(log_p.exp(), log_p.exp()) - torch.where(
+            log_p > -torch.inf, log_p.exp() * log_q, 0)).sum(-1)
+    else:
+        log_p = log_p.clamp(min=math.log(2.0**-126))
+        per_token = (torch.xlogy(log_q.exp(), log_q.exp()) - log_q.exp() * log_p).sum(-1)
+    return _hard_ce_and_reduce(soft_weight * per_token, z_s, labels, hard_weight, ignore_index,
+                               reduction, leading)

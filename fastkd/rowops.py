@@ -30,9 +30,25 @@ def kd_rows_torch(
     T = options.temperature
     log_q = _tempered_log_softmax(z_s, T)  # student
     log_p = _tempered_log_softmax(teacher_logits.to(math_dtype), T)  # teacher
-    want_grad = grad_out is not None
-    grad = None
+    divergence, grad = tempered_divergence(log_p, log_q, options, grad_out is not None)
+    loss = options.soft_weight * divergence
+    if grad is not None and options.soft_weight != T:
+        grad.mul_(options.soft_weight / T)  # chain rule through s = z_s / T
+    # q - p has no cancelling constant: only reverse KL and JSD need the top-logit rewrite
+    top = z_s.argmax(dim=-1, keepdim=True) if options.divergence != "kl" else None
+    return _finish(z_s, labels, loss, grad, grad_out, options, log_q if T == 1 else None, top)
 
+
+def tempered_divergence(
+    log_p: torch.Tensor, log_q: torch.Tensor, options: KDOptions, want_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row divergence (C,) of log-probabilities (C, V) and, when ``want_grad``, its
+    gradient with respect to the tempered student logits s (before the 1 / T chain rule).
+
+    Shared by the dense row op and the sparse one (which passes the teacher's implied full
+    distribution, docs/sparse.md).
+    """
+    grad = None
     if options.divergence == "kl":  # KL(p || q); d/ds = q - p
         p = log_p.exp()
         divergence = _xlogy(p, log_p - log_q).sum(-1)
@@ -59,13 +75,7 @@ def kd_rows_torch(
         divergence = binary_entropy - beta * ep_sp_neg - (1 - beta) * eq_sp
         if want_grad:
             grad = _xlogy(q, sp_x.neg_().add_(eq_sp[:, None]), out=sp_x).mul_(1 - beta)
-    loss = options.soft_weight * divergence
-    if grad is not None and options.soft_weight != T:
-        grad.mul_(options.soft_weight / T)  # chain rule through s = z_s / T
-    # q - p has no cancelling constant: only reverse KL and JSD need the top-logit rewrite
-    exact_top = options.divergence != "kl"
-    return _finish(z_s, labels, loss, grad, grad_out, options, log_q if T == 1 else None,
-                   exact_top)
+    return divergence, grad
 
 
 def _xlogy(
@@ -90,12 +100,12 @@ def _finish(
     grad_out: torch.Tensor | None,
     options: KDOptions | MultiTeacherOptions,
     log_q1: torch.Tensor | None = None,
-    exact_top: bool = False,
+    top: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Add the hard CE term, zero ignored tokens, write the gradient; returns the loss (C,).
 
-    ``log_q1`` is log_softmax(z_s) when the caller has it already (T = 1); ``exact_top``
-    rewrites the gradient at the top student logit (below).
+    ``log_q1`` is log_softmax(z_s) when the caller has it already (T = 1); ``top``, when given,
+    rewrites the gradient at ``top`` (C, 1), the entries of the student's mode (below).
     """
     counted = None
     if labels is not None:
@@ -111,10 +121,9 @@ def _finish(
     if grad_out is not None:
         if counted is not None:
             grad.masked_fill_(~counted[:, None], 0.0)
-        if exact_top:
-            # Rows sum to zero (softmax is shift invariant). At the top student logit the
+        if top is not None:
+            # Rows sum to zero (softmax is shift invariant). At the student's mode the
             # formulas cancel when q is near one-hot, so that entry is -(sum of the others).
-            top = z_s.argmax(dim=-1, keepdim=True)
             grad.scatter_(1, top, 0.0)
             grad.scatter_(1, top, -grad.sum(dim=-1, keepdim=True))
         grad_out.copy_(grad)
@@ -159,3 +168,95 @@ def multi_teacher_rows_torch(
         if options.soft_weight != T:
             grad.mul_(options.soft_weight / T)
     return _finish(z_s, labels, loss, grad, grad_out, options, log_q if T == 1 else None)
+
+
+# log of the smallest normal fp32: reverse KL floors the teacher's log-probabilities here, so a
+# zero teacher probability (a -inf logit, a tail below teacher_lse's resolution) gives a large
+# finite loss instead of inf and a NaN gradient (docs/sparse.md)
+LOG_P_FLOOR = math.log(torch.finfo(torch.float32).tiny)
+
+
+def sparse_kd_rows_torch(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    teacher_lse: torch.Tensor,
+    labels: torch.Tensor | None,
+    grad_out: torch.Tensor | None,
+    tail: str,
+    options: KDOptions,
+) -> torch.Tensor:
+    """Per-token loss (C,) of student logits (C, V) against a sparse teacher; fills ``grad_out``.
+
+    teacher_ids (C, k) int64 distinct per row, teacher_logits (C, k) raw teacher logits at
+    them, teacher_lse (C,) = logsumexp over the full vocabulary of z_t / T. ``tail``:
+    "bucket" (the k ids plus one tail bucket) or "renormalize" (both onto the k ids).
+    docs/sparse.md derives the math.
+    """
+    math_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    z_s = student_logits.to(math_dtype)
+    T = options.temperature
+    s = z_s if T == 1 else z_s / T
+    ids = teacher_ids.long()
+    want_grad = grad_out is not None
+    log_p_ids, log_tail = (x.to(math_dtype) for x in sparse_teacher_log_probs(
+        teacher_logits, teacher_lse, T, tail, options.divergence))
+    if tail == "bucket":
+        # The bucket divergence equals the full-vocabulary divergence against the implied
+        # teacher p~: p on the ids, p_tail * q_j / q_tail elsewhere (docs/sparse.md)
+        log_q = torch.log_softmax(s, dim=-1)
+        support = torch.zeros_like(s, dtype=torch.bool).scatter_(1, ids, True)
+        lse_off = torch.logsumexp(s.masked_fill(support, -math.inf), dim=-1, keepdim=True)
+        log_p = (s - lse_off).add_(log_tail[:, None]).scatter_(1, ids, log_p_ids)
+        divergence, grad = tempered_divergence(log_p, log_q, options, want_grad)
+        log_q1 = log_q if T == 1 else None
+        top = z_s.argmax(dim=-1, keepdim=True)  # the mode of q
+    else:  # renormalize: q and p both softmaxed over the k ids; zero gradient elsewhere
+        log_q_ids = torch.log_softmax(s.gather(1, ids), dim=-1)
+        divergence, grad_ids = tempered_divergence(log_p_ids, log_q_ids, options, want_grad)
+        grad = None
+        if want_grad:
+            grad = torch.zeros_like(s).scatter_(1, ids, grad_ids)
+        log_q1 = None
+        top = ids.gather(1, log_q_ids.argmax(dim=-1, keepdim=True))  # the mode of q on S
+    loss = options.soft_weight * divergence
+    if grad is not None and options.soft_weight != T:
+        grad.mul_(options.soft_weight / T)  # chain rule through s = z_s / T
+    return _finish(z_s, labels, loss, grad, grad_out, options, log_q1,
+                   top if options.divergence == "reverse_kl" else None)
+
+
+def sparse_teacher_log_probs(
+    teacher_logits: torch.Tensor,
+    teacher_lse: torch.Tensor,
+    temperature: float,
+    tail: str,
+    divergence: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's bucket log-probabilities in float64: log p on the ids (C, k) and
+    log p_tail (C,) ("bucket"), or log softmax over the ids and -inf ("renormalize").
+
+    p_tail = 1 - sum p is a difference of nearly equal numbers when the ids hold most of the
+    mass; float64 over these k values per token (not V) makes it exact for the given inputs.
+    Reverse KL floors both at LOG_P_FLOOR. The Triton launcher shares this (O(C k)) step.
+    """
+    tempered = teacher_logits.double() / temperature
+    if tail == "bucket":
+        log_p = tempered - teacher_lse.double()[:, None]
+        log_tail = log1mexp(torch.logsumexp(log_p, dim=-1))
+    else:
+        log_p = torch.log_softmax(tempered, dim=-1)
+        log_tail = torch.full_like(log_p[:, 0], -math.inf)
+    if divergence == "reverse_kl":
+        return log_p.clamp(min=LOG_P_FLOOR), log_tail.clamp(min=LOG_P_FLOOR)
+    return log_p, log_tail
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0 (x > 0, a rounding excess, counts as 0: result -inf).
+
+    expm1 near 0 and log1p far from it keep full relative precision (Maechler 2012).
+    """
+    x = x.clamp(max=0.0)
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)),
+                       torch.log1p(-torch.exp(x)))

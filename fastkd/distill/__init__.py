@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 # the `train` extra of pyproject.toml: import name -> distribution name
 TRAIN_EXTRA = {"transformers": "transformers", "datasets": "datasets",
-               "accelerate": "accelerate", "yaml": "pyyaml", "tqdm": "tqdm"}
+               "accelerate": "accelerate", "yaml": "pyyaml", "tqdm": "tqdm",
+               "safetensors": "safetensors"}
 
 _LAZY = {"DistillationTrainer": "trainer", "LogitKD": "loss"}
 

@@ -33,7 +33,7 @@ def _flag_options(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
         return {**options, "action": argparse.BooleanOptionalAction}
     if typing.get_origin(hint) is list:
         return {**options, "nargs": "+", "action": "extend", "type": typing.get_args(hint)[0]}
-    extra = {k: v for k, v in f.metadata.items() if k != "help"}
+    extra = {k: v for k, v in f.metadata.items() if k not in ("help", "capture")}
     return {**options, "type": hint, **extra}
 
 
@@ -47,6 +47,12 @@ def _shown(f: dataclasses.Field) -> str:
     return str(default).replace("%", "%%")
 
 
+# the fields `fastkd capture` takes as flags besides its own (capture_*): the data pipeline
+# and the teachers, which a capture must share with the training runs that read it
+CAPTURE_FIELDS = ("student", "teachers", "tokenizer", "data", "text_field", "seq_len",
+                  "packing", "temperature", "batch_size", "bf16")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastkd")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -54,12 +60,26 @@ def build_parser() -> argparse.ArgumentParser:
         "distill", help="distil teacher(s) into a student; no models given: run the demo",
         description=__doc__.split("\n\n")[0],
     )
-    distill.add_argument("--config", help="YAML or JSON file of DistillConfig fields")
+    capture = commands.add_parser(
+        "capture", help="run the teacher(s) once over the training data and store their "
+        "signals (top-k logits or hidden states) for fastkd distill --teacher-signals",
+        description="Takes the same --config as fastkd distill (same data, tokenization, "
+        "packing and seq_len); writes safetensors shards and capture.json to --out.",
+    )
     hints = typing.get_type_hints(DistillConfig)
+    for command in (distill, capture):
+        command.add_argument("--config", help="YAML or JSON file of DistillConfig fields")
     for f in dataclasses.fields(DistillConfig):
-        if typing.get_origin(hints[f.name]) is not dict:
-            flag = "--" + f.name.replace("_", "-")
-            distill.add_argument(flag, dest=f.name, **_flag_options(f, hints[f.name]))
+        if typing.get_origin(hints[f.name]) is dict:
+            continue
+        options = _flag_options(f, hints[f.name])
+        if "capture" in f.metadata:
+            capture.add_argument(f.metadata["capture"], dest=f.name, **options)
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        distill.add_argument(flag, dest=f.name, **options)
+        if f.name in CAPTURE_FIELDS:
+            capture.add_argument(flag, dest=f.name, **options)
     return parser
 
 
@@ -67,18 +87,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `fastkd` console script."""
     parser = build_parser()
     args = vars(parser.parse_args(argv))
-    args.pop("command")
+    command = args.pop("command")
     missing = missing_train_extra()
     if missing:
-        parser.exit(2, f"fastkd distill: error: the trainer needs the train extra (missing: "
+        parser.exit(2, f"fastkd {command}: error: the trainer needs the train extra (missing: "
                        f"{', '.join(missing)}): pip install 'fastkd[train]'\n")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         path = args.pop("config")
         base = DistillConfig.from_file(path).to_dict() if path else {}
         cfg = DistillConfig.from_dict({**base, **args})
-        cfg.check_runtime()
         # the heavy imports (torch, transformers, datasets, the Trainer) only from here on
+        if command == "capture":
+            from .capture_signals import run_capture
+            from .training import end_process_group
+
+            run_capture(cfg)
+            end_process_group()
+            return 0
+        cfg.check_runtime()
         if cfg.ablation:
             from .ablation import run_ablation
 
@@ -94,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         job = prepare(cfg)
     except (ValueError, TypeError, OSError) as err:
-        parser.exit(2, f"fastkd distill: error: {err}\n")
+        parser.exit(2, f"fastkd {command}: error: {err}\n")
     job()
     end_process_group()
     return 0

@@ -23,6 +23,9 @@ DIVERGENCES = ("kl", "reverse_kl", "jsd")
 WEIGHTINGS = ("entropy", "static")
 FUSIONS = ("mixture", "weighted_kl")
 DEMO_SCALES = ("default", "tiny")
+TAILS = ("bucket", "renormalize")
+CAPTURE_KINDS = ("topk", "hidden")  # fastkd.distill.signals.KINDS, without its torch import
+CAPTURE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _opt(default: Any, help: str, **cli: Any) -> Any:
@@ -46,6 +49,9 @@ class DistillConfig:
     text_field: str = _opt("text", "column holding the text")
     seq_len: int = _opt(512, "tokens per training sequence")
     packing: bool = _opt(True, "concatenate documents and cut them into seq_len blocks")
+    teacher_signals: list[str] = _opt(
+        [], "captured teacher signals (folders written by fastkd capture) to train from "
+        "instead of teacher models: no teacher is loaded; several -> multi-teacher")
     # loss
     divergence: str = _opt("kl", f"one of {DIVERGENCES} (one teacher)")
     beta: float = _opt(0.5, "JSD mixing coefficient in [0, 1] (0: forward KL, 1: reverse KL)")
@@ -56,6 +62,9 @@ class DistillConfig:
     entropy_tau: float = _opt(1.0, "entropy weighting temperature")
     teacher_priors: list[float] | None = _opt(None, "multi-teacher prior weights", nargs="+")
     fusion: str = _opt("mixture", f"multi-teacher fusion, one of {FUSIONS}")
+    topk_tail: str = _opt("bucket", "top-k captures: 'bucket' (KL over the top-k ids plus one "
+                          "bucket of the rest) or 'renormalize' (top-k ids only, both "
+                          "distributions renormalized on them)")
     backend: str = _opt("auto", "fastkd backend: auto, triton, torch, cpp (C++, CPU) or cuda "
                                "(CUDA C++)")
     # feature alignment of mapped layers (0 = off)
@@ -91,6 +100,21 @@ class DistillConfig:
                            "sets the demo's steps, batch size and learning rate")
     ablation: bool = _opt(False, "embedded demo only: train the student with CE only, logit KD, "
                           "+ hidden, + attention, + FFN and all terms; print perplexities")
+    # fastkd capture (flags of that command: --kind, --k, --out, ...)
+    capture_kind: str = _opt("topk", f"what to capture, one of {CAPTURE_KINDS}: the k largest "
+                             "logits with the full logsumexp, or final hidden states plus "
+                             "one copy of the lm_head", capture="--kind")
+    capture_k: int = _opt(32, "top-k width (kind topk)", capture="--k")
+    capture_out: str | None = _opt(None, "folder to write the capture to (several teachers: "
+                                   "one teacher<k> subfolder each)", capture="--out")
+    capture_temperatures: list[float] | None = _opt(
+        None, "temperatures a topk capture serves (its logsumexp at each); default: "
+        "temperature", capture="--temperatures")
+    capture_dtype: str | None = _opt(None, f"storage dtype, one of {CAPTURE_DTYPES}; default "
+                                     "float32 for top-k logits, bfloat16 for hidden states",
+                                     capture="--dtype")
+    capture_rows_per_shard: int = _opt(1024, "token blocks per shard file",
+                                       capture="--rows-per-shard")
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -101,7 +125,12 @@ class DistillConfig:
         _check_choice("fusion", self.fusion, FUSIONS)
         _check_choice("backend", self.backend, ("auto", "triton", "torch", "cpp", "cuda"))
         _check_choice("demo_scale", self.demo_scale, DEMO_SCALES)
-        for name in ("steps", "batch_size", "grad_accum", "logging_steps", "save_steps"):
+        _check_choice("topk_tail", self.topk_tail, TAILS)
+        _check_choice("capture_kind", self.capture_kind, CAPTURE_KINDS)
+        if self.capture_dtype is not None:
+            _check_choice("capture_dtype", self.capture_dtype, CAPTURE_DTYPES)
+        for name in ("steps", "batch_size", "grad_accum", "logging_steps", "save_steps",
+                     "capture_k", "capture_rows_per_shard"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.seq_len < 2:
@@ -110,6 +139,11 @@ class DistillConfig:
         for name in ("temperature", "entropy_tau"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        temperatures = self.capture_temperatures
+        if temperatures is not None and not (
+            temperatures and all(math.isfinite(t) and t > 0 for t in temperatures)
+        ):
+            raise ValueError(f"capture_temperatures must be > 0, got {temperatures}")
         for name in ("learning_rate", "weight_decay", "warmup_steps"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -124,28 +158,39 @@ class DistillConfig:
                 f"soft_weight and hard_weight must be >= 0 and not both 0, got "
                 f"{self.soft_weight} and {self.hard_weight}"
             )
-        if len(self.teachers) > 1 and self.divergence != "kl":
-            raise ValueError(
-                f"divergence {self.divergence!r} is for one teacher; several teachers are fused "
-                "by KL to their mixture or by weighted per-teacher KLs (fusion: "
-                f"{' or '.join(FUSIONS)})"
-            )
         if self.divergence == "jsd" and not 0 <= self.beta <= 1:
             raise ValueError(f"beta must be in [0, 1] for divergence 'jsd', got {self.beta}")
-        if self.teacher_priors is not None and len(self.teacher_priors) != len(self.teachers):
-            raise ValueError(
-                f"teacher_priors has {len(self.teacher_priors)} entries for "
-                f"{len(self.teachers)} teachers"
-            )
+        if not self.teacher_signals:  # a folder of captures may hold several: checked on opening
+            self.check_teacher_count(len(self.teachers))
+        if self.teachers and self.teacher_signals:
+            raise ValueError("name teachers (models run on each batch) or teacher_signals "
+                             "(captures of them), not both")
+        if self.teacher_signals and FeatureSettings.from_config(self).active:
+            raise ValueError("feature alignment (hidden_weight, attention_weight, ffn_weight) "
+                             "needs teacher models run on each batch; a capture holds only "
+                             "logit signals: drop teacher_signals or the feature weights")
         if self.ablation and not self.is_demo:
             raise ValueError("ablation runs on the embedded demo: name no student or teachers")
         # checks the feature weights, loss names, relation_heads and layer_map
         FeatureSettings.from_config(self)
 
+    def check_teacher_count(self, count: int) -> None:
+        """The settings that depend on the number of teachers (models or captures)."""
+        if count > 1 and self.divergence != "kl":
+            raise ValueError(
+                f"divergence {self.divergence!r} is for one teacher; several teachers are fused "
+                "by KL to their mixture or by weighted per-teacher KLs (fusion: "
+                f"{' or '.join(FUSIONS)})"
+            )
+        if self.teacher_priors is not None and len(self.teacher_priors) != count:
+            raise ValueError(
+                f"teacher_priors has {len(self.teacher_priors)} entries for {count} teachers"
+            )
+
     @property
     def is_demo(self) -> bool:
         """True when no model is named: the CLI then runs the embedded synthetic demo."""
-        return self.student is None and not self.teachers
+        return self.student is None and not self.teachers and not self.teacher_signals
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DistillConfig:
@@ -204,7 +249,7 @@ class DistillConfig:
 
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             resolve_backend(self.backend, device, native=True)
-        _check_output_dir(self.output_dir)
+        check_writable_dir(self.output_dir)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -252,16 +297,17 @@ def _numbers_from_strings(values: dict[str, Any]) -> dict[str, Any]:
             for key, value in values.items()}
 
 
-def _check_output_dir(output_dir: str) -> None:
-    """`output_dir` (or its nearest existing ancestor) must be a folder this process can write."""
-    path = Path(output_dir)
+def check_writable_dir(path_text: str, name: str = "output_dir") -> None:
+    """Folder `path_text` (or its nearest existing ancestor) must be one this process can
+    write; `name` is the setting named in the error."""
+    path = Path(path_text)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"output_dir {output_dir!r} is an existing file, not a folder")
+        raise ValueError(f"{name} {path_text!r} is an existing file, not a folder")
     existing = next(p for p in (path, *path.parents) if p.exists() or p == Path(p.anchor))
     if not existing.is_dir():
-        raise ValueError(f"output_dir {output_dir!r}: {str(existing)!r} is a file, not a folder")
+        raise ValueError(f"{name} {path_text!r}: {str(existing)!r} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"output_dir {output_dir!r}: {str(existing)!r} is not writable")
+        raise ValueError(f"{name} {path_text!r}: {str(existing)!r} is not writable")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -94,7 +94,8 @@ class CausalCollator:
     """Pads `input_ids` lists on the right into a batch.
 
     Returns input_ids (B, T), attention_mask (B, T) and labels (B, T) = input_ids with
-    IGNORE_INDEX at padding (unshifted; the loss shifts them).
+    IGNORE_INDEX at padding (unshifted; the loss shifts them); and row_index (B,) when the
+    rows carry one (the token block index that training from a capture reads signals by).
     """
 
     pad_token_id: int
@@ -108,4 +109,7 @@ class CausalCollator:
             ids[i, : len(r)] = r
             mask[i, : len(r)] = 1
         labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if features and all("row_index" in f for f in features):
+            batch["row_index"] = torch.tensor([int(f["row_index"]) for f in features])
+        return batch

@@ -1,7 +1,7 @@
 """The logit-distillation loss of one batch, from hidden states and lm_head weights.
 
-Calls `fused_kd_loss` (one teacher) or `multi_teacher_kd_loss` (several); full tokens x vocab
-logits are never materialized here.
+Calls `fused_kd_loss` (one teacher) or `multi_teacher_kd_loss` (several), or `sparse_kd_loss`
+for a captured top-k teacher; full tokens x vocab logits are never materialized here.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fastkd import fused_kd_loss, multi_teacher_kd_loss
+from fastkd import fused_kd_loss, multi_teacher_kd_loss, sparse_kd_loss
 from fastkd._checks import check_loss_weights
 
 from .config import DistillConfig
@@ -40,6 +40,7 @@ class LogitKD:
     teacher_priors: tuple[float, ...] | None = None
     fusion: str = "mixture"
     backend: str = "auto"
+    tail: str = "bucket"  # top-k teachers (sparse_kd_loss)
 
     def __post_init__(self) -> None:
         check_loss_weights(self.soft_weight, self.hard_weight)
@@ -48,7 +49,8 @@ class LogitKD:
     def from_config(cls, cfg: DistillConfig) -> LogitKD:
         priors = None if cfg.teacher_priors is None else tuple(cfg.teacher_priors)
         return cls(cfg.divergence, cfg.beta, cfg.temperature, cfg.soft_weight, cfg.hard_weight,
-                   cfg.weighting, cfg.entropy_tau, priors, cfg.fusion, cfg.backend)
+                   cfg.weighting, cfg.entropy_tau, priors, cfg.fusion, cfg.backend,
+                   cfg.topk_tail)
 
     def __call__(
         self,
@@ -74,15 +76,7 @@ class LogitKD:
             (loss summed over counted tokens (scalar), mixing weights (B, T, K) or None for
             one teacher).
         """
-        common = dict(
-            student_bias=student.bias,
-            temperature=self.temperature,
-            soft_weight=self.soft_weight if soft_weight is None else soft_weight,
-            hard_weight=self.hard_weight if hard_weight is None else hard_weight,
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-            backend=self.backend,
-        )
+        common = self._common(student, soft_weight, hard_weight)
         weight = _as(student.weight, student_hidden)
         if len(teachers) == 1:
             loss = fused_kd_loss(
@@ -98,6 +92,44 @@ class LogitKD:
             teacher_biases=[t.bias for t in teachers], weighting=self.weighting,
             entropy_tau=self.entropy_tau, teacher_priors=self.teacher_priors,
             fusion=self.fusion, return_mixing=True, **common,
+        )
+
+    def sparse(
+        self,
+        student_hidden: torch.Tensor,
+        student: Head,
+        teacher_ids: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        teacher_lse: torch.Tensor,
+        targets: torch.Tensor,
+        soft_weight: float | None = None,
+        hard_weight: float | None = None,
+    ) -> torch.Tensor:
+        """Summed loss over counted tokens against a top-k teacher (`sparse_kd_loss`).
+
+        Args:
+            student_hidden: (N, Hs); student: its head, weight (V, Hs).
+            teacher_ids, teacher_logits: (N, k) the teacher's k largest raw logits and ids.
+            teacher_lse: (N,) the teacher's logsumexp(z / temperature) over all V.
+            targets: (N,) labels, IGNORE_INDEX where nothing is predicted.
+        """
+        return sparse_kd_loss(
+            student_hidden, _as(student.weight, student_hidden), teacher_ids, teacher_logits,
+            teacher_lse, targets, divergence=self.divergence, tail=self.tail,
+            **self._common(student, soft_weight, hard_weight),
+        )
+
+    def _common(self, student: Head, soft_weight: float | None,
+                hard_weight: float | None) -> dict:
+        """The keyword arguments every loss call shares."""
+        return dict(
+            student_bias=student.bias,
+            temperature=self.temperature,
+            soft_weight=self.soft_weight if soft_weight is None else soft_weight,
+            hard_weight=self.hard_weight if hard_weight is None else hard_weight,
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+            backend=self.backend,
         )
 
 

@@ -7,8 +7,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from datasets import Dataset
 
 from .config import DistillConfig
 from .data import CausalCollator, load_texts, tokenize
@@ -24,6 +26,14 @@ from .models import (
     load_model,
     load_tokenizer,
 )
+from .signals import (
+    CapturedSignals,
+    check_capture,
+    data_fingerprint,
+    open_captures,
+    tokenizer_identity,
+)
+from .teachers import check_captures
 from .trainer import DistillationTrainer
 from .training import training_arguments
 from .vocab import check_encodes_text
@@ -59,15 +69,19 @@ def prepare(cfg: DistillConfig) -> PreparedRun | FinishedRun:
     """Load and check models, tokenizers and data; raise before any training step on bad
     input (missing paths, mismatched vocabularies, empty data, seq_len too long). Resuming a
     run whose checkpoint already reached `cfg.steps` loads nothing and trains nothing."""
-    if cfg.student is None or not cfg.teachers or cfg.data is None:
-        raise ValueError("a distillation run needs student, teachers and data (or none of "
-                         "student/teachers for the embedded demo)")
+    if cfg.student is None or not (cfg.teachers or cfg.teacher_signals) or cfg.data is None:
+        raise ValueError("a distillation run needs student, teachers and data (teacher_signals "
+                         "in place of teachers; none of student/teachers for the embedded "
+                         "demo)")
     cfg.check_runtime()
     models = [("student", cfg.student), *(("teacher", t) for t in cfg.teachers)]
     for role, path in [*models, ("data", cfg.data), ("eval_data", cfg.eval_data),
                        ("tokenizer", cfg.tokenizer)]:
         if path is not None:
             existing(path, role)
+    captures = open_captures(cfg.teacher_signals)
+    if captures:
+        cfg.check_teacher_count(len(captures))
     resume = _resume_target(cfg)
     done = _finished(cfg, resume)
     if done is not None:
@@ -76,15 +90,10 @@ def prepare(cfg: DistillConfig) -> PreparedRun | FinishedRun:
     args = training_arguments(cfg, out)  # refuses bad training_args before any model loads
     for role, path in models:
         check_seq_len(load_config(path, role), cfg.seq_len, role)
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.student, "student")
-    texts = load_texts(cfg.data, cfg.text_field)
-    probes = [str(t) for t in texts.select(range(min(len(texts), 16)))[cfg.text_field]]
-    check_encodes_text(tokenizer, probes, "the student's")
-    check_teacher_tokenizers(tokenizer, cfg.teachers, probes)
-    train = tokenize(texts, tokenizer, cfg.text_field, cfg.seq_len, cfg.packing, "training")
-    held_out = None if cfg.eval_data is None else tokenize(
-        load_texts(cfg.eval_data, cfg.text_field), tokenizer, cfg.text_field, cfg.seq_len,
-        cfg.packing, "evaluation")
+    tokenizer, train, held_out = token_blocks(cfg, cfg.tokenizer or cfg.student, "student")
+    kd = LogitKD.from_config(cfg)
+    if captures:
+        train = _check_captures(cfg, captures, kd, tokenizer, train)
     dtype = torch.bfloat16 if cfg.bf16 else None
     student = load_model(cfg.student, "student")
     teachers = [load_model(path, "teacher", dtype) for path in cfg.teachers]
@@ -92,7 +101,7 @@ def prepare(cfg: DistillConfig) -> PreparedRun | FinishedRun:
     collator = CausalCollator(0 if pad is None else pad)
     trainer = DistillationTrainer(
         model=student, args=args, train_dataset=train,
-        data_collator=collator, teachers=teachers, kd=LogitKD.from_config(cfg),
+        data_collator=collator, teachers=teachers, teacher_signals=captures, kd=kd,
         features=FeatureSettings.from_config(cfg), vocab_size=len(tokenizer),
         callbacks=[JsonlLogger(out / "metrics.jsonl")],
     )
@@ -108,6 +117,37 @@ def prepare(cfg: DistillConfig) -> PreparedRun | FinishedRun:
         return result
 
     return PreparedRun(trainer, resume, finish)
+
+
+def _check_captures(cfg: DistillConfig, captures: list[CapturedSignals], kd: LogitKD,
+                    tokenizer: Any, train: Dataset) -> Dataset:
+    """Refuse captures of another tokenizer, data, seq_len, vocabulary or temperature (no
+    model loaded yet); returns the training blocks with their row_index column."""
+    rows = load_config(cfg.student, "student").get_text_config().vocab_size
+    identity, fingerprint = tokenizer_identity(tokenizer), data_fingerprint(train)
+    for capture in captures:
+        check_capture(capture, tokenizer=identity, fingerprint=fingerprint,
+                      seq_len=cfg.seq_len, packing=cfg.packing, vocab_rows=rows)
+    check_captures(captures, kd, rows)
+    return train.add_column("row_index", list(range(len(train))))
+
+
+def token_blocks(
+    cfg: DistillConfig, tokenizer_path: str, role: str
+) -> tuple[Any, Dataset, Dataset | None]:
+    """The run's tokenizer and its training and held-out token blocks (`tokenize`), after the
+    tokenizer checks (it encodes the data; every teacher's tokenizer is the same). `fastkd
+    capture` calls this too, so that a capture and a training run see the same blocks."""
+    tokenizer = load_tokenizer(tokenizer_path, role)
+    texts = load_texts(cfg.data, cfg.text_field)
+    probes = [str(t) for t in texts.select(range(min(len(texts), 16)))[cfg.text_field]]
+    check_encodes_text(tokenizer, probes, f"the {role}'s")
+    check_teacher_tokenizers(tokenizer, cfg.teachers, probes)
+    train = tokenize(texts, tokenizer, cfg.text_field, cfg.seq_len, cfg.packing, "training")
+    held_out = None if cfg.eval_data is None else tokenize(
+        load_texts(cfg.eval_data, cfg.text_field), tokenizer, cfg.text_field, cfg.seq_len,
+        cfg.packing, "evaluation")
+    return tokenizer, train, held_out
 
 
 def _resume_target(cfg: DistillConfig) -> str | None:

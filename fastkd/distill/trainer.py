@@ -2,10 +2,12 @@
 plus feature alignment of mapped layers when asked (`fastkd.distill.features`).
 
 accelerate brings DDP / FSDP, mixed precision, gradient accumulation, checkpointing and resume;
-this class only replaces the loss. The loss of an optimizer step is the sum over every counted
-token of the step (all micro-batches, all processes) divided by their number, so it equals the
-loss of one big batch on one process. Feature-alignment projections train with the student and
-are checkpointed with the optimizer state (restored on resume, left out of the saved student).
+this class only replaces the loss. Its teachers are models run on each batch, or captures of
+them on disk (`fastkd.distill.teachers`). The loss of an optimizer step is the sum over every
+counted token of the step (all micro-batches, all processes) divided by their number, so it
+equals the loss of one big batch on one process. Feature-alignment projections train with the
+student and are checkpointed with the optimizer state (restored on resume, left out of the
+saved student).
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer
 
-from .capture import final_hidden, loss_in_forward
+from .capture import loss_in_forward
 from .features import FeatureAlignment, Features, FeatureSettings
 from .features.projection_updates import ProjectionUpdates
-from .heads import Head, check_plain_logits, output_head, vocab_rows
+from .heads import Head, check_plain_logits, vocab_rows
 from .loss import IGNORE_INDEX, LogitKD, shift_labels
 from .metrics import StepMeter
-from .vocab import teacher_rows
+from .signals import CapturedSignals
+from .teachers import CapturedTeachers, LiveTeachers
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +40,9 @@ class DistillationTrainer(Trainer):
     Args:
         teachers: one or more frozen causal LMs sharing the student's tokenizer; their lm_heads
             may have extra padding rows (dropped).
+        teacher_signals: instead of `teachers`, captures of them (`fastkd capture`), already
+            checked against the data; batches then carry `row_index`, the token block index
+            of each row.
         kd: the loss settings.
         vocab_size: tokens in use (the tokenizer's length) or None when unknown; checked
             against the lm_heads.
@@ -53,26 +59,26 @@ class DistillationTrainer(Trainer):
     def __init__(
         self,
         *args: Any,
-        teachers: Sequence[PreTrainedModel],
+        teachers: Sequence[PreTrainedModel] = (),
         kd: LogitKD,
+        teacher_signals: Sequence[CapturedSignals] = (),
         vocab_size: int | None = None,
         features: FeatureSettings | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if not teachers:
-            raise ValueError("DistillationTrainer needs at least one teacher")
+        if bool(teachers) == bool(teacher_signals):
+            raise ValueError("DistillationTrainer needs teachers or teacher_signals (one of "
+                             "them)")
         check_plain_logits(self.model, "student")
         self.kd = kd
-        self.teachers = list(teachers)
         self.student_rows = rows = vocab_rows(self.model)
-        self.teacher_heads: list[Head] = []
-        for k, teacher in enumerate(self.teachers):
-            name = getattr(teacher, "name_or_path", "") or f"teacher {k}"
-            check_plain_logits(teacher, name)
-            teacher.to(self.args.device).eval().requires_grad_(False)
-            used = teacher_rows(rows, vocab_rows(teacher), vocab_size, name)
-            self.teacher_heads.append(output_head(teacher, used))
+        self.source = LiveTeachers(teachers, rows, vocab_size, self.args.device) if teachers \
+            else CapturedTeachers(teacher_signals, kd, rows, self.args.device)
+        self.teachers = self.source.models
+        if features is not None and features.active and not self.teachers:
+            raise ValueError("feature alignment needs teacher models; captures hold logit "
+                             "signals only")
         self.meter = StepMeter()
         self.features: FeatureAlignment | None = None
         if features is not None and features.active:
@@ -133,17 +139,16 @@ class DistillationTrainer(Trainer):
 
         def logit_term(student_hidden: torch.Tensor, student: Head) -> torch.Tensor:
             # Runs inside the student's forward (see `loss_in_forward`).
-            logit_sum, found["mixing"] = self.kd(student_hidden, student, teacher_hiddens,
-                                                 self.teacher_heads, targets)
+            logit_sum, found["mixing"] = self.source.loss(self.kd, student_hidden, student,
+                                                          signals, targets)
             if measure:
-                found["parts"] = self._logit_parts(student_hidden, student, teacher_hiddens,
-                                                   targets, logit_sum)
+                found["parts"] = self._logit_parts(student_hidden, student, signals, targets,
+                                                   logit_sum)
             return logit_sum
 
         with ExitStack() as captures:
             features = self._record_features(captures, model)
-            with torch.no_grad():
-                teacher_hiddens = [final_hidden(t, ids, mask) for t in self.teachers]
+            signals = self.source.batch(inputs)
             logit_sum = loss_in_forward(model, ids, mask, self.student_rows, logit_term)
         mixing = found["mixing"]
         counted_mask = targets != IGNORE_INDEX
@@ -178,19 +183,19 @@ class DistillationTrainer(Trainer):
         self,
         student_hidden: torch.Tensor,
         student: Head,
-        teacher_hiddens: list[torch.Tensor],
+        signals: Any,
         targets: torch.Tensor,
         loss_sum: torch.Tensor,
     ) -> dict[str, float]:
         """The divergence and the cross-entropy of the logit term, summed over counted tokens
         (one extra forward-only loss call)."""
-        args = (student_hidden, student, teacher_hiddens, self.teacher_heads, targets)
+        args = (self.kd, student_hidden, student, signals, targets)
         total, kd = loss_sum.detach().float(), self.kd
         if kd.hard_weight == 0:
             soft = total / kd.soft_weight
-            hard = kd(*args, soft_weight=0.0, hard_weight=1.0)[0].float()
+            hard = self.source.loss(*args, soft_weight=0.0, hard_weight=1.0)[0].float()
         else:
-            soft = kd(*args, soft_weight=1.0, hard_weight=0.0)[0].float()
+            soft = self.source.loss(*args, soft_weight=1.0, hard_weight=0.0)[0].float()
             hard = (total - kd.soft_weight * soft) / kd.hard_weight
         return {"kd_divergence": soft.item(), "kd_hard_ce": hard.item()}
 
