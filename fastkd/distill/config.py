@@ -17,12 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .chat import FORMATS
 from .features.settings import FeatureSettings
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
 WEIGHTINGS = ("entropy", "static")
 FUSIONS = ("mixture", "weighted_kl")
 DEMO_SCALES = ("default", "tiny")
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def _opt(default: Any, help: str, **cli: Any) -> Any:
@@ -38,14 +40,26 @@ class DistillConfig:
     embedded synthetic demo (see `fastkd.distill.demo`)."""
 
     # models and data
-    student: str | None = _opt(None, "student model directory (Hugging Face format)")
-    teachers: list[str] = _opt([], "teacher model directories; several -> multi-teacher")
+    student: str | None = _opt(None, "student model directory or hub id (Hugging Face format)")
+    teachers: list[str] = _opt([], "teacher model directories or hub ids; several -> "
+                               "multi-teacher")
     tokenizer: str | None = _opt(None, "tokenizer directory (default: the student's)")
+    revision: str | None = _opt(None, "the student's hub revision (branch, tag or commit)")
+    teacher_revisions: list[str] | None = _opt(None, "hub revision of each teacher", nargs="+")
+    dtype: str | None = _opt(None, f"weights dtype of the loaded models, one of {MODEL_DTYPES} "
+                             "(default: transformers'); torch_dtype is another name for it")
+    attn_implementation: str | None = _opt(None, "attention of every model: eager, sdpa, "
+                                           "flash_attention_2... (default: transformers')")
     data: str | None = _opt(None, "training data: a text / JSON lines / parquet file or folder")
     eval_data: str | None = _opt(None, "held-out data (same formats) for perplexity at the end")
     text_field: str = _opt("text", "column holding the text")
+    data_format: str = _opt("auto", "text, messages (chat template), prompt_completion, or auto "
+                            "(from the columns: messages, prompt + completion, text_field)")
+    assistant_only_loss: bool = _opt(True, "messages / prompt_completion data: KD and CE only "
+                                     "on assistant / completion tokens")
     seq_len: int = _opt(512, "tokens per training sequence")
-    packing: bool = _opt(True, "concatenate documents and cut them into seq_len blocks")
+    packing: bool = _opt(True, "concatenate documents into seq_len blocks (positions restart "
+                         "and attention stays within each document)")
     # loss
     divergence: str = _opt("kl", f"one of {DIVERGENCES} (one teacher)")
     beta: float = _opt(0.5, "JSD mixing coefficient in [0, 1] (0: forward KL, 1: reverse KL)")
@@ -101,6 +115,14 @@ class DistillConfig:
         _check_choice("fusion", self.fusion, FUSIONS)
         _check_choice("backend", self.backend, ("auto", "triton", "torch", "cpp", "cuda"))
         _check_choice("demo_scale", self.demo_scale, DEMO_SCALES)
+        _check_choice("data_format", self.data_format, FORMATS)
+        if self.dtype is not None:
+            _check_choice("dtype", self.dtype, MODEL_DTYPES)
+        if self.teacher_revisions is not None and len(self.teacher_revisions) != len(
+            self.teachers
+        ):
+            raise ValueError(f"teacher_revisions has {len(self.teacher_revisions)} entries for "
+                             f"{len(self.teachers)} teachers")
         for name in ("steps", "batch_size", "grad_accum", "logging_steps", "save_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -151,6 +173,10 @@ class DistillConfig:
     def from_dict(cls, values: dict[str, Any]) -> DistillConfig:
         """Build from a mapping; a key that is not a field raises `ValueError` naming it."""
         names = [f.name for f in dataclasses.fields(cls)]
+        if "torch_dtype" in values:  # transformers < 5 called `dtype` so
+            if "dtype" in values:
+                raise ValueError("give dtype or torch_dtype (the same setting), not both")
+            values = {("dtype" if k == "torch_dtype" else k): v for k, v in values.items()}
         for key in values:
             if key not in names:
                 close = difflib.get_close_matches(key, names, n=1)
