@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastkd.distill import DistillationTrainer, LogitKD
-from fastkd.distill.capture import final_hidden
+from fastkd.distill.capture import _forward_kwargs, final_hidden
 from fastkd.distill.data import CausalCollator
 from fastkd.distill.loss import IGNORE_INDEX
 from fastkd.distill.packing import pack
@@ -86,14 +86,35 @@ def test_packed_loss_equals_the_documents_run_one_by_one(tmp_path, models):
                                   kd=LogitKD(**settings, backend="torch"),
                                   data_collator=CausalCollator(0), train_dataset=[])
     batch = packed_batch()
-    with torch.no_grad():
-        loss = trainer.compute_loss(student, dict(batch)).item()
-        total, count = 0.0, 0
-        for ids, _ in documents():
-            one = CausalCollator(0)([{"input_ids": ids}])
-            total += reference_loss(student, [teacher], one, **settings).item() * (len(ids) - 1)
-            count += len(ids) - 1
+    loss = trainer.compute_loss(student, dict(batch))
+    loss.backward()
+    packed_grads = {n: p.grad.clone() for n, p in student.named_parameters()}
+    student.zero_grad()
+    count = sum(len(ids) - 1 for ids, _ in documents())
+    total = sum(reference_loss(student, [teacher], CausalCollator(0)([{"input_ids": ids}]),
+                               **settings) * (len(ids) - 1) for ids, _ in documents())
+    (total / count).backward()
     # float64 throughout (models, fused loss, reference): agreement to ~1e-15 relative;
     # 1e-10 leaves room for the summation order and excludes any leak across documents
     assert count == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    assert abs(loss - total / count) <= 1e-10 * abs(total / count)
+    assert abs(loss.item() - total.item() / count) <= 1e-10 * abs(total.item() / count)
+    for name, p in student.named_parameters():
+        err = (packed_grads[name] - p.grad).norm() / p.grad.norm()
+        assert err < 1e-9, (name, float(err))
+
+
+def test_flash_attention_gets_the_varlen_kwargs_of_every_row():
+    """Flash attention finds packed sequences in position_ids of one row only; for a batch of
+    rows it is given the boundaries of all documents of the flattened batch."""
+    batch = packed_batch()
+    model = llama()
+    kwargs = _forward_kwargs(model, batch["input_ids"], batch["attention_mask"],
+                             batch["position_ids"])
+    assert kwargs["attention_mask"] is None and "cu_seq_lens_q" not in kwargs  # eager / sdpa
+    model.config._attn_implementation = "flash_attention_2"
+    kwargs = _forward_kwargs(model, batch["input_ids"], batch["attention_mask"],
+                             batch["position_ids"])
+    # documents of 5, 4, 3 | 6, 5 tokens and the second row's one padding token
+    assert kwargs["cu_seq_lens_q"].tolist() == [0, 5, 9, 12, 18, 23, 24]
+    assert kwargs["cu_seq_lens_k"].tolist() == [0, 5, 9, 12, 18, 23, 24]
+    assert kwargs["max_length_q"] == kwargs["max_length_k"] == 6

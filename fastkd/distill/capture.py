@@ -19,6 +19,7 @@ from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
 from .heads import Head, output_head
+from .packing import flash_varlen_kwargs
 
 
 @contextmanager
@@ -136,6 +137,8 @@ def _forward_kwargs(
             raise ValueError(f"{type(inner).__name__}: its forward takes no position_ids, so "
                              "packed documents would attend to each other; set packing: false")
         kwargs.update(position_ids=position_ids, attention_mask=None)
+        if "flash" in str(getattr(inner.config, "_attn_implementation", "")):
+            kwargs.update(flash_varlen_kwargs(position_ids))
     if "logits_to_keep" in params:
         kwargs["logits_to_keep"] = 1
     if "use_cache" in params:

@@ -4,15 +4,20 @@ Packed, documents are concatenated and cut into blocks of `seq_len` tokens; each
 `position_ids` that restart at 0 at every document start (and at the block start), and the
 first token of every document gets IGNORE_INDEX as its label, so no token is predicted from
 another document. transformers' causal masks (`masking_utils`, every decoder of transformers 5,
-for eager, sdpa and flash attention alike) read restarting `position_ids` given with
-``attention_mask=None`` as packed sequences and keep attention inside each document; the
-trainer passes packed batches so (see `capture._forward_kwargs`). A packed row is then computed
-as its documents would be one by one.
+for eager and sdpa) read restarting `position_ids` given with ``attention_mask=None`` as packed
+sequences and keep attention inside each document; the trainer passes packed batches so (see
+`capture._forward_kwargs`). Flash attention reads `position_ids` so only for a single row; for
+it the batch also carries the varlen kwargs of all its rows (`flash_varlen_kwargs`, as
+transformers' `DataCollatorWithFlattening` makes them). A packed row is then computed as its
+documents would be one by one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
+
+import torch
 
 from .loss import IGNORE_INDEX
 
@@ -51,3 +56,14 @@ def truncate(documents: Iterable[Document], seq_len: int) -> dict[str, list[list
     rows = [(ids[:seq_len], counted[:seq_len]) for ids, counted in documents if ids]
     return {"input_ids": [ids for ids, _ in rows],
             "labels": [labels_of(ids, counted) for ids, counted in rows]}
+
+
+def flash_varlen_kwargs(position_ids: torch.Tensor) -> dict[str, Any]:
+    """FlashAttention's varlen forward kwargs (cu_seq_lens_q/k, max_length_q/k) of (B, T)
+    packed `position_ids`, whose rows all start at position 0: each document (and each row's
+    padding) is one sequence of the flattened B x T tokens."""
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(position_ids)
+    return {"cu_seq_lens_q": cu_q, "cu_seq_lens_k": cu_k, "max_length_q": int(max_q),
+            "max_length_k": int(max_k)}
