@@ -4,6 +4,9 @@ HF_HUB_OFFLINE=1, with revision, dtype (torch_dtype) and attn_implementation pas
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import huggingface_hub.constants as hub_constants
@@ -92,15 +95,22 @@ def test_torch_dtype_is_another_name_for_dtype():
 
 
 def test_distill_by_hub_id_offline(offline_hub, tmp_path):
+    """`fastkd distill` in a fresh process whose environment names the cache and sets
+    HF_HUB_OFFLINE=1 (as a user would), on the example config with the tiny models' ids."""
     config = ROOT / "examples" / "distill_hub.yaml"
     cfg = DistillConfig.from_file(config)
     assert cfg.dtype is not None and cfg.attn_implementation is not None
     out = tmp_path / "run"
     data = write_texts(tmp_path / "train.jsonl", 12)
-    assert main(["distill", "--config", str(config), "--student", STUDENT, "--teachers", TEACHER,
-                 "--teacher-revisions", "main", "--revision", "main", "--dtype", "float32",
-                 "--data", str(data), "--seq-len", "16", "--batch-size", "2", "--steps", "2",
-                 "--logging-steps", "1", "--output-dir", str(out)]) == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(offline_hub),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-m", "fastkd.distill", "--config", str(config), "--student", STUDENT,
+         "--teachers", TEACHER, "--teacher-revisions", "main", "--revision", "main",
+         "--dtype", "float32", "--data", str(data), "--seq-len", "16", "--batch-size", "2",
+         "--steps", "2", "--logging-steps", "1", "--output-dir", str(out)],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps if "loss" in r] == [1, 2]
 

@@ -43,7 +43,7 @@ class DistillConfig:
     student: str | None = _opt(None, "student model directory or hub id (Hugging Face format)")
     teachers: list[str] = _opt([], "teacher model directories or hub ids; several -> "
                                "multi-teacher")
-    tokenizer: str | None = _opt(None, "tokenizer directory (default: the student's)")
+    tokenizer: str | None = _opt(None, "tokenizer directory or hub id (default: the student's)")
     revision: str | None = _opt(None, "the student's hub revision (branch, tag or commit)")
     teacher_revisions: list[str] | None = _opt(None, "hub revision of each teacher", nargs="+")
     dtype: str | None = _opt(None, f"weights dtype of the loaded models, one of {MODEL_DTYPES} "

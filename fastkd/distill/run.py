@@ -69,10 +69,11 @@ def prepare(cfg: DistillConfig) -> PreparedRun | FinishedRun:
     cfg.check_runtime()
     student_source, teacher_sources = model_sources(cfg)
     models = [("student", student_source), *(("teacher", t) for t in teacher_sources)]
-    for role, source in models:
-        resolvable(source.name, role)
-    for role, path in [("data", cfg.data), ("eval_data", cfg.eval_data),
+    for role, name in [*((role, source.name) for role, source in models),
                        ("tokenizer", cfg.tokenizer)]:
+        if name is not None:
+            resolvable(name, role)
+    for role, path in [("data", cfg.data), ("eval_data", cfg.eval_data)]:
         if path is not None:
             existing(path, role)
     resume = _resume_target(cfg)
