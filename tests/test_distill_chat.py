@@ -156,7 +156,7 @@ def run_example(chat_dirs, out: Path, *extra: str) -> int:
 def test_example_config_distills_chat_data(chat_dirs, tmp_path):
     cfg = DistillConfig.from_file(ROOT / "examples" / "distill_chat.yaml")
     assert cfg.data_format == "messages" and cfg.assistant_only_loss and cfg.packing
-    assert run_example(chat_dirs, tmp_path / "run") == 0
+    assert run_example(chat_dirs, tmp_path / "run", "--eval-data", chat_dirs["data"]) == 0
     assert len(losses(tmp_path / "run")) == 2
     assert (tmp_path / "run" / "final" / "config.json").is_file()
 

@@ -37,7 +37,8 @@ def perplexity(
                                                                  len(examples)))])
         batch = {k: v.to(device) for k, v in batch.items()}
         if "position_ids" in batch:  # packed rows: attention kept inside each document
-            batch["attention_mask"] = None
+            batch["attention_mask"] = None  # (transformers reads packed rows only without a
+            batch["use_cache"] = False  # 2-D mask and without a KV cache)
         n = int((shift_labels(batch["labels"]) != IGNORE_INDEX).sum())
         if n:
             total += float(model(**batch).loss) * n
