@@ -119,3 +119,30 @@ def reference_loss(student, teachers, batch, *, temperature=1.0, soft_weight=1.0
                          ignore_index=-100).view_as(div)
     per = soft_weight * div + hard_weight * ce
     return per[keep].sum() / keep.sum()
+
+
+# A chat template without {% generation %} markers (the prefix-difference mask) and the same
+# rendering with them (the tokenizer's assistant mask); role tags are words of their own.
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|> {{ m.content }} <|end|> {% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+CHAT_TEMPLATE_MARKED = (
+    "{% for m in messages %}{% if m.role == 'assistant' %}<|assistant|> {% generation %}"
+    "{{ m.content }} <|end|> {% endgeneration %}{% else %}<|{{ m.role }}|> {{ m.content }} "
+    "<|end|> {% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}")
+CHAT_WORDS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+
+
+def chat_tokenizer(template: str | None = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
+    """`tokenizer()` whose last four words are the chat tags of `template` (None: no
+    template)."""
+    tok = tokenizer()
+    vocab = tok.get_vocab()
+    words = dict(vocab)
+    for k, tag in enumerate(CHAT_WORDS):
+        words[tag] = words.pop(f"w{VOCAB - 4 + k}")
+    model = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    chat = PreTrainedTokenizerFast(tokenizer_object=model, pad_token="<pad>", eos_token="<eos>",
+                                   unk_token="<unk>")
+    chat.chat_template = template
+    return chat

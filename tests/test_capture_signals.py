@@ -72,21 +72,36 @@ def step_losses(out: Path) -> dict[int, float]:
     return {x["step"]: x["loss"] for x in lines if "loss" in x}
 
 
-def blocks(dirs) -> list[list[int]]:
-    """The token blocks of the data, as fastkd distill makes them."""
+def packed_blocks(dirs):
+    """The token blocks of the data as fastkd distill makes them: packed documents, with
+    input_ids, labels and position_ids (restarting at each document) columns."""
     from fastkd.distill.run import token_blocks
 
     cfg = DistillConfig(student=dirs["student"], data=dirs["data"], seq_len=SEQ_LEN)
-    return token_blocks(cfg, dirs["student"], "student")[1]["input_ids"]
+    return token_blocks(cfg, dirs["student"], "student")[1]
+
+
+def blocks(dirs) -> list[list[int]]:
+    return packed_blocks(dirs)["input_ids"]
+
+
+def targets(dirs) -> list[torch.Tensor]:
+    """Each block's next-token targets (L - 1,): IGNORE_INDEX (-100) where a document starts,
+    as the trainer shifts the labels."""
+    return [torch.tensor(labels[1:]) for labels in packed_blocks(dirs)["labels"]]
 
 
 @torch.no_grad()
-def logits64(model_dir: str, rows: list[list[int]]) -> list[torch.Tensor]:
-    """Each row's (L, V) logits, the model run alone on it in float64."""
+def logits64(model_dir: str, rows: list[list[int]], dirs) -> list[torch.Tensor]:
+    """Each row's (L, V) logits, the model run alone on it in float64 with the block's
+    document boundaries (its position ids, as in training and capture)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
-    return [model(input_ids=torch.tensor([r])).logits[0] for r in rows]
+    positions = packed_blocks(dirs)["position_ids"]
+    # no KV cache: with one, transformers skips its packed-sequence (block-diagonal) mask
+    return [model(input_ids=torch.tensor([r]), position_ids=torch.tensor([p]),
+                  use_cache=False).logits[0] for r, p in zip(rows, positions, strict=True)]
 
 
 def test_topk_capture_holds_the_teachers_top_k_and_full_lse(dirs):
@@ -96,7 +111,7 @@ def test_topk_capture_holds_the_teachers_top_k_and_full_lse(dirs):
     assert (meta.kind, meta.k, meta.temperatures, meta.vocab_size) == ("topk", 8, [1.0, 2.0], 97)
     assert meta.rows == len(rows) and meta.shards == math.ceil(len(rows) / ROWS_PER_SHARD) > 2
     assert meta.tokens == sum(len(r) for r in rows)
-    for row, z in zip(range(len(rows)), logits64(dirs["teacher"], rows), strict=True):
+    for row, z in zip(range(len(rows)), logits64(dirs["teacher"], rows, dirs), strict=True):
         got = cap.row(row)
         assert got["input_ids"].tolist() == rows[row]
         # The capture runs the teacher in fp32: each logit carries the rounding of a few
@@ -147,13 +162,15 @@ def test_training_from_topk_capture_matches_float64_sparse_kd(dirs, tmp_path, te
     loss, _ = one_step_loss(cfg)
     cap = CapturedSignals(dirs["topk"])
     total, count = 0.0, 0
-    for row, zs, zt in zip(range(len(rows)), logits64(dirs["student"], rows),
-                           logits64(dirs["teacher"], rows), strict=True):
+    for row, zs, zt, labels in zip(range(len(rows)), logits64(dirs["student"], rows, dirs),
+                                   logits64(dirs["teacher"], rows, dirs), targets(dirs),
+                                   strict=True):
         ids = cap.row(row)["ids"].long()[:-1]  # the last token predicts nothing
-        labels = torch.tensor(rows[row][1:])
-        kl = sparse_kl64(zs[:-1], zt[:-1], ids, temperature)
-        total += float((kl + 0.5 * F.cross_entropy(zs[:-1], labels, reduction="none")).sum())
-        count += len(labels)
+        counted = labels != -100
+        kl = sparse_kl64(zs[:-1][counted], zt[:-1][counted], ids[counted], temperature)
+        ce = F.cross_entropy(zs[:-1][counted], labels[counted], reduction="none")
+        total += float((kl + 0.5 * ce).sum())
+        count += int(counted.sum())
     # fp32 logits of both models (rounding ~1e-6 of their scale, ~10) against float64: the
     # per-token loss (a few units) moves by ~1e-5 at most.
     assert abs(loss - total / count) <= 1e-4 * abs(total / count)
@@ -175,14 +192,18 @@ def test_hidden_capture_reproduces_online_kd(dirs, tmp_path):
     rows = blocks(dirs)
     teacher = AutoModelForCausalLM.from_pretrained(dirs["teacher"], dtype=torch.float64)
     sums = {"fp64": 0.0, "bf16": 0.0}
+    positions = packed_blocks(dirs)["position_ids"]
     with torch.no_grad():
-        for row, zs in zip(rows, logits64(dirs["student"], rows), strict=True):
-            h = teacher.model(input_ids=torch.tensor([row])).last_hidden_state[0, :-1]
-            lq = F.log_softmax(zs[:-1], -1)
+        for row, zs, labels, pos in zip(rows, logits64(dirs["student"], rows, dirs),
+                                        targets(dirs), positions, strict=True):
+            counted = labels != -100
+            h = teacher.model(input_ids=torch.tensor([row]), position_ids=torch.tensor([pos]),
+                              use_cache=False).last_hidden_state[0, :-1][counted]
+            lq = F.log_softmax(zs[:-1][counted], -1)
             for name, hidden in {"fp64": h, "bf16": h.to(torch.bfloat16).double()}.items():
                 lp = F.log_softmax(hidden @ teacher.lm_head.weight.T, -1)
                 sums[name] += float((lp.exp() * (lp - lq)).sum())
-    count = sum(len(r) - 1 for r in rows)
+    count = sum(int((labels != -100).sum()) for labels in targets(dirs))
     ref, ref_bf16 = sums["fp64"] / count, sums["bf16"] / count
     assert abs(online - ref) <= 1e-6 * ref
     assert abs(stored - ref_bf16) <= 1e-6 * ref

@@ -19,6 +19,7 @@ from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
 from .heads import Head, output_head
+from .packing import flash_varlen_kwargs
 
 
 @contextmanager
@@ -45,7 +46,8 @@ def record_output(module: nn.Module, store: dict[str, Any], key: str):
 
 
 def final_hidden(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, T, H) final hidden state of `model` (a causal LM, possibly wrapped) on a batch.
 
@@ -53,11 +55,12 @@ def final_hidden(
         model: a `*ForCausalLM` model or a DDP / FSDP / compiled wrapper of one.
         input_ids: (B, T) token ids.
         attention_mask: (B, T) 1 for real tokens, or None.
+        position_ids: (B, T) positions restarting at each packed document, or None.
     """
     inner = extract_model_from_parallel(model)
     store: dict[str, Any] = {}
     with record_output(_decoder(inner), store, "hidden"):
-        model(**_forward_kwargs(inner, input_ids, attention_mask))
+        model(**_forward_kwargs(inner, input_ids, attention_mask, position_ids))
     return store["hidden"]
 
 
@@ -67,6 +70,7 @@ def loss_in_forward(
     attention_mask: torch.Tensor | None,
     rows: int,
     loss_fn: Callable[[torch.Tensor, Head], torch.Tensor],
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``loss_fn(hidden, head)`` computed inside `model`'s forward, returned as its output.
 
@@ -101,7 +105,7 @@ def loss_in_forward(
     with record_output(_decoder(inner), store, "hidden"), \
             forward_hook(inner.get_output_embeddings(), head_hook), \
             forward_hook(inner, check_output):
-        out = model(**_forward_kwargs(inner, input_ids, attention_mask))
+        out = model(**_forward_kwargs(inner, input_ids, attention_mask, position_ids))
     return _logits(out)
 
 
@@ -118,11 +122,23 @@ def _decoder(inner: nn.Module) -> nn.Module:
 
 
 def _forward_kwargs(
-    inner: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    inner: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """Forward arguments that skip the full logits (`logits_to_keep=1`) and the KV cache."""
+    """Forward arguments that skip the full logits (`logits_to_keep=1`) and the KV cache.
+
+    Packed rows (`position_ids` given) go without the 2-D attention mask: transformers then
+    reads the restarting positions as packed sequences (see `fastkd.distill.packing`).
+    """
     kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
     params = inspect.signature(inner.forward).parameters
+    if position_ids is not None:
+        if "position_ids" not in params:
+            raise ValueError(f"{type(inner).__name__}: its forward takes no position_ids, so "
+                             "packed documents would attend to each other; set packing: false")
+        kwargs.update(position_ids=position_ids, attention_mask=None)
+        if "flash" in str(getattr(inner.config, "_attn_implementation", "")):
+            kwargs.update(flash_varlen_kwargs(position_ids))
     if "logits_to_keep" in params:
         kwargs["logits_to_keep"] = 1
     if "use_cache" in params:

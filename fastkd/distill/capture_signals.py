@@ -188,12 +188,19 @@ def _capture_teacher(
                disable=not state.is_local_main_process)
     start = time.perf_counter()
     for index in mine:
-        rows = blocks[index * per_shard:(index + 1) * per_shard]["input_ids"]
+        shard = blocks[index * per_shard:(index + 1) * per_shard]
+        rows = shard["input_ids"]
+        # packed blocks keep their document boundaries (position ids), as in training
+        positions = shard.get("position_ids")
         parts: list[dict[str, torch.Tensor]] = []
         for b in range(0, len(rows), batch_size):
-            batch = collate([{"input_ids": r} for r in rows[b:b + batch_size]])
+            batch = collate([{"input_ids": r} if positions is None else
+                             {"input_ids": r, "position_ids": positions[b + j]}
+                             for j, r in enumerate(rows[b:b + batch_size])])
             mask = batch["attention_mask"].to(state.device)
-            hidden = final_hidden(teacher, batch["input_ids"].to(state.device), mask)
+            position_ids = batch.get("position_ids")
+            hidden = final_hidden(teacher, batch["input_ids"].to(state.device), mask,
+                                  None if position_ids is None else position_ids.to(state.device))
             parts.append(_signals(hidden[mask.bool()], head, meta))
             bar.update(int(mask.sum()))
         tensors = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}

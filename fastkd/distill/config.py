@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .chat import FORMATS
 from .features.settings import FeatureSettings
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
@@ -26,6 +27,7 @@ DEMO_SCALES = ("default", "tiny")
 TAILS = ("bucket", "renormalize")
 CAPTURE_KINDS = ("topk", "hidden")  # fastkd.distill.signals.KINDS, without its torch import
 CAPTURE_DTYPES = ("float32", "bfloat16", "float16")
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def _opt(default: Any, help: str, **cli: Any) -> Any:
@@ -41,14 +43,26 @@ class DistillConfig:
     embedded synthetic demo (see `fastkd.distill.demo`)."""
 
     # models and data
-    student: str | None = _opt(None, "student model directory (Hugging Face format)")
-    teachers: list[str] = _opt([], "teacher model directories; several -> multi-teacher")
-    tokenizer: str | None = _opt(None, "tokenizer directory (default: the student's)")
+    student: str | None = _opt(None, "student model directory or hub id (Hugging Face format)")
+    teachers: list[str] = _opt([], "teacher model directories or hub ids; several -> "
+                               "multi-teacher")
+    tokenizer: str | None = _opt(None, "tokenizer directory or hub id (default: the student's)")
+    revision: str | None = _opt(None, "the student's hub revision (branch, tag or commit)")
+    teacher_revisions: list[str] | None = _opt(None, "hub revision of each teacher", nargs="+")
+    dtype: str | None = _opt(None, f"weights dtype of the loaded models, one of {MODEL_DTYPES} "
+                             "(default: transformers'); torch_dtype is another name for it")
+    attn_implementation: str | None = _opt(None, "attention of every model: eager, sdpa, "
+                                           "flash_attention_2... (default: transformers')")
     data: str | None = _opt(None, "training data: a text / JSON lines / parquet file or folder")
     eval_data: str | None = _opt(None, "held-out data (same formats) for perplexity at the end")
     text_field: str = _opt("text", "column holding the text")
+    data_format: str = _opt("auto", "text, messages (chat template), prompt_completion, or auto "
+                            "(from the columns: messages, prompt + completion, text_field)")
+    assistant_only_loss: bool = _opt(True, "messages / prompt_completion data: KD and CE only "
+                                     "on assistant / completion tokens")
     seq_len: int = _opt(512, "tokens per training sequence")
-    packing: bool = _opt(True, "concatenate documents and cut them into seq_len blocks")
+    packing: bool = _opt(True, "concatenate documents into seq_len blocks (positions restart "
+                         "and attention stays within each document)")
     teacher_signals: list[str] = _opt(
         [], "captured teacher signals (folders written by fastkd capture) to train from "
         "instead of teacher models: no teacher is loaded; several -> multi-teacher")
@@ -125,6 +139,14 @@ class DistillConfig:
         _check_choice("fusion", self.fusion, FUSIONS)
         _check_choice("backend", self.backend, ("auto", "triton", "torch", "cpp", "cuda"))
         _check_choice("demo_scale", self.demo_scale, DEMO_SCALES)
+        _check_choice("data_format", self.data_format, FORMATS)
+        if self.dtype is not None:
+            _check_choice("dtype", self.dtype, MODEL_DTYPES)
+        if self.teacher_revisions is not None and len(self.teacher_revisions) != len(
+            self.teachers
+        ):
+            raise ValueError(f"teacher_revisions has {len(self.teacher_revisions)} entries for "
+                             f"{len(self.teachers)} teachers")
         _check_choice("topk_tail", self.topk_tail, TAILS)
         _check_choice("capture_kind", self.capture_kind, CAPTURE_KINDS)
         if self.capture_dtype is not None:
@@ -196,6 +218,10 @@ class DistillConfig:
     def from_dict(cls, values: dict[str, Any]) -> DistillConfig:
         """Build from a mapping; a key that is not a field raises `ValueError` naming it."""
         names = [f.name for f in dataclasses.fields(cls)]
+        if "torch_dtype" in values:  # transformers < 5 called `dtype` so
+            if "dtype" in values:
+                raise ValueError("give dtype or torch_dtype (the same setting), not both")
+            values = {("dtype" if k == "torch_dtype" else k): v for k, v in values.items()}
         for key in values:
             if key not in names:
                 close = difflib.get_close_matches(key, names, n=1)

@@ -25,7 +25,8 @@ def perplexity(
         model: a causal LM whose forward takes input_ids, attention_mask and labels and returns
             the mean shifted cross-entropy as `.loss`.
         examples: rows with `input_ids`.
-        collate: turns a list of rows into a batch (input_ids, attention_mask, labels).
+        collate: turns a list of rows into a batch (input_ids, attention_mask, labels, and
+            position_ids for packed rows).
     """
     was_training = model.training
     model.eval()
@@ -35,6 +36,9 @@ def perplexity(
         batch = collate([examples[i] for i in range(start, min(start + batch_size,
                                                                  len(examples)))])
         batch = {k: v.to(device) for k, v in batch.items()}
+        if "position_ids" in batch:  # packed rows: attention kept inside each document
+            batch["attention_mask"] = None  # (transformers reads packed rows only without a
+            batch["use_cache"] = False  # 2-D mask and without a KV cache)
         n = int((shift_labels(batch["labels"]) != IGNORE_INDEX).sum())
         if n:
             total += float(model(**batch).loss) * n

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 
+from .chat import check_chat_template, detect_format
 from .config import DistillConfig
 from .data import CausalCollator, load_texts, tokenize
 from .evaluate import perplexity
@@ -19,12 +20,14 @@ from .features import FeatureSettings
 from .loss import LogitKD
 from .metrics import JsonlLogger
 from .models import (
+    ModelSource,
     check_seq_len,
     check_teacher_tokenizers,
     existing,
     load_config,
     load_model,
     load_tokenizer,
+    resolvable,
 )
 from .signals import (
     CapturedSignals,
@@ -74,9 +77,13 @@ def prepare(cfg: DistillConfig) -> PreparedRun | FinishedRun:
                          "in place of teachers; none of student/teachers for the embedded "
                          "demo)")
     cfg.check_runtime()
-    models = [("student", cfg.student), *(("teacher", t) for t in cfg.teachers)]
-    for role, path in [*models, ("data", cfg.data), ("eval_data", cfg.eval_data),
+    student_source, teacher_sources = model_sources(cfg)
+    models = [("student", student_source), *(("teacher", t) for t in teacher_sources)]
+    for role, name in [*((role, source.name) for role, source in models),
                        ("tokenizer", cfg.tokenizer)]:
+        if name is not None:
+            resolvable(name, role)
+    for role, path in [("data", cfg.data), ("eval_data", cfg.eval_data)]:
         if path is not None:
             existing(path, role)
     captures = open_captures(cfg.teacher_signals)
@@ -88,15 +95,15 @@ def prepare(cfg: DistillConfig) -> PreparedRun | FinishedRun:
         return FinishedRun(done)
     out = Path(cfg.output_dir)
     args = training_arguments(cfg, out)  # refuses bad training_args before any model loads
-    for role, path in models:
-        check_seq_len(load_config(path, role), cfg.seq_len, role)
-    tokenizer, train, held_out = token_blocks(cfg, cfg.tokenizer or cfg.student, "student")
+    for role, source in models:
+        check_seq_len(load_config(source, role), cfg.seq_len, role)
+    tokenizer, train, held_out = token_blocks(cfg, cfg.tokenizer or student_source, "student")
     kd = LogitKD.from_config(cfg)
     if captures:
         train = _check_captures(cfg, captures, kd, tokenizer, train)
     dtype = torch.bfloat16 if cfg.bf16 else None
-    student = load_model(cfg.student, "student")
-    teachers = [load_model(path, "teacher", dtype) for path in cfg.teachers]
+    student = load_model(student_source, "student")
+    teachers = [load_model(source, "teacher", dtype) for source in teacher_sources]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collator = CausalCollator(0 if pad is None else pad)
     trainer = DistillationTrainer(
@@ -133,21 +140,56 @@ def _check_captures(cfg: DistillConfig, captures: list[CapturedSignals], kd: Log
 
 
 def token_blocks(
-    cfg: DistillConfig, tokenizer_path: str, role: str
+    cfg: DistillConfig, tokenizer_source: ModelSource | str, role: str
 ) -> tuple[Any, Dataset, Dataset | None]:
-    """The run's tokenizer and its training and held-out token blocks (`tokenize`), after the
-    tokenizer checks (it encodes the data; every teacher's tokenizer is the same). `fastkd
-    capture` calls this too, so that a capture and a training run see the same blocks."""
-    tokenizer = load_tokenizer(tokenizer_path, role)
-    texts = load_texts(cfg.data, cfg.text_field)
-    probes = [str(t) for t in texts.select(range(min(len(texts), 16)))[cfg.text_field]]
+    """The run's tokenizer and its training and held-out token blocks (`tokenize`: plain text,
+    chat messages or prompt/completion, with their loss masks), after the tokenizer checks
+    (it encodes the data; every teacher's tokenizer is the same). `fastkd capture` calls this
+    too, so that a capture and a training run see the same blocks."""
+    tokenizer = load_tokenizer(tokenizer_source, role)
+    texts = load_texts(cfg.data)
+    data_format = detect_format(texts, cfg.data_format, cfg.text_field, "training")
+    check_chat_template(tokenizer, data_format)
+    probes = _probes(texts, data_format, cfg.text_field)
     check_encodes_text(tokenizer, probes, f"the {role}'s")
-    check_teacher_tokenizers(tokenizer, cfg.teachers, probes)
-    train = tokenize(texts, tokenizer, cfg.text_field, cfg.seq_len, cfg.packing, "training")
-    held_out = None if cfg.eval_data is None else tokenize(
-        load_texts(cfg.eval_data, cfg.text_field), tokenizer, cfg.text_field, cfg.seq_len,
-        cfg.packing, "evaluation")
+    check_teacher_tokenizers(tokenizer, teacher_sources(cfg), probes)
+    encoding = dict(data_format=data_format, assistant_only=cfg.assistant_only_loss)
+    train = tokenize(texts, tokenizer, cfg.text_field, cfg.seq_len, cfg.packing, "training",
+                     **encoding)
+    held_out = None
+    if cfg.eval_data is not None:
+        eval_texts = load_texts(cfg.eval_data)
+        detect_format(eval_texts, data_format, cfg.text_field, "evaluation")
+        held_out = tokenize(eval_texts, tokenizer, cfg.text_field, cfg.seq_len, cfg.packing,
+                            "evaluation", **encoding)
     return tokenizer, train, held_out
+
+
+def model_sources(cfg: DistillConfig) -> tuple[ModelSource, list[ModelSource]]:
+    """The student's and the teachers' names with their `from_pretrained` options."""
+    assert cfg.student is not None
+    common = dict(dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
+    return ModelSource(cfg.student, cfg.revision, **common), teacher_sources(cfg)
+
+
+def teacher_sources(cfg: DistillConfig) -> list[ModelSource]:
+    """The teachers' names with their `from_pretrained` options."""
+    common = dict(dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
+    revisions = cfg.teacher_revisions or [None] * len(cfg.teachers)
+    return [ModelSource(t, r, **common) for t, r in zip(cfg.teachers, revisions, strict=True)]
+
+
+def _probes(texts: Dataset, data_format: str, text_field: str) -> list[str]:
+    """Up to 16 texts of the data (message contents, prompts and completions) on which the
+    tokenizers are compared."""
+    rows = texts.select(range(min(len(texts), 16)))
+    if data_format == "messages":
+        found = [str(m.get("content", "")) for turns in rows["messages"] for m in turns]
+    elif data_format == "prompt_completion":
+        found = [str(t) for t in [*rows["prompt"], *rows["completion"]]]
+    else:
+        found = [str(t) for t in rows[text_field]]
+    return found[:16]
 
 
 def _resume_target(cfg: DistillConfig) -> str | None:

@@ -41,7 +41,8 @@ class LiveTeachers:
     @torch.no_grad()
     def batch(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """K (B, T, Ht_k) final hidden states."""
-        return [final_hidden(t, inputs["input_ids"], inputs.get("attention_mask"))
+        return [final_hidden(t, inputs["input_ids"], inputs.get("attention_mask"),
+                             inputs.get("position_ids"))
                 for t in self.models]
 
     def loss(self, kd: LogitKD, student_hidden: torch.Tensor, student: Head,

@@ -133,6 +133,7 @@ class DistillationTrainer(Trainer):
         alike.
         """
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        positions = inputs.get("position_ids")  # packed rows (fastkd.distill.packing)
         targets = shift_labels(inputs["labels"])
         measure = model.training and self._logs_this_step()
         found: dict[str, Any] = {}
@@ -149,7 +150,8 @@ class DistillationTrainer(Trainer):
         with ExitStack() as captures:
             features = self._record_features(captures, model)
             signals = self.source.batch(inputs)
-            logit_sum = loss_in_forward(model, ids, mask, self.student_rows, logit_term)
+            logit_sum = loss_in_forward(model, ids, mask, self.student_rows, logit_term,
+                                        positions)
         mixing = found["mixing"]
         counted_mask = targets != IGNORE_INDEX
         loss_sum, feature_parts = logit_sum, {}
