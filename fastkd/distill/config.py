@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .features.settings import FeatureSettings
+from .on_policy_settings import OnPolicySettings
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
 WEIGHTINGS = ("entropy", "static")
@@ -56,6 +57,10 @@ class DistillConfig:
     entropy_tau: float = _opt(1.0, "entropy weighting temperature")
     teacher_priors: list[float] | None = _opt(None, "multi-teacher prior weights", nargs="+")
     fusion: str = _opt("mixture", f"multi-teacher fusion, one of {FUSIONS}")
+    on_policy: float | dict[str, Any] | None = _opt(
+        None, "on-policy distillation: the fraction LAMBDA of batches whose completions the "
+        "student samples (in a file also a mapping: lambda, temperature, max_new_tokens, "
+        "prompt_tokens, divergence (reverse_kl by default), beta)", metavar="LAMBDA")
     backend: str = _opt("auto", "fastkd backend: auto, triton, torch, cpp (C++, CPU) or cuda "
                                "(CUDA C++)")
     # feature alignment of mapped layers (0 = off)
@@ -141,6 +146,14 @@ class DistillConfig:
             raise ValueError("ablation runs on the embedded demo: name no student or teachers")
         # checks the feature weights, loss names, relation_heads and layer_map
         FeatureSettings.from_config(self)
+        on_policy = OnPolicySettings.from_value(self.on_policy)
+        if on_policy is not None:
+            if not self.is_demo:  # the demo checks against its own sequence length
+                on_policy.check_lengths(self.seq_len)
+            if len(self.teachers) > 1 and on_policy.divergence != "kl":
+                raise ValueError(f"on_policy divergence {on_policy.divergence!r} is for one "
+                                 "teacher; several teachers are fused (on_policy divergence: "
+                                 "kl)")
 
     @property
     def is_demo(self) -> bool:

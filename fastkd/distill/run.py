@@ -24,6 +24,7 @@ from .models import (
     load_model,
     load_tokenizer,
 )
+from .on_policy import rollouts_from_config
 from .trainer import DistillationTrainer
 from .training import training_arguments
 from .vocab import check_encodes_text
@@ -90,10 +91,13 @@ def prepare(cfg: DistillConfig) -> PreparedRun | FinishedRun:
     teachers = [load_model(path, "teacher", dtype) for path in cfg.teachers]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collator = CausalCollator(0 if pad is None else pad)
+    kd = LogitKD.from_config(cfg)
     trainer = DistillationTrainer(
         model=student, args=args, train_dataset=train,
-        data_collator=collator, teachers=teachers, kd=LogitKD.from_config(cfg),
+        data_collator=collator, teachers=teachers, kd=kd,
         features=FeatureSettings.from_config(cfg), vocab_size=len(tokenizer),
+        on_policy=rollouts_from_config(cfg.on_policy, kd, cfg.seed, collator.pad_token_id,
+                                       tokenizer.eos_token_id),
         callbacks=[JsonlLogger(out / "metrics.jsonl")],
     )
 

@@ -25,6 +25,7 @@ from .features.projection_updates import ProjectionUpdates
 from .heads import Head, check_plain_logits, output_head, vocab_rows
 from .loss import IGNORE_INDEX, LogitKD, shift_labels
 from .metrics import StepMeter
+from .on_policy import OnPolicyRollouts
 from .vocab import teacher_rows
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ class DistillationTrainer(Trainer):
             against the lm_heads.
         features: feature-alignment terms (hidden states, attention, FFN) or None; settings
             without a positive weight add nothing.
+        on_policy: rollouts that replace a fraction of the batches by student completions
+            (scored with their own loss settings), or None.
         *args, **kwargs: as for `transformers.Trainer` (model = the student). Batches carry
             input_ids, attention_mask and unshifted labels (IGNORE_INDEX at padding).
     """
@@ -57,6 +60,7 @@ class DistillationTrainer(Trainer):
         kd: LogitKD,
         vocab_size: int | None = None,
         features: FeatureSettings | None = None,
+        on_policy: OnPolicyRollouts | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -74,6 +78,7 @@ class DistillationTrainer(Trainer):
             used = teacher_rows(rows, vocab_rows(teacher), vocab_size, name)
             self.teacher_heads.append(output_head(teacher, used))
         self.meter = StepMeter()
+        self.on_policy = on_policy
         self.features: FeatureAlignment | None = None
         if features is not None and features.active:
             self.features = FeatureAlignment(features, self.model, self.teachers)
@@ -92,6 +97,10 @@ class DistillationTrainer(Trainer):
                 batches.append(next(epoch_iterator))
             except StopIteration:
                 break
+        if self.on_policy is not None:  # generated before counting: the count is theirs
+            step, student = self.state.global_step, self.accelerator.unwrap_model(self.model)
+            batches = [self.on_policy.rollout(student, b, step, k)
+                       if self.on_policy.chosen(step, k) else b for k, b in enumerate(batches)]
         count = torch.zeros((), dtype=torch.long, device=device)
         for batch in batches:
             count += (shift_labels(batch["labels"]) != IGNORE_INDEX).sum().to(device)
@@ -130,14 +139,15 @@ class DistillationTrainer(Trainer):
         targets = shift_labels(inputs["labels"])
         measure = model.training and self._logs_this_step()
         found: dict[str, Any] = {}
+        kd = self.on_policy.kd if inputs.get("on_policy") else self.kd
 
         def logit_term(student_hidden: torch.Tensor, student: Head) -> torch.Tensor:
             # Runs inside the student's forward (see `loss_in_forward`).
-            logit_sum, found["mixing"] = self.kd(student_hidden, student, teacher_hiddens,
-                                                 self.teacher_heads, targets)
+            logit_sum, found["mixing"] = kd(student_hidden, student, teacher_hiddens,
+                                            self.teacher_heads, targets)
             if measure:
-                found["parts"] = self._logit_parts(student_hidden, student, teacher_hiddens,
-                                                   targets, logit_sum)
+                found["parts"] = self._logit_parts(kd, student_hidden, student,
+                                                   teacher_hiddens, targets, logit_sum)
             return logit_sum
 
         with ExitStack() as captures:
@@ -176,6 +186,7 @@ class DistillationTrainer(Trainer):
     @torch.no_grad()
     def _logit_parts(
         self,
+        kd: LogitKD,
         student_hidden: torch.Tensor,
         student: Head,
         teacher_hiddens: list[torch.Tensor],
@@ -185,7 +196,7 @@ class DistillationTrainer(Trainer):
         """The divergence and the cross-entropy of the logit term, summed over counted tokens
         (one extra forward-only loss call)."""
         args = (student_hidden, student, teacher_hiddens, self.teacher_heads, targets)
-        total, kd = loss_sum.detach().float(), self.kd
+        total = loss_sum.detach().float()
         if kd.hard_weight == 0:
             soft = total / kd.soft_weight
             hard = kd(*args, soft_weight=0.0, hard_weight=1.0)[0].float()
@@ -214,6 +225,8 @@ class DistillationTrainer(Trainer):
         """Add the meter's averages (parts, mixing, tokens/s, memory) to training logs."""
         if "loss" in logs:
             logs = {**logs, **self.meter.flush()}
+            if self.on_policy is not None:
+                logs.update(self.on_policy.flush())
         super().log(logs, start_time)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
