@@ -210,3 +210,22 @@ def test_cli_on_policy_run_logs_completion_length_and_generation_time(tmp_path):
     assert generated and len(generated) < len(one)  # lambda 0.5 over 4 steps: some, not all
     for x in generated:
         assert 1 <= x["on_policy_completion_len"] <= 8 and x["on_policy_generation_s"] > 0
+
+
+def test_the_tiny_demo_trains_an_on_policy_student_beside_the_kd_student(tmp_path, capsys):
+    from fastkd.distill.demo import run_demo
+
+    with pytest.raises(ValueError, match="16 \\+ 32 exceeds the tiny demo's seq_len=32"):
+        run_demo(DistillConfig(demo_scale="tiny", on_policy=1.0, output_dir=str(tmp_path)))
+    cfg = DistillConfig(demo_scale="tiny", output_dir=str(tmp_path), logging_steps=2,
+                        on_policy={"lambda": 1.0, "prompt_tokens": 8, "max_new_tokens": 16})
+    result = run_demo(cfg)
+    printed = capsys.readouterr().out
+    assert "[4/4] on-policy student" in printed
+    record = json.loads((tmp_path / "demo_results.json").read_text())
+    ppl = record["held_out_perplexity"]
+    assert set(ppl) == {"teacher", "KD student", "CE student", "on-policy"}
+    assert ppl["on-policy"] == result["on-policy perplexity"] and 1 < ppl["on-policy"] < 10_000
+    assert record["on_policy"]["lmbda"] == 1.0 and record["steps"]["students"] == 6
+    lines = [json.loads(x) for x in (tmp_path / "metrics_on_policy.jsonl").read_text().splitlines()]
+    assert all(x["on_policy_completion_len"] == 16 for x in lines if "loss" in x)

@@ -69,12 +69,12 @@ class OnPolicySettings:
                              f"{sorted(names)}")
         return cls(**{names[k]: _number(v) for k, v in value.items()})
 
-    def check_lengths(self, seq_len: int) -> None:
+    def check_lengths(self, seq_len: int, name: str = "seq_len") -> None:
         """Prompt plus completion must fit the run's seq_len (checked against the models)."""
         if self.prompt_tokens + self.max_new_tokens > seq_len:
             raise ValueError(
                 f"on_policy prompt_tokens + max_new_tokens = {self.prompt_tokens} + "
-                f"{self.max_new_tokens} exceeds seq_len={seq_len}"
+                f"{self.max_new_tokens} exceeds {name}={seq_len}"
             )
 
 
