@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -112,7 +111,7 @@ def main() -> None:
     print(f"one fp32 (B, T, V) logit tensor: {logits_mib:.1f} MiB; fastkd / TRL extra memory "
           f"{runs['fastkd']['peak_extra_mib'] / runs['trl']['peak_extra_mib']:.3f}")
     record = {
-        "environment": {**environment("cpu"), "load_avg_1m": os.getloadavg()[0]},
+        "environment": environment("cpu"),
         "shape": {"vocab": args.vocab, "seq": args.seq, "batch": args.batch,
                   "student_hidden": 64, "teacher_hidden": 128},
         "fp32_logits_mib": logits_mib, "runs": runs,

@@ -118,24 +118,42 @@ def test_a_rollout_is_the_prompt_plus_sampled_tokens_with_the_prompt_ignored():
     assert not any(rollouts(lmbda=0.0).chosen(0, k) for k in range(3))
 
 
-def test_completions_end_at_eos_and_batches_with_prompts_use_them():
+def favour(model, token: int, after: int):
+    """From the lm_head's call `after` + 1 on (one call per sampled token), the student picks
+    `token`."""
+    calls = {"n": 0}
+
+    def hook(_module, _args, output):
+        calls["n"] += 1
+        if calls["n"] <= after:
+            return None
+        output = output.clone()
+        output[:, -1, token] += 1e4
+        return output
+
+    return model.lm_head.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("where", ["tokenizer", "generation_config"])
+def test_completions_end_at_eos_and_batches_with_prompts_use_them(where):
     student = qwen2()
-    with torch.no_grad():  # make EOS the student's most likely token everywhere
-        student.lm_head.weight[EOS] *= 0
-        student.model.norm.weight.mul_(50)
+    stop = EOS if where == "tokenizer" else 5
+    if where == "generation_config":  # a model's own stop tokens end completions too
+        student.generation_config.eos_token_id = [stop]
+    favour(student, stop, after=2)  # two free tokens, then the stop token
     prompts = {"prompt_ids": torch.tensor([[0, 5, 6], [7, 8, 9]]),
                "prompt_mask": torch.tensor([[0, 1, 1], [1, 1, 1]])}
     batch = {**CausalCollator(0)(rows(2)), **prompts}
     assert block_prefix(batch, 16) == (prompts["prompt_ids"], prompts["prompt_mask"])
-    out = rollouts(max_new_tokens=6, temperature=1e-3).rollout(student, batch, 0, 0)
-    completion, mask = out["input_ids"][:, 3:], out["attention_mask"]
+    roll = rollouts(eos=EOS if where == "tokenizer" else None, max_new_tokens=6)
+    out = roll.rollout(student, batch, 0, 0)
+    completion, mask, labels = out["input_ids"][:, 3:], out["attention_mask"], out["labels"]
     assert torch.equal(mask[:, :3], prompts["prompt_mask"])
     for row in range(2):
         n = int(mask[row, 3:].sum())
-        assert 1 <= n <= 6
-        if n < completion.shape[1] or completion[row, n - 1] == EOS:
-            assert completion[row, n - 1] == EOS  # EOS kept and counted, nothing after it
-        assert (out["labels"][row, 3 + n:] == -100).all()
+        assert n == 3 and completion[row, 2] == stop  # the stop token is kept and counted
+        assert (labels[row, 3 + n:] == -100).all() and (completion[row, n:] == 0).all()
+    assert roll.flush()["on_policy_completion_len"] == 3
 
 
 def test_the_loss_of_a_generated_batch_is_reverse_kl_on_completion_tokens(tmp_path):

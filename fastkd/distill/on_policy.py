@@ -52,8 +52,9 @@ class OnPolicyRollouts:
             cross-entropy on sampled tokens).
         seed: the run's seed.
         pad_token_id: fills completions after EOS.
-        eos_token_id: ends a completion (kept, counted); None: completions run to
-            max_new_tokens.
+        eos_token_id: ends a completion (kept, counted), as do the stop tokens of the
+            student's generation_config (Llama 3 lists several); with neither, completions run
+            to max_new_tokens.
         prompts: where prompts come from (default `block_prefix`).
     """
 
@@ -98,6 +99,7 @@ class OnPolicyRollouts:
         device = next(model.parameters()).device
         prompt_ids, prompt_mask = (t.to(device) for t in self.prompts(batch,
                                                                        self.settings.prompt_tokens))
+        stops = _stop_ids(self.eos_token_id, model)
         start = time.perf_counter()
         was_training = model.training
         model.eval()
@@ -109,13 +111,13 @@ class OnPolicyRollouts:
                     input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
                     temperature=self.settings.temperature, top_k=0, top_p=1.0,
                     max_new_tokens=self.settings.max_new_tokens,
-                    pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
+                    pad_token_id=self.pad_token_id, eos_token_id=stops or None,
                     use_cache=not _checkpointing(model),
                 )
         finally:
             model.train(was_training)
         completion = sequences[:, prompt_ids.shape[1]:]
-        completion_mask = self._until_eos(completion)
+        completion_mask = _until_stop(completion, stops)
         mask = torch.cat([prompt_mask, completion_mask], dim=1)
         ids = sequences.masked_fill(mask == 0, self.pad_token_id)
         labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
@@ -126,14 +128,6 @@ class OnPolicyRollouts:
         self._generated += 1
         self._steps.add(step)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels, "on_policy": True}
-
-    def _until_eos(self, completion: torch.Tensor) -> torch.Tensor:
-        """(B, L) 1 up to and including each row's first EOS, 0 after it."""
-        if self.eos_token_id is None:
-            return torch.ones_like(completion)
-        is_eos = (completion == self.eos_token_id).long()
-        after = (is_eos.cumsum(dim=1) - is_eos) > 0
-        return (~after).long()
 
     def flush(self) -> dict[str, float]:
         """Metrics since the last flush: the fraction of generated batches, the mean completion
@@ -146,6 +140,22 @@ class OnPolicyRollouts:
             out["on_policy_generation_s"] = self._seconds / len(self._steps)
         self._reset()
         return out
+
+
+def _stop_ids(eos_token_id: int | None, model: nn.Module) -> list[int]:
+    """The tokens that end a completion: `eos_token_id` and the model's generation_config's."""
+    config = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    found = [] if config is None else [config] if isinstance(config, int) else list(config)
+    return sorted({*found, *([] if eos_token_id is None else [eos_token_id])})
+
+
+def _until_stop(completion: torch.Tensor, stops: list[int]) -> torch.Tensor:
+    """(B, L) 1 up to and including each row's first stop token, 0 after it."""
+    if not stops:
+        return torch.ones_like(completion)
+    is_stop = torch.isin(completion, torch.tensor(stops, device=completion.device)).long()
+    after = (is_stop.cumsum(dim=1) - is_stop) > 0
+    return (~after).long()
 
 
 def _checkpointing(model: nn.Module) -> bool:
