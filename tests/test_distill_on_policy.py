@@ -48,6 +48,11 @@ def test_bad_on_policy_settings_are_refused(value, error, message):
     assert message in str(info.value)
 
 
+def test_the_ablation_refuses_on_policy():
+    with pytest.raises(ValueError, match="on_policy is not one of the ablation's runs"):
+        DistillConfig(ablation=True, on_policy=0.5)
+
+
 def test_on_policy_settings_from_a_number_a_mapping_and_yaml_strings():
     assert OnPolicySettings.from_value(None) is None
     assert OnPolicySettings.from_value(0.25) == OnPolicySettings(lmbda=0.25)

@@ -148,6 +148,9 @@ class DistillConfig:
         FeatureSettings.from_config(self)
         on_policy = OnPolicySettings.from_value(self.on_policy)
         if on_policy is not None:
+            if self.ablation:
+                raise ValueError("on_policy is not one of the ablation's runs; the demo "
+                                 "(no --ablation) trains an on-policy student beside the KD one")
             if not self.is_demo:  # the demo checks against its own sequence length
                 on_policy.check_lengths(self.seq_len)
             if len(self.teachers) > 1 and on_policy.divergence != "kl":
