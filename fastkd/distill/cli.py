@@ -96,6 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         path = args.pop("config")
         base = DistillConfig.from_file(path).to_dict() if path else {}
+        if isinstance(base.get("on_policy"), dict) and "on_policy" in args:
+            # --on-policy LAMBDA sets the lambda of the file's on_policy mapping
+            args["on_policy"] = {**base["on_policy"], "lambda": args["on_policy"]}
         cfg = DistillConfig.from_dict({**base, **args})
         # the heavy imports (torch, transformers, datasets, the Trainer) only from here on
         if command == "capture":

@@ -19,6 +19,7 @@ from typing import Any
 
 from .chat import FORMATS
 from .features.settings import FeatureSettings
+from .on_policy_settings import OnPolicySettings
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
 WEIGHTINGS = ("entropy", "static")
@@ -79,6 +80,10 @@ class DistillConfig:
     topk_tail: str = _opt("bucket", "top-k captures: 'bucket' (KL over the top-k ids plus one "
                           "bucket of the rest) or 'renormalize' (top-k ids only, both "
                           "distributions renormalized on them)")
+    on_policy: float | dict[str, Any] | None = _opt(
+        None, "on-policy distillation: the fraction LAMBDA of batches whose completions the "
+        "student samples (in a file also a mapping: lambda, temperature, max_new_tokens, "
+        "prompt_tokens, divergence (reverse_kl by default), beta)", metavar="LAMBDA")
     backend: str = _opt("auto", "fastkd backend: auto, triton, torch, cpp (C++, CPU) or cuda "
                                "(CUDA C++)")
     # feature alignment of mapped layers (0 = off)
@@ -195,6 +200,20 @@ class DistillConfig:
             raise ValueError("ablation runs on the embedded demo: name no student or teachers")
         # checks the feature weights, loss names, relation_heads and layer_map
         FeatureSettings.from_config(self)
+        on_policy = OnPolicySettings.from_value(self.on_policy)
+        if on_policy is not None:
+            if self.teacher_signals and on_policy.lmbda > 0:
+                raise ValueError("on_policy needs teacher models to score the student's "
+                                 "samples; teacher_signals hold a capture of fixed data")
+            if self.ablation:
+                raise ValueError("on_policy is not one of the ablation's runs; the demo "
+                                 "(no --ablation) trains an on-policy student beside the KD one")
+            if not self.is_demo:  # the demo checks against its own sequence length
+                on_policy.check_lengths(self.seq_len)
+            if len(self.teachers) > 1 and on_policy.divergence != "kl":
+                raise ValueError(f"on_policy divergence {on_policy.divergence!r} is for one "
+                                 "teacher; several teachers are fused (on_policy divergence: "
+                                 "kl)")
 
     def check_teacher_count(self, count: int) -> None:
         """The settings that depend on the number of teachers (models or captures)."""

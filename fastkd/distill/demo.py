@@ -3,12 +3,17 @@
 It trains a small Llama teacher with cross-entropy, then the same smaller Qwen2 student twice for
 the same steps from the same initialization: once with fastkd logit distillation from the
 teacher (the settings of the `DistillConfig`), once with cross-entropy only; and prints the
-held-out perplexity of all three against the language's true perplexity.
+held-out perplexity of all three against the language's true perplexity. With `on_policy`
+(`--on-policy LAMBDA`) a fourth run trains the same student for the same steps with that
+fraction of its batches sampled by itself from 16-token prompts of the corpus' blocks (the
+on-policy settings), and the figures go to output_dir/demo_results.json as well.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +34,8 @@ from .evaluate import perplexity
 from .features import FeatureSettings
 from .loss import LogitKD
 from .metrics import JsonlLogger
+from .on_policy import rollouts_from_config
+from .on_policy_settings import OnPolicySettings
 from .synthetic import bayes_perplexity, make_language, sample_corpus
 from .trainer import DistillationTrainer
 from .training import train_ce, training_arguments
@@ -138,6 +145,9 @@ def run_demo(cfg: DistillConfig) -> dict[str, float]:
     """Run the demo at `cfg.demo_scale`, print the table and return its numbers."""
     setup = demo_setup(cfg)
     scale, train, collator = setup.scale, setup.train, setup.collator
+    on_policy = OnPolicySettings.from_value(cfg.on_policy)
+    if on_policy is not None:
+        on_policy.check_lengths(scale.seq_len, f"the {cfg.demo_scale} demo's seq_len")
     out = Path(cfg.output_dir)
     rows: dict[str, tuple[float, float]] = {}
 
@@ -150,9 +160,15 @@ def run_demo(cfg: DistillConfig) -> dict[str, float]:
         "CE student": f"CE-only student: the same Qwen2 from the same initialization, "
                       f"cross-entropy only, {scale.student_steps} steps",
     }
+    if on_policy is not None:
+        phases["on-policy"] = (
+            f"on-policy student: the same Qwen2 from the same initialization, "
+            f"{on_policy.lmbda:.0%} of its batches sampled by itself ({on_policy.prompt_tokens}-"
+            f"token prompts, {on_policy.max_new_tokens} new tokens at temperature "
+            f"{on_policy.temperature:g}, {on_policy.divergence}), {scale.student_steps} steps")
 
     def timed(name: str, train_fn) -> PreTrainedModel:
-        print(f"\n[{len(rows) + 1}/3] {phases[name]}", flush=True)
+        print(f"\n[{len(rows) + 1}/{len(phases)}] {phases[name]}", flush=True)
         start = time.perf_counter()
         model = train_fn()
         rows[name] = (perplexity(model, setup.held_out, collator), time.perf_counter() - start)
@@ -160,23 +176,42 @@ def run_demo(cfg: DistillConfig) -> dict[str, float]:
 
     teacher = timed("teacher", lambda: train_teacher(setup, cfg, out / "teacher"))
 
-    def distill() -> PreTrainedModel:
+    def distill(name: str, metrics: str, with_rollouts: bool) -> PreTrainedModel:
         student = student_model(scale, cfg.seed + 3)
+        kd = LogitKD.from_config(cfg)
+        # the synthetic language has no EOS: completions run to max_new_tokens
+        rollouts = rollouts_from_config(cfg.on_policy, kd, cfg.seed, pad_token_id=0,
+                                        eos_token_id=None) if with_rollouts else None
         DistillationTrainer(
-            model=student, args=training_arguments(setup.student_cfg, out / "student_kd"),
-            train_dataset=train, data_collator=collator, teachers=[teacher],
-            kd=LogitKD.from_config(cfg), features=FeatureSettings.from_config(cfg),
-            callbacks=[JsonlLogger(out / "metrics.jsonl")],
+            model=student, args=training_arguments(setup.student_cfg, out / name),
+            train_dataset=train, data_collator=collator, teachers=[teacher], kd=kd,
+            features=FeatureSettings.from_config(cfg), on_policy=rollouts,
+            callbacks=[JsonlLogger(out / metrics)],
         ).train()
         return student
 
-    timed("KD student", distill)
+    timed("KD student", lambda: distill("student_kd", "metrics.jsonl", False))
     timed("CE student", lambda: train_ce(student_model(scale, cfg.seed + 3), train,
                                          setup.student_cfg, out / "student_ce", 0))
+    if on_policy is not None:
+        timed("on-policy", lambda: distill("student_on_policy", "metrics_on_policy.jsonl",
+                                           True))
     _print_table(scale, setup.floor, rows)
     print(f"per-step metrics of the KD student: {out / 'metrics.jsonl'}; the models are not "
           "saved (a run on your own models saves its student to output_dir/final)")
-    return {f"{name} perplexity": ppl for name, (ppl, _) in rows.items()}
+    result = {f"{name} perplexity": ppl for name, (ppl, _) in rows.items()}
+    if on_policy is not None:
+        record = {"demo_scale": cfg.demo_scale, "seed": cfg.seed, "divergence": cfg.divergence,
+                  "on_policy": dataclasses.asdict(on_policy), "bayes_floor": setup.floor,
+                  "steps": {"teacher": scale.teacher_steps, "students": scale.student_steps},
+                  "held_out_perplexity": {n: ppl for n, (ppl, _) in rows.items()},
+                  "wall_s": {n: wall for n, (_, wall) in rows.items()},
+                  "torch_threads": torch.get_num_threads(), "load_avg_1m": os.getloadavg()[0],
+                  "torch": torch.__version__}
+        (out / "demo_results.json").write_text(json.dumps(record, indent=1) + "\n")
+        print(f"on-policy student's metrics: {out / 'metrics_on_policy.jsonl'}; the figures: "
+              f"{out / 'demo_results.json'}")
+    return result
 
 
 def _print_table(scale: DemoScale, floor: float, rows: dict[str, tuple[float, float]]) -> None:
@@ -187,5 +222,7 @@ def _print_table(scale: DemoScale, floor: float, rows: dict[str, tuple[float, fl
     for name, (ppl, wall) in rows.items():
         print(f"{name:<12} {steps.get(name, scale.student_steps):>6} {ppl:>13.2f} {wall:>8.1f}")
     teacher, kd, ce = (rows[name][0] for name in ("teacher", "KD student", "CE student"))
+    extra = f", on-policy student {rows['on-policy'][0] / teacher - 1:+.0%}" \
+        if "on-policy" in rows else ""
     print(f"perplexity above the teacher's: KD student {kd / teacher - 1:+.0%}, "
-          f"CE-only student {ce / teacher - 1:+.0%}")
+          f"CE-only student {ce / teacher - 1:+.0%}{extra}")

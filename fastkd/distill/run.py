@@ -29,6 +29,7 @@ from .models import (
     load_tokenizer,
     resolvable,
 )
+from .on_policy import rollouts_from_config
 from .signals import (
     CapturedSignals,
     check_capture,
@@ -106,10 +107,13 @@ def prepare(cfg: DistillConfig) -> PreparedRun | FinishedRun:
     teachers = [load_model(source, "teacher", dtype) for source in teacher_sources]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collator = CausalCollator(0 if pad is None else pad)
+    kd = LogitKD.from_config(cfg)
     trainer = DistillationTrainer(
         model=student, args=args, train_dataset=train,
         data_collator=collator, teachers=teachers, teacher_signals=captures, kd=kd,
         features=FeatureSettings.from_config(cfg), vocab_size=len(tokenizer),
+        on_policy=rollouts_from_config(cfg.on_policy, kd, cfg.seed, collator.pad_token_id,
+                                       tokenizer.eos_token_id),
         callbacks=[JsonlLogger(out / "metrics.jsonl")],
     )
 

@@ -27,6 +27,7 @@ from .features.projection_updates import ProjectionUpdates
 from .heads import Head, check_plain_logits, vocab_rows
 from .loss import IGNORE_INDEX, LogitKD, shift_labels
 from .metrics import StepMeter
+from .on_policy import OnPolicyRollouts
 from .signals import CapturedSignals
 from .teachers import CapturedTeachers, LiveTeachers
 
@@ -48,6 +49,8 @@ class DistillationTrainer(Trainer):
             against the lm_heads.
         features: feature-alignment terms (hidden states, attention, FFN) or None; settings
             without a positive weight add nothing.
+        on_policy: rollouts that replace a fraction of the batches by student completions
+            (scored with their own loss settings), or None.
         *args, **kwargs: as for `transformers.Trainer` (model = the student). Batches carry
             input_ids, attention_mask and unshifted labels (IGNORE_INDEX at padding).
     """
@@ -64,6 +67,7 @@ class DistillationTrainer(Trainer):
         teacher_signals: Sequence[CapturedSignals] = (),
         vocab_size: int | None = None,
         features: FeatureSettings | None = None,
+        on_policy: OnPolicyRollouts | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -80,6 +84,7 @@ class DistillationTrainer(Trainer):
             raise ValueError("feature alignment needs teacher models; captures hold logit "
                              "signals only")
         self.meter = StepMeter()
+        self.on_policy = on_policy
         self.features: FeatureAlignment | None = None
         if features is not None and features.active:
             self.features = FeatureAlignment(features, self.model, self.teachers)
@@ -98,6 +103,10 @@ class DistillationTrainer(Trainer):
                 batches.append(next(epoch_iterator))
             except StopIteration:
                 break
+        if self.on_policy is not None:  # generated before counting: the count is theirs
+            step, student = self.state.global_step, self.accelerator.unwrap_model(self.model)
+            batches = [self.on_policy.rollout(student, b, step, k)
+                       if self.on_policy.chosen(step, k) else b for k, b in enumerate(batches)]
         count = torch.zeros((), dtype=torch.long, device=device)
         for batch in batches:
             count += (shift_labels(batch["labels"]) != IGNORE_INDEX).sum().to(device)
@@ -137,14 +146,15 @@ class DistillationTrainer(Trainer):
         targets = shift_labels(inputs["labels"])
         measure = model.training and self._logs_this_step()
         found: dict[str, Any] = {}
+        kd = self.on_policy.kd if inputs.get("on_policy") else self.kd
 
         def logit_term(student_hidden: torch.Tensor, student: Head) -> torch.Tensor:
             # Runs inside the student's forward (see `loss_in_forward`).
-            logit_sum, found["mixing"] = self.source.loss(self.kd, student_hidden, student,
+            logit_sum, found["mixing"] = self.source.loss(kd, student_hidden, student,
                                                           signals, targets)
             if measure:
-                found["parts"] = self._logit_parts(student_hidden, student, signals, targets,
-                                                   logit_sum)
+                found["parts"] = self._logit_parts(kd, student_hidden, student, signals,
+                                                   targets, logit_sum)
             return logit_sum
 
         with ExitStack() as captures:
@@ -183,6 +193,7 @@ class DistillationTrainer(Trainer):
     @torch.no_grad()
     def _logit_parts(
         self,
+        kd: LogitKD,
         student_hidden: torch.Tensor,
         student: Head,
         signals: Any,
@@ -191,8 +202,8 @@ class DistillationTrainer(Trainer):
     ) -> dict[str, float]:
         """The divergence and the cross-entropy of the logit term, summed over counted tokens
         (one extra forward-only loss call)."""
-        args = (self.kd, student_hidden, student, signals, targets)
-        total, kd = loss_sum.detach().float(), self.kd
+        args = (kd, student_hidden, student, signals, targets)
+        total = loss_sum.detach().float()
         if kd.hard_weight == 0:
             soft = total / kd.soft_weight
             hard = self.source.loss(*args, soft_weight=0.0, hard_weight=1.0)[0].float()
@@ -221,6 +232,8 @@ class DistillationTrainer(Trainer):
         """Add the meter's averages (parts, mixing, tokens/s, memory) to training logs."""
         if "loss" in logs:
             logs = {**logs, **self.meter.flush()}
+            if self.on_policy is not None:
+                logs.update(self.on_policy.flush())
         super().log(logs, start_time)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
