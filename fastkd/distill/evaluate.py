@@ -1,4 +1,4 @@
-"""Held-out perplexity of a causal LM."""
+"""Held-out cross-entropy and perplexity of a causal LM."""
 
 from __future__ import annotations
 
@@ -13,17 +13,17 @@ from .loss import IGNORE_INDEX, shift_labels
 
 
 @torch.no_grad()
-def perplexity(
+def mean_cross_entropy(
     model: nn.Module,
     examples: Sequence[dict[str, Any]],
     collate: Callable[[Sequence[dict[str, Any]]], dict[str, torch.Tensor]],
     batch_size: int = 16,
 ) -> float:
-    """exp(mean next-token cross-entropy over all counted tokens of `examples`).
+    """Mean next-token cross-entropy (nats) over all counted tokens of `examples`.
 
     Args:
         model: a causal LM whose forward takes input_ids, attention_mask and labels and returns
-            the mean shifted cross-entropy as `.loss`.
+            the mean shifted cross-entropy as `.loss` (it materializes one batch's logits).
         examples: rows with `input_ids`.
         collate: turns a list of rows into a batch (input_ids, attention_mask, labels).
     """
@@ -42,4 +42,14 @@ def perplexity(
     model.train(was_training)
     if count == 0:
         raise ValueError("perplexity: no counted tokens in the evaluation data")
-    return math.exp(total / count)
+    return total / count
+
+
+def perplexity(
+    model: nn.Module,
+    examples: Sequence[dict[str, Any]],
+    collate: Callable[[Sequence[dict[str, Any]]], dict[str, torch.Tensor]],
+    batch_size: int = 16,
+) -> float:
+    """exp(`mean_cross_entropy`) over all counted tokens of `examples`."""
+    return math.exp(mean_cross_entropy(model, examples, collate, batch_size))

@@ -13,6 +13,7 @@ import torch
 from .config import DistillConfig
 from .data import CausalCollator, load_texts, tokenize
 from .evaluate import perplexity
+from .evaluation import HeldOutEvaluation
 from .features import FeatureSettings
 from .loss import LogitKD
 from .metrics import JsonlLogger
@@ -24,6 +25,7 @@ from .models import (
     load_model,
     load_tokenizer,
 )
+from .teacher_shard import shard_teacher
 from .trainer import DistillationTrainer
 from .training import training_arguments
 from .vocab import check_encodes_text
@@ -85,9 +87,15 @@ def prepare(cfg: DistillConfig) -> PreparedRun | FinishedRun:
     held_out = None if cfg.eval_data is None else tokenize(
         load_texts(cfg.eval_data, cfg.text_field), tokenizer, cfg.text_field, cfg.seq_len,
         cfg.packing, "evaluation")
-    dtype = torch.bfloat16 if cfg.bf16 else None
     student = load_model(cfg.student, "student")
-    teachers = [load_model(path, "teacher", dtype) for path in cfg.teachers]
+    if cfg.lora is not None:
+        from .lora import LoraSettings
+
+        student = LoraSettings.from_dict(cfg.lora).apply(student)
+        student.print_trainable_parameters()
+    teachers = [load_model(path, "teacher", _teacher_dtype(cfg)) for path in cfg.teachers]
+    if cfg.teacher_sharding == "fsdp":
+        teachers = [shard_teacher(t, args.device) for t in teachers]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collator = CausalCollator(0 if pad is None else pad)
     trainer = DistillationTrainer(
@@ -96,11 +104,19 @@ def prepare(cfg: DistillConfig) -> PreparedRun | FinishedRun:
         features=FeatureSettings.from_config(cfg), vocab_size=len(tokenizer),
         callbacks=[JsonlLogger(out / "metrics.jsonl")],
     )
+    if cfg.eval_steps is not None:
+        trainer.add_callback(HeldOutEvaluation(
+            trainer, held_out, collator, cfg.eval_steps, cfg.batch_size,
+            best_dir=out / "best" if cfg.save_best else None, best_metric=cfg.best_metric,
+            save_extra=tokenizer.save_pretrained))
 
     def finish() -> dict[str, float]:
         trainer.save_model(str(out / "final"))
         if trainer.is_world_process_zero():
             tokenizer.save_pretrained(str(out / "final"))
+            if cfg.merge_lora:
+                student.merge_and_unload().save_pretrained(str(out / "merged"))
+                tokenizer.save_pretrained(str(out / "merged"))
         if held_out is None:
             return {}
         result = {"student_perplexity": perplexity(student, held_out, collator)}
@@ -108,6 +124,15 @@ def prepare(cfg: DistillConfig) -> PreparedRun | FinishedRun:
         return result
 
     return PreparedRun(trainer, resume, finish)
+
+
+def _teacher_dtype(cfg: DistillConfig) -> torch.dtype | None:
+    """The teachers' weight dtype: teacher_dtype, else bf16 under --bf16, else the
+    checkpoint's."""
+    if cfg.teacher_dtype is not None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16,
+                "fp32": torch.float32}[cfg.teacher_dtype]
+    return torch.bfloat16 if cfg.bf16 else None
 
 
 def _resume_target(cfg: DistillConfig) -> str | None:
