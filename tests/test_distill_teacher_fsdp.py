@@ -53,3 +53,41 @@ def test_bad_teacher_memory_settings_are_refused():
         DistillConfig.from_dict({"student": "s", "teachers": ["t"], "teacher_dtype": "int8"})
     with pytest.raises(ValueError, match="unknown teacher_sharding 'ddp'"):
         DistillConfig.from_dict({"student": "s", "teachers": ["t"], "teacher_sharding": "ddp"})
+
+
+def test_torchrun_cli_with_sharded_teacher_lora_student_and_evaluation(tmp_path):
+    """`fastkd distill --config` under torchrun (2 CPU processes): a LoRA student in DDP, the
+    teacher sharded, evaluations and the best student; one log line per step (one run)."""
+    import json
+    import os
+    import subprocess
+
+    import yaml
+
+    from tests.distill_helpers import llama, tokenizer, write_texts
+
+    root = Path(__file__).resolve().parent.parent
+    for name, model in (("teacher", llama(seed=0)), ("student", llama(width=16, layers=1,
+                                                                        seed=3))):
+        model.save_pretrained(tmp_path / name)
+        tokenizer().save_pretrained(tmp_path / name)
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(dict(
+        student=str(tmp_path / "student"), teachers=[str(tmp_path / "teacher")],
+        data=str(write_texts(tmp_path / "train.jsonl", 30)),
+        eval_data=str(write_texts(tmp_path / "eval.jsonl", 6, seed=1)),
+        output_dir=str(tmp_path / "run"), seq_len=16, batch_size=2, steps=2, save_steps=2,
+        logging_steps=1, eval_steps=1, save_best=True, teacher_sharding="fsdp",
+        lora={"r": 4, "alpha": 8}, learning_rate=0.01,
+        training_args={"use_cpu": True})))  # accelerate's CPU DDP needs use_cpu
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([*TORCHRUN, "-m", "fastkd.distill", "--config", str(config)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text()
+             .splitlines()]
+    assert [x["step"] for x in lines if "loss" in x] == [1, 2]
+    assert [x["step"] for x in lines if "eval_kd_loss" in x] == [1, 2]
+    assert (tmp_path / "run" / "best" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()

@@ -72,14 +72,17 @@ class LoraSettings:
             raise ValueError("lora.qlora (a 4-bit quantized base) is not supported: it needs "
                              "bitsandbytes and a CUDA device; use a full-precision LoRA base")
 
-    def apply(self, student: Any) -> Any:
-        """`student` wrapped as a peft `PeftModel` whose adapters alone train."""
+    def apply(self, student: Any, seed: int = 0) -> Any:
+        """`student` wrapped as a peft `PeftModel` whose adapters alone train; `seed` sets
+        the adapters' random initialization (the run's seed: the same run, the same start)."""
         from peft import LoraConfig, get_peft_model
+        from transformers import set_seed
 
         config = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
                             target_modules=self.target_modules, task_type="CAUSAL_LM")
         from peft.tuners.lora import LoraLayer
 
+        set_seed(seed)
         model = get_peft_model(student, config)
         if isinstance(model.get_output_embeddings(), LoraLayer):
             raise ValueError(

@@ -91,8 +91,9 @@ def prepare(cfg: DistillConfig) -> PreparedRun | FinishedRun:
     if cfg.lora is not None:
         from .lora import LoraSettings
 
-        student = LoraSettings.from_dict(cfg.lora).apply(student)
-        student.print_trainable_parameters()
+        student = LoraSettings.from_dict(cfg.lora).apply(student, cfg.seed)
+        trainable, total = student.get_nb_trainable_parameters()
+        logger.info("LoRA student: %d of %d parameters train", trainable, total)
     teachers = [load_model(path, "teacher", _teacher_dtype(cfg)) for path in cfg.teachers]
     if cfg.teacher_sharding == "fsdp":
         teachers = [shard_teacher(t, args.device) for t in teachers]
