@@ -192,3 +192,9 @@ def test_resumed_lora_run_trains_like_an_uninterrupted_one(tmp_path):
     for key in a:
         # the same float32 operations in the same order on one CPU process
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_lora_is_set_in_a_config_file_only(capsys):
+    with pytest.raises(SystemExit):
+        main(["distill", "--lora", "r=4"])
+    assert "unrecognized arguments: --lora" in capsys.readouterr().err

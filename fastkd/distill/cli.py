@@ -47,6 +47,11 @@ def _shown(f: dataclasses.Field) -> str:
     return str(default).replace("%", "%%")
 
 
+def _file_only(hint: Any) -> bool:
+    """Mappings (training_args, lora), optional or not, are set in a config file only."""
+    return any(typing.get_origin(h) is dict for h in (hint, *typing.get_args(hint)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastkd")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -57,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--config", help="YAML or JSON file of DistillConfig fields")
     hints = typing.get_type_hints(DistillConfig)
     for f in dataclasses.fields(DistillConfig):
-        if typing.get_origin(hints[f.name]) is not dict:
+        if not _file_only(hints[f.name]):
             flag = "--" + f.name.replace("_", "-")
             distill.add_argument(flag, dest=f.name, **_flag_options(f, hints[f.name]))
     return parser
