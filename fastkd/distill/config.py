@@ -96,7 +96,7 @@ class DistillConfig:
     ablation: bool = _opt(False, "embedded demo only: train the student with CE only, logit KD, "
                           "+ hidden, + attention, + FFN and all terms; print perplexities")
     # LoRA students, teacher memory, evaluation during training (see lora.py, teacher_shard.py,
-    # evaluation.py)
+    # evaluate.py)
     lora: dict[str, Any] | None = _opt(None, "LoRA student via peft: {r, alpha, dropout, "
                                        "target_modules} (file only)")
     merge_lora: bool = _opt(False, "with lora: also save the merged student to output_dir/merged")

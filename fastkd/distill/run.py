@@ -12,8 +12,7 @@ import torch
 
 from .config import DistillConfig
 from .data import CausalCollator, load_texts, tokenize
-from .evaluate import perplexity
-from .evaluation import HeldOutEvaluation
+from .evaluate import HeldOutEvaluation, perplexity
 from .features import FeatureSettings
 from .loss import LogitKD
 from .metrics import JsonlLogger
