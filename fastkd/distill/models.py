@@ -37,28 +37,10 @@ def load_config(path: str, role: str) -> PretrainedConfig:
         raise ValueError(f"{role} {path!r} has no readable model config: {err}") from err
 
 
-def is_hub_id(path: str) -> bool:
-    """Whether `path` names a hub model ('org/name') rather than a local directory: it does
-    not exist here, is not absolute or ./-relative, and has at most one '/'."""
-    return (not Path(path).exists() and not path.startswith((".", "/", "~"))
-            and path.count("/") <= 1)
-
-
-def load_model(
-    path: str,
-    role: str,
-    dtype: torch.dtype | None = None,
-    revision: str | None = None,
-    attn_implementation: str | None = None,
-) -> PreTrainedModel:
-    """A `*ForCausalLM` from a local directory or a hub id (`from_pretrained` resolves it,
-    from the local cache under HF_HUB_OFFLINE=1); `revision` and `attn_implementation` are
-    passed through when given. Missing or unreadable -> a clear error."""
-    source = path if is_hub_id(path) else existing(path, role)
-    extra = {k: v for k, v in (("revision", revision),
-                               ("attn_implementation", attn_implementation)) if v is not None}
+def load_model(path: str, role: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """A `*ForCausalLM` from a local directory; missing or unreadable -> a clear error."""
     try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
+        return AutoModelForCausalLM.from_pretrained(existing(path, role), dtype=dtype)
     except (OSError, ValueError) as err:
         raise ValueError(f"{role} {path!r} could not be loaded as a causal LM: {err}") from err
 
