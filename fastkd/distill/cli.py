@@ -53,6 +53,11 @@ CAPTURE_FIELDS = ("student", "teachers", "tokenizer", "data", "text_field", "seq
                   "packing", "temperature", "batch_size", "bf16")
 
 
+def _file_only(hint: Any) -> bool:
+    """Mappings (training_args, lora), optional or not, are set in a config file only."""
+    return any(typing.get_origin(h) is dict for h in (hint, *typing.get_args(hint)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastkd")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -70,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (distill, capture):
         command.add_argument("--config", help="YAML or JSON file of DistillConfig fields")
     for f in dataclasses.fields(DistillConfig):
-        if typing.get_origin(hints[f.name]) is dict:
+        if _file_only(hints[f.name]):
             continue
         options = _flag_options(f, hints[f.name])
         if "capture" in f.metadata:

@@ -29,6 +29,10 @@ TAILS = ("bucket", "renormalize")
 CAPTURE_KINDS = ("topk", "hidden")  # fastkd.distill.signals.KINDS, without its torch import
 CAPTURE_DTYPES = ("float32", "bfloat16", "float16")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+TEACHER_DTYPES = ("bf16", "fp16", "fp32")
+TEACHER_SHARDINGS = ("none", "fsdp")
+BEST_METRICS = ("eval_kd_loss", "eval_perplexity")
+REPORTERS = ("tensorboard", "wandb")
 
 
 def _opt(default: Any, help: str, **cli: Any) -> Any:
@@ -134,6 +138,21 @@ class DistillConfig:
                                      capture="--dtype")
     capture_rows_per_shard: int = _opt(1024, "token blocks per shard file",
                                        capture="--rows-per-shard")
+    # LoRA students, teacher memory, evaluation during training (see lora.py, teacher_shard.py,
+    # evaluate.py)
+    lora: dict[str, Any] | None = _opt(None, "LoRA student via peft: {r, alpha, dropout, "
+                                       "target_modules} (file only)")
+    merge_lora: bool = _opt(False, "with lora: also save the merged student to output_dir/merged")
+    teacher_dtype: str | None = _opt(None, f"teacher weights' dtype, one of {TEACHER_DTYPES} "
+                                     "(default: bf16 with --bf16, else the checkpoint's)")
+    teacher_sharding: str = _opt("none", f"under torchrun, one of {TEACHER_SHARDINGS}: fsdp "
+                                 "shards each teacher decoder layer over the processes")
+    eval_steps: int | None = _opt(None, "evaluate on eval_data every N steps (KD loss, CE, "
+                                  "perplexity)")
+    save_best: bool = _opt(False, "with eval_steps: keep the best student in output_dir/best")
+    best_metric: str = _opt("eval_kd_loss", f"save_best's criterion, one of {BEST_METRICS} "
+                            "(lower is better)")
+    report_to: list[str] = _opt([], f"where logs also go: {REPORTERS}")
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -214,6 +233,7 @@ class DistillConfig:
                 raise ValueError(f"on_policy divergence {on_policy.divergence!r} is for one "
                                  "teacher; several teachers are fused (on_policy divergence: "
                                  "kl)")
+        self._check_training_extras()
 
     def check_teacher_count(self, count: int) -> None:
         """The settings that depend on the number of teachers (models or captures)."""
@@ -227,6 +247,27 @@ class DistillConfig:
             raise ValueError(
                 f"teacher_priors has {len(self.teacher_priors)} entries for {count} teachers"
             )
+
+    def _check_training_extras(self) -> None:
+        """LoRA, teacher memory, evaluation and reporting settings."""
+        if self.teacher_dtype is not None:
+            _check_choice("teacher_dtype", self.teacher_dtype, TEACHER_DTYPES)
+        _check_choice("teacher_sharding", self.teacher_sharding, TEACHER_SHARDINGS)
+        _check_choice("best_metric", self.best_metric, BEST_METRICS)
+        for name in self.report_to:
+            _check_choice("report_to entry", name, REPORTERS)
+        if self.eval_steps is not None and self.eval_steps < 1:
+            raise ValueError(f"eval_steps must be >= 1, got {self.eval_steps}")
+        if self.eval_steps is not None and self.eval_data is None and not self.is_demo:
+            raise ValueError("eval_steps needs eval_data (the held-out data to evaluate on)")
+        if self.save_best and self.eval_steps is None:
+            raise ValueError("save_best needs eval_steps (the best is chosen at evaluations)")
+        if self.merge_lora and self.lora is None:
+            raise ValueError("merge_lora needs lora (there is no adapter to merge)")
+        if self.lora is not None:
+            from .lora import LoraSettings
+
+            LoraSettings.from_dict(self.lora)
 
     @property
     def is_demo(self) -> bool:
@@ -295,6 +336,11 @@ class DistillConfig:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             resolve_backend(self.backend, device, native=True)
         check_writable_dir(self.output_dir)
+        _check_reporters(self.report_to)
+        if self.lora is not None:
+            from .lora import LoraSettings
+
+            LoraSettings.from_dict(self.lora).check_runtime()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -353,6 +399,19 @@ def check_writable_dir(path_text: str, name: str = "output_dir") -> None:
         raise ValueError(f"{name} {path_text!r}: {str(existing)!r} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{name} {path_text!r}: {str(existing)!r} is not writable")
+
+
+def _check_reporters(report_to: list[str]) -> None:
+    """Each `report_to` entry's package must be installed (tensorboard runs offline)."""
+    import importlib.util
+
+    needs = {"tensorboard": ("tensorboard", "pip install 'fastkd[tensorboard]'"),
+             "wandb": ("wandb", "pip install wandb")}
+    for name in report_to:
+        module, hint = needs[name]
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(f"report_to {name!r}: the {module} package is not installed "
+                             f"({hint})")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

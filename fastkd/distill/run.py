@@ -15,7 +15,7 @@ from datasets import Dataset
 from .chat import check_chat_template, detect_format
 from .config import DistillConfig
 from .data import CausalCollator, load_texts, tokenize
-from .evaluate import perplexity
+from .evaluate import HeldOutEvaluation, perplexity
 from .features import FeatureSettings
 from .loss import LogitKD
 from .metrics import JsonlLogger
@@ -37,6 +37,7 @@ from .signals import (
     open_captures,
     tokenizer_identity,
 )
+from .teacher_shard import shard_teacher
 from .teachers import check_captures
 from .trainer import DistillationTrainer
 from .training import training_arguments
@@ -102,12 +103,18 @@ def prepare(cfg: DistillConfig) -> PreparedRun | FinishedRun:
     kd = LogitKD.from_config(cfg)
     if captures:
         train = _check_captures(cfg, captures, kd, tokenizer, train)
-    dtype = torch.bfloat16 if cfg.bf16 else None
     student = load_model(student_source, "student")
-    teachers = [load_model(source, "teacher", dtype) for source in teacher_sources]
+    if cfg.lora is not None:
+        from .lora import LoraSettings
+
+        student = LoraSettings.from_dict(cfg.lora).apply(student, cfg.seed)
+        trainable, total = student.get_nb_trainable_parameters()
+        logger.info("LoRA student: %d of %d parameters train", trainable, total)
+    teachers = [load_model(source, "teacher", _teacher_dtype(cfg)) for source in teacher_sources]
+    if cfg.teacher_sharding == "fsdp":
+        teachers = [shard_teacher(t, args.device) for t in teachers]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collator = CausalCollator(0 if pad is None else pad)
-    kd = LogitKD.from_config(cfg)
     trainer = DistillationTrainer(
         model=student, args=args, train_dataset=train,
         data_collator=collator, teachers=teachers, teacher_signals=captures, kd=kd,
@@ -116,11 +123,19 @@ def prepare(cfg: DistillConfig) -> PreparedRun | FinishedRun:
                                        tokenizer.eos_token_id),
         callbacks=[JsonlLogger(out / "metrics.jsonl")],
     )
+    if cfg.eval_steps is not None:
+        trainer.add_callback(HeldOutEvaluation(
+            trainer, held_out, collator, cfg.eval_steps, cfg.batch_size,
+            best_dir=out / "best" if cfg.save_best else None, best_metric=cfg.best_metric,
+            save_extra=tokenizer.save_pretrained))
 
     def finish() -> dict[str, float]:
         trainer.save_model(str(out / "final"))
         if trainer.is_world_process_zero():
             tokenizer.save_pretrained(str(out / "final"))
+            if cfg.merge_lora:
+                student.merge_and_unload().save_pretrained(str(out / "merged"))
+                tokenizer.save_pretrained(str(out / "merged"))
         if held_out is None:
             return {}
         result = {"student_perplexity": perplexity(student, held_out, collator)}
@@ -194,6 +209,15 @@ def _probes(texts: Dataset, data_format: str, text_field: str) -> list[str]:
     else:
         found = [str(t) for t in rows[text_field]]
     return found[:16]
+
+
+def _teacher_dtype(cfg: DistillConfig) -> torch.dtype | None:
+    """The teachers' weight dtype: teacher_dtype, else bf16 under --bf16, else the
+    checkpoint's."""
+    if cfg.teacher_dtype is not None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16,
+                "fp32": torch.float32}[cfg.teacher_dtype]
+    return torch.bfloat16 if cfg.bf16 else None
 
 
 def _resume_target(cfg: DistillConfig) -> str | None:

@@ -28,7 +28,7 @@ def training_arguments(cfg: DistillConfig, output_dir: str | Path) -> TrainingAr
         data_seed=cfg.seed,
         logging_steps=cfg.logging_steps,
         save_steps=cfg.save_steps,
-        report_to=[],
+        report_to=list(cfg.report_to),
         remove_unused_columns=False,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # every student parameter reaches the loss
