@@ -198,3 +198,16 @@ def test_lora_is_set_in_a_config_file_only(capsys):
     with pytest.raises(SystemExit):
         main(["distill", "--lora", "r=4"])
     assert "unrecognized arguments: --lora" in capsys.readouterr().err
+
+
+def test_a_lora_students_forward_skips_the_full_logits_and_takes_packed_positions():
+    """peft's forward takes **kwargs: the trainer reads its base model's signature, so a LoRA
+    student still gets logits_to_keep=1 (no tokens x vocab logits) and the packed rows'
+    position ids (was: neither, and packed training refused)."""
+    from fastkd.distill.capture import _forward_kwargs
+
+    student = LoraSettings(r=2, alpha=4.0, target_modules="all-linear").apply(llama())
+    ids = torch.randint(0, 50, (1, 8))
+    kwargs = _forward_kwargs(student, ids, None, torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]]))
+    assert kwargs["logits_to_keep"] == 1 and kwargs["position_ids"] is not None
+    assert student(**kwargs).logits.shape[1] == 1

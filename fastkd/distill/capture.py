@@ -131,13 +131,15 @@ def _forward_kwargs(
     reads the restarting positions as packed sequences (see `fastkd.distill.packing`).
     """
     kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-    params = inspect.signature(inner.forward).parameters
+    # a peft model's forward takes **kwargs and hands them to its base model: read that one's
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    params = inspect.signature(base.forward).parameters
     if position_ids is not None:
         if "position_ids" not in params:
-            raise ValueError(f"{type(inner).__name__}: its forward takes no position_ids, so "
+            raise ValueError(f"{type(base).__name__}: its forward takes no position_ids, so "
                              "packed documents would attend to each other; set packing: false")
         kwargs.update(position_ids=position_ids, attention_mask=None)
-        if "flash" in str(getattr(inner.config, "_attn_implementation", "")):
+        if "flash" in str(getattr(base.config, "_attn_implementation", "")):
             kwargs.update(flash_varlen_kwargs(position_ids))
     if "logits_to_keep" in params:
         kwargs["logits_to_keep"] = 1
