@@ -81,17 +81,25 @@ def write_texts(path: Path, n: int, vocab: int = VOCAB, seed: int = 0) -> Path:
     return path
 
 
+def model_inputs(batch) -> dict:
+    """A batch's model inputs as the trainer passes them: packed rows (position_ids) go with
+    no 2-D mask and no KV cache, so transformers keeps each document's attention to itself."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
+                "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
 def reference_loss(student, teachers, batch, *, temperature=1.0, soft_weight=1.0,
                    hard_weight=0.0, divergence="kl", beta=0.5, weighting="entropy",
                    entropy_tau=1.0, fusion="mixture") -> torch.Tensor:
     """Mean over counted (shifted, unpadded) tokens, in float64 from the models' own (full)
     logits; differentiable with respect to the student."""
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    zs = student(input_ids=ids, attention_mask=mask).logits.double()
+    labels = batch["labels"]
+    zs = student(**model_inputs(batch)).logits.double()
     vocab = zs.shape[-1]
     with torch.no_grad():
-        zts = [t(input_ids=ids, attention_mask=mask).logits.double()[..., :vocab]
-               for t in teachers]
+        zts = [t(**model_inputs(batch)).logits.double()[..., :vocab] for t in teachers]
     target = F.pad(labels[:, 1:], (0, 1), value=-100)
     keep = target != -100
     ls = F.log_softmax(zs / temperature, -1)

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from fastkd.distill import DistillConfig
 from fastkd.distill.cli import main
 from fastkd.distill.data import CausalCollator, load_texts, tokenize
-from tests.distill_helpers import llama, reference_loss, tokenizer, write_texts
+from tests.distill_helpers import llama, model_inputs, reference_loss, tokenizer, write_texts
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +75,7 @@ def test_last_evaluation_equals_float64_reference_of_the_final_student(run):
                                            hard_weight=0.3)) * n
             ce_sum += float(reference_loss(student, [teacher], batch, soft_weight=0.0,
                                            hard_weight=1.0)) * n
-            logits = teacher(input_ids=batch["input_ids"],
-                             attention_mask=batch["attention_mask"]).logits
+            logits = teacher(**model_inputs(batch)).logits
             teacher_ce_sum += float(F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
                 ignore_index=-100, reduction="sum"))

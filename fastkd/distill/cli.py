@@ -54,8 +54,12 @@ CAPTURE_FIELDS = ("student", "teachers", "tokenizer", "data", "text_field", "seq
 
 
 def _file_only(hint: Any) -> bool:
-    """Mappings (training_args, lora), optional or not, are set in a config file only."""
-    return any(typing.get_origin(h) is dict for h in (hint, *typing.get_args(hint)))
+    """Mappings (training_args, lora), optional or not, are set in a config file only; a
+    field that is a number or a mapping (on_policy) keeps its flag for the number."""
+    members = [h for h in (typing.get_args(hint) or (hint,)) if h is not type(None)]
+    if typing.get_origin(hint) is dict:
+        members = [hint]
+    return all(typing.get_origin(h) is dict for h in members)
 
 
 def build_parser() -> argparse.ArgumentParser:

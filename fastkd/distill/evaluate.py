@@ -153,7 +153,8 @@ class HeldOutEvaluation(TrainerCallback):
                                  reduction="sum", backend=backend)
 
         return float(loss_in_forward(model, batch["input_ids"], batch.get("attention_mask"),
-                                     vocab_rows(model), cross_entropy))
+                                     vocab_rows(model), cross_entropy,
+                                     batch.get("position_ids")))
 
     def _batches(self, device: torch.device):
         for start in range(0, len(self.examples), self.batch_size):
