@@ -181,3 +181,13 @@ def test_messages_without_a_template_fail_before_any_model_loads(chat_dirs, tmp_
     err = capsys.readouterr().err
     assert re.search(r"holds 'messages', but the tokenizer .* has no chat_template", err)
     assert err.count("\n") == 1, err
+
+
+def test_on_policy_distillation_of_chat_data_runs_end_to_end(chat_dirs, tmp_path):
+    """--on-policy on unpacked chat rows: the student answers each conversation's prompt."""
+    assert run_example(chat_dirs, tmp_path / "run", "--no-packing", "--seq-len", "64",
+                       "--on-policy", "1") == 0
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "loss" in x]
+    assert len(steps) == 2 and all(x["on_policy_fraction"] == 1.0 for x in steps)
+    assert all(x["on_policy_completion_len"] > 0 for x in steps)

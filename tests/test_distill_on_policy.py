@@ -258,3 +258,20 @@ def test_the_tiny_demo_trains_an_on_policy_student_beside_the_kd_student(tmp_pat
     assert record["on_policy"]["lmbda"] == 1.0 and record["steps"]["students"] == 6
     lines = [json.loads(x) for x in (tmp_path / "metrics_on_policy.jsonl").read_text().splitlines()]
     assert all(x["on_policy_completion_len"] == 16 for x in lines if "loss" in x)
+
+
+def test_unpacked_conversations_are_prompted_with_their_uncounted_heads():
+    """Chat rows (assistant-only loss, no packing): each row's prompt is everything before its
+    first counted token, left-padded; plain-text rows (first token counted) and packed rows
+    (position ids) keep the block prefix."""
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
+    labels = torch.tensor([[-100, -100, -100, 8, 9, 10], [-100, 12, 13, 14, 15, -100]])
+    prompts, prompt_mask = block_prefix({"input_ids": ids, "attention_mask": mask,
+                                         "labels": labels}, 4)
+    assert prompts.tolist() == [[5, 6, 7], [0, 0, 11]]
+    assert prompt_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    text = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    assert block_prefix(text, 4)[0].tolist() == ids[:, :4].tolist()
+    packed = {**text, "labels": labels, "position_ids": torch.arange(6).repeat(2, 1)}
+    assert block_prefix(packed, 4)[0].tolist() == ids[:, :4].tolist()

@@ -30,13 +30,44 @@ PromptSource = Callable[[dict[str, torch.Tensor], int], tuple[torch.Tensor, torc
 
 def block_prefix(batch: dict[str, torch.Tensor], prompt_tokens: int) -> tuple[torch.Tensor,
                                                                               torch.Tensor]:
-    """The batch's own prompts (`prompt_ids`, `prompt_mask`) when it has them, else the first
-    min(prompt_tokens, shortest row) tokens of every row (so no prompt holds padding)."""
+    """The batch's prompts, in this order of preference:
+
+    - its own (`prompt_ids`, `prompt_mask`) when it carries them;
+    - for unpacked conversation rows (chat or prompt/completion data with the assistant-only
+      loss: every row starts with uncounted tokens, labels IGNORE_INDEX), each row's tokens
+      before its first counted one (system, user turn and the assistant header), left-padded;
+    - else the first min(prompt_tokens, shortest row) tokens of every row (so no prompt holds
+      padding).
+    """
     if "prompt_ids" in batch:
         return batch["prompt_ids"], batch["prompt_mask"]
     mask = batch["attention_mask"]
+    conversations = _conversation_prompts(batch)
+    if conversations is not None:
+        return conversations
     width = min(prompt_tokens, int(mask.sum(dim=1).min()))
     return batch["input_ids"][:, :width], mask[:, :width]
+
+
+def _conversation_prompts(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
+                                                                     torch.Tensor] | None:
+    """Each row's uncounted head, left-padded, when the rows are single unpacked
+    conversations whose heads are all nonempty; else None."""
+    if "position_ids" in batch or "labels" not in batch:
+        return None  # packed rows hold several documents: no one prompt per row
+    counted = (batch["labels"] != IGNORE_INDEX) & batch["attention_mask"].bool()
+    if not counted.any(dim=1).all():
+        return None
+    heads = counted.int().argmax(dim=1)  # index of each row's first counted token
+    if int(heads.min()) == 0:
+        return None  # plain text: the first token counts, so there is no prompt to cut
+    width = int(heads.max())
+    ids = batch["input_ids"].new_zeros(len(heads), width)
+    prompt_mask = torch.zeros_like(ids)
+    for row, head in enumerate(heads.tolist()):
+        ids[row, width - head:] = batch["input_ids"][row, :head]
+        prompt_mask[row, width - head:] = 1
+    return ids, prompt_mask
 
 
 class OnPolicyRollouts:
