@@ -60,6 +60,8 @@ def tempered_divergence(
         divergence = _xlogy(q, log_ratio).sum(-1)
         if want_grad:
             grad = _xlogy(q, log_ratio.sub_(divergence[:, None]), out=log_ratio)
+    elif options.divergence in SCORE_DIVERGENCES:
+        divergence, grad = _score_divergence(log_p, log_q, options, want_grad)
     else:
         # generalized JSD with M = beta p + (1 - beta) q and x = log(beta p / ((1 - beta) q)):
         # log q - log M = -log(1 - beta) - softplus(x), log p - log M = -log beta - softplus(-x),
@@ -76,6 +78,44 @@ def tempered_divergence(
         if want_grad:
             grad = _xlogy(q, sp_x.neg_().add_(eq_sp[:, None]), out=sp_x).mul_(1 - beta)
     return divergence, grad
+
+
+SCORE_DIVERGENCES = ("tvd", "skew_kl", "skew_reverse_kl")
+
+
+def _score_divergence(
+    log_p: torch.Tensor, log_q: torch.Tensor, options: KDOptions, want_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The divergences whose gradient is q (h - E_q[h]), h = dD / dq the partial derivative
+    with q a free vector (docs/design.md):
+
+        tvd              0.5 sum |p - q|             h = 0.5 sign(q - p)   (sign(0) = 0)
+        skew_kl          KL(p || m), m = a q + (1 - a) p     h = -a p / m
+        skew_reverse_kl  KL(q || m), m = a p + (1 - a) q     h = log(q / m) - (1 - a) q / m
+
+    with a = alpha; log m is the log-add-exp of (log a + log q, log(1 - a) + log p) (or p, q
+    swapped). Returns the divergence (C,) and its gradient (C, V) in s or None.
+    """
+    q, p = log_q.exp(), log_p.exp()
+    alpha = options.alpha
+    log_alpha = math.log(alpha)
+    log_rest = math.log1p(-alpha) if alpha < 1 else -math.inf  # log(1 - alpha)
+    if options.divergence == "tvd":
+        difference = q - p
+        divergence = 0.5 * difference.abs().sum(-1)
+        h = 0.5 * difference.sign_()
+    elif options.divergence == "skew_kl":
+        log_ratio = log_p - torch.logaddexp(log_q + log_alpha, log_p + log_rest)  # log(p / m)
+        divergence = _xlogy(p, log_ratio).sum(-1)
+        h = log_ratio.exp_().mul_(-alpha)
+    else:
+        log_ratio = log_q - torch.logaddexp(log_p + log_alpha, log_q + log_rest)  # log(q / m)
+        divergence = _xlogy(q, log_ratio).sum(-1)
+        h = log_ratio - (1 - alpha) * log_ratio.exp()
+    if not want_grad:
+        return divergence, None
+    mean_h = _xlogy(q, h).sum(-1, keepdim=True)  # E_q[h]
+    return divergence, _xlogy(q, h.sub_(mean_h), out=h)
 
 
 def _xlogy(
