@@ -25,7 +25,9 @@
 
 namespace fastkd {
 
-enum Divergence : int { KL = 0, REVERSE_KL = 1, JSD = 2 };
+enum Divergence : int {
+  KL = 0, REVERSE_KL = 1, JSD = 2, TVD = 3, SKEW_KL = 4, SKEW_REVERSE_KL = 5
+};
 enum Weighting : int { ENTROPY = 0, STATIC = 1 };
 enum Fusion : int { MIXTURE = 0, WEIGHTED_KL = 1 };
 
@@ -44,6 +46,7 @@ struct Scalar {
   static FASTKD_HD T abs(T x) { return x < T(0) ? -x : x; }
   static FASTKD_HD T max(T a, T b) { return a > b ? a : b; }
   static FASTKD_HD T xlogy(T w, T x) { return w == T(0) ? T(0) : w * x; }  // 0 * log 0 = 0
+  static FASTKD_HD T sign(T x) { return x > T(0) ? T(1) : x < T(0) ? T(-1) : T(0); }
 };
 
 // log(1 + e^x), exact for every x: max(x, 0) + log1p(e^{-|x|}).
@@ -90,6 +93,56 @@ FASTKD_HD V jsd_x(V log_q, V log_p, V log_odds_beta) {
 template <typename T>
 FASTKD_HD T jsd_from_sums(const JsdConstants<T>& c, T eq_sp, T ep_sp) {
   return c.binary_entropy - c.beta * ep_sp - c.one_minus_beta * eq_sp;
+}
+
+// ---- tvd, skew_kl, skew_reverse_kl: the divergences whose gradient is q (h - E_q[h]), h the
+// partial derivative dD / dq with q a free vector (docs/design.md). Each is a sum of element
+// terms; pass 2 sums them and E_q[h], pass 3 writes q (h - E_q[h]) (the top logit rewritten,
+// as for reverse_kl and jsd: the formula cancels there when q is near one-hot).
+//   tvd              0.5 |p - q|                           h = 0.5 sign(q - p), sign(0) = 0
+//   skew_kl          p log(p / m), m = a q + (1 - a) p     h = -a p / m
+//   skew_reverse_kl  q log(q / m), m = a p + (1 - a) q     h = log(q / m) - (1 - a) q / m
+// with a = alpha in (0, 1] and log m the log-add-exp of (log a + log q, log(1 - a) + log p)
+// (p, q swapped for skew_reverse_kl), from the shifted log-probabilities. alpha's constants are
+// computed in double: in float, 1 - alpha and log(1 - alpha) lose alpha near 1.
+FASTKD_HD bool has_score_gradient(int divergence) { return divergence >= TVD; }
+
+template <typename T>
+struct SkewConstants {
+  T alpha, one_minus_alpha, log_alpha, log_one_minus_alpha;
+};
+
+template <typename T>
+FASTKD_HD SkewConstants<T> skew_constants(double alpha) {
+  // alpha = 1: log(1 - alpha) = -inf, m is the other distribution (plain KL / reverse KL)
+  const double log_rest = alpha < 1 ? log1p(-alpha) : -HUGE_VAL;
+  return {T(alpha), T(1.0 - alpha), T(log(alpha)), T(log_rest)};
+}
+
+template <typename V>
+struct ScoreTerm {
+  V term, h;  // the element's term of the divergence and its h
+};
+
+template <typename M, typename V, typename T>
+FASTKD_HD ScoreTerm<V> score_term(int divergence, V log_q, V log_p, const SkewConstants<T>& c) {
+  if (divergence == TVD) {
+    V difference = M::exp(log_q) - M::exp(log_p);
+    return {V(0.5) * M::abs(difference), V(0.5) * M::sign(difference)};
+  }
+  const bool forward = divergence == SKEW_KL;
+  V own = forward ? log_p : log_q, other = forward ? log_q : log_p;  // KL(own || m)
+  V x = V(c.log_alpha) + other, y = V(c.log_one_minus_alpha) + own;
+  V log_ratio = own - (M::max(x, y) + M::log1p(M::exp(V(0) - M::abs(x - y))));  // log(own / m)
+  V ratio = M::exp(log_ratio);
+  if (forward) return {M::xlogy(M::exp(own), log_ratio), V(-c.alpha) * ratio};
+  return {M::xlogy(M::exp(own), log_ratio), log_ratio - V(c.one_minus_alpha) * ratio};
+}
+
+// d D / d s at one element: q (h - E_q[h]).
+template <typename M, typename V, typename T>
+FASTKD_HD V score_grad(int divergence, V log_q, V log_p, const SkewConstants<T>& c, V mean_h) {
+  return M::xlogy(M::exp(log_q), score_term<M>(divergence, log_q, log_p, c).h - mean_h);
 }
 
 // ---- pass 3: d divergence / d s at one element (the caller multiplies by soft_weight / T).
