@@ -40,12 +40,14 @@ def _divergence_per_token(
         return beta * kl_pm + (1 - beta) * kl_qm
     if divergence == "tvd":  # 0.5 sum |p - q| (autograd: sign(0) = 0)
         return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
-    if divergence == "skew_kl":  # KL(p || alpha q + (1 - alpha) p)
-        mixture = alpha * log_q.exp() + (1 - alpha) * log_p.exp()
-        return (log_p.exp() * (log_p - mixture.log())).sum(-1)
-    if divergence == "skew_reverse_kl":  # KL(q || alpha p + (1 - alpha) q)
-        mixture = alpha * log_p.exp() + (1 - alpha) * log_q.exp()
-        return (log_q.exp() * (log_q - mixture.log())).sum(-1)
+    # log of the mixture m = alpha a + (1 - alpha) b; finite where a and b underflow
+    log_rest = math.log1p(-alpha) if alpha < 1 else -math.inf
+    if divergence == "skew_kl":  # KL(p || m), m = alpha q + (1 - alpha) p
+        log_m = torch.logaddexp(log_q + math.log(alpha), log_p + log_rest)
+        return (log_p.exp() * (log_p - log_m)).sum(-1)
+    if divergence == "skew_reverse_kl":  # KL(q || m), m = alpha p + (1 - alpha) q
+        log_m = torch.logaddexp(log_p + math.log(alpha), log_q + log_rest)
+        return (log_q.exp() * (log_q - log_m)).sum(-1)
     raise ValueError(f"unknown divergence {divergence!r}")
 
 
