@@ -116,6 +116,7 @@ inline int divergence_id(c10::string_view name, double alpha) {
               "got ", name);
   TORCH_CHECK(alpha > 0 && alpha <= 1, "kd_rows: alpha must lie in (0, 1] for divergence ", name,
               ", got ", alpha);
+  if (alpha == 1) return name == "skew_kl" ? KL : REVERSE_KL;  // m is the other distribution
   return name == "skew_kl" ? SKEW_KL : SKEW_REVERSE_KL;
 }
 

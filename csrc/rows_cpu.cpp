@@ -32,6 +32,7 @@ struct Vec {
   static V max(V a, V b) { return at::vec::maximum(a, b); }
   static V xlogy(V w, V x) { return V::blendv(w * x, V(T(0)), w == V(T(0))); }
   static V sign(V x) { return x.gt(V(T(0))) - x.lt(V(T(0))); }  // 1.0 / 0.0 per comparison
+  static V select_gt(V x, V c, V a, V b) { return V::blendv(b, a, x > c); }
 };
 
 template <typename T>
@@ -238,7 +239,7 @@ T kd_row(const T* z, const T* zt, int64_t n, int64_t label, const KDOptions& o, 
   const SkewConstants<T> skew = skew_constants<T>(o.alpha);
   const bool score = has_score_gradient(o.divergence);
 
-  T divergence, eq_sp = 0, mean_h = 0;
+  T divergence, eq_sp = 0, center_a = 0, center_b = 0;
   if (o.divergence == JSD) {  // pass 2b: E_q[softplus(x)], E_p[softplus(-x)]
     Sum<T> eq, ep;
     sweep<T>(n, [&](auto lane, int64_t j) {
@@ -253,20 +254,22 @@ T kd_row(const T* z, const T* zt, int64_t n, int64_t label, const KDOptions& o, 
     });
     eq_sp = eq.total();
     divergence = jsd_from_sums(jsd, eq_sp, ep.total());
-  } else if (score) {  // pass 2b: the sum of the element terms, and E_q[h]
-    Sum<T> terms, eh;
+  } else if (score) {  // pass 2b: the sum of the element terms, and the centering sums
+    Sum<T> terms, sum_a, sum_b;
     sweep<T>(n, [&](auto lane, int64_t j) {
       using L = decltype(lane);
       using M = typename L::M;
       using V = typename L::V;
       auto [ds, dt] = shifted(lane, j);
-      V log_q = ds - V(log_l_s);
+      V log_q = ds - V(log_l_s), q = M::exp(log_q);
       ScoreTerm<V> e = score_term<M>(o.divergence, log_q, dt - V(log_l_t), skew);
       terms.add(e.term);
-      eh.add(M::xlogy(M::exp(log_q), e.h));
+      sum_a.add(center_sum_a<M>(o.divergence, q, e.h));
+      sum_b.add(center_sum_b(o.divergence, q, e.h));
     });
     divergence = terms.total();
-    mean_h = eh.total();
+    center_a = sum_a.total();
+    center_b = sum_b.total();
   } else {
     divergence = one_pass_divergence(o.divergence, a.total(), l_s.total(), l_t.total());
   }
@@ -298,7 +301,8 @@ T kd_row(const T* z, const T* zt, int64_t n, int64_t label, const KDOptions& o, 
     using V = typename L::V;
     auto [ds, dt] = shifted(lane, j);
     V log_q = ds - V(log_l_s), log_p = dt - V(log_l_t);
-    V grad = V(coef) * (score ? score_grad<M>(o.divergence, log_q, log_p, skew, V(mean_h))
+    V grad = V(coef) * (score ? score_grad<M>(o.divergence, log_q, log_p, skew, V(center_a),
+                                            V(center_b))
                               : divergence_grad<M>(o.divergence, log_q, log_p, ds, dt,
                                                    V(mean_ds_dt), V(jsd.one_minus_beta),
                                                    V(jsd.log_odds_beta), V(eq_sp)));

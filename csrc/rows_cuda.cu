@@ -148,7 +148,7 @@ kd_rows_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
   const SkewConstants<T> skew = skew_constants<T>(o.alpha);
   const bool score = has_score_gradient(o.divergence);
 
-  T divergence, eq_sp = 0, mean_h = 0;
+  T divergence, eq_sp = 0, center_a = 0, center_b = 0;
   if (o.divergence == JSD) {
     T eq = 0, ep = 0;
     for (int64_t j = threadIdx.x; j < V; j += THREADS) {
@@ -159,16 +159,19 @@ kd_rows_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
     }
     eq_sp = block_sum<THREADS>(eq, shared);
     divergence = jsd_from_sums(jsd, eq_sp, block_sum<THREADS>(ep, shared));
-  } else if (score) {  // tvd, skew_kl, skew_reverse_kl: the sum of the terms, and E_q[h]
-    T terms = 0, eh = 0;
+  } else if (score) {  // tvd, skew_kl, skew_reverse_kl: the sum of the terms, centering sums
+    T terms = 0, sum_a = 0, sum_b = 0;
     for (int64_t j = threadIdx.x; j < V; j += THREADS) {
       T log_q = z[j] * inv_t - m_s - log_l_s, log_p = zt[j] * inv_t - m_t - log_l_t;
+      T q = M::exp(log_q);
       ScoreTerm<T> e = score_term<M>(o.divergence, log_q, log_p, skew);
       terms += e.term;
-      eh += M::xlogy(M::exp(log_q), e.h);
+      sum_a += center_sum_a<M>(o.divergence, q, e.h);
+      sum_b += center_sum_b(o.divergence, q, e.h);
     }
     divergence = block_sum<THREADS>(terms, shared);
-    mean_h = block_sum<THREADS>(eh, shared);
+    center_a = block_sum<THREADS>(sum_a, shared);
+    center_b = block_sum<THREADS>(sum_b, shared);
   } else {
     divergence = one_pass_divergence(o.divergence, a, l_s, l_t);
   }
@@ -193,7 +196,7 @@ kd_rows_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
   for (int64_t j = threadIdx.x; j < V; j += THREADS) {
     T ds = z[j] * inv_t - m_s, dt = zt[j] * inv_t - m_t;
     T log_q = ds - log_l_s, log_p = dt - log_l_t;
-    T value = coef * (score ? score_grad<M>(o.divergence, log_q, log_p, skew, mean_h)
+    T value = coef * (score ? score_grad<M>(o.divergence, log_q, log_p, skew, center_a, center_b)
                             : divergence_grad<M>(o.divergence, log_q, log_p, ds, dt, mean_ds_dt,
                                                  jsd.one_minus_beta, jsd.log_odds_beta, eq_sp));
     if (o.hard_weight > 0)

@@ -29,7 +29,7 @@ from fastkd.autograd import ChunkedKDFunction, KDLossFunction
 from fastkd.chunked import Linear
 from fastkd.matmul import HALF
 from fastkd.ops import kd_arguments, row_op
-from fastkd.options import DIVERGENCES, SKEW_DIVERGENCES, KDOptions
+from fastkd.options import DIVERGENCES, SKEW_DIVERGENCES, KDOptions, plain_divergence
 from fastkd.plan import plan_chunks
 
 STUDENT_NAMES = ("student_hidden", "student_weight", "student_bias")
@@ -238,9 +238,7 @@ def _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_
     alpha = check_real("alpha", alpha)
     if not 0 < alpha <= 1:
         raise ValueError(f"alpha must lie in (0, 1], got {alpha!r}")
-    if divergence in SKEW_DIVERGENCES and alpha == 1:
-        # the mixture is the other distribution itself: plain KL, on its own code path
-        divergence = {"skew_kl": "kl", "skew_reverse_kl": "reverse_kl"}[divergence]
+    divergence = plain_divergence(divergence, alpha)  # alpha = 1: kl / reverse_kl
     if divergence == "jsd":
         if not 0 <= check_real("beta", beta) <= 1:
             raise ValueError(f"beta must lie in [0, 1] for divergence='jsd', got {beta!r}")

@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from fastkd.options import KDOptions, MultiTeacherOptions
+from fastkd.options import KDOptions, MultiTeacherOptions, plain_divergence
 
 KD_ROWS_SCHEMA = (
     "(Tensor student_logits, Tensor teacher_logits, Tensor? labels, Tensor(a!)? grad_out, "
@@ -107,7 +107,8 @@ def sparse_kd_arguments(tail: str, options: KDOptions) -> tuple:
 
 def _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_index,
                 alpha=0.9):
-    return KDOptions(divergence=divergence, beta=beta, alpha=alpha, temperature=temperature,
+    return KDOptions(divergence=plain_divergence(divergence, alpha), beta=beta, alpha=alpha,
+                     temperature=temperature,
                      soft_weight=soft_weight, hard_weight=hard_weight, ignore_index=ignore_index)
 
 

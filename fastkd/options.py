@@ -9,6 +9,14 @@ DIVERGENCES = ("kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl")
 SKEW_DIVERGENCES = ("skew_kl", "skew_reverse_kl")
 
 
+def plain_divergence(divergence: str, alpha: float) -> str:
+    """The divergence a row op runs: skew_kl / skew_reverse_kl at alpha = 1 mix in nothing of
+    the other distribution, so they are kl / reverse_kl, on those code paths."""
+    if alpha == 1 and divergence in SKEW_DIVERGENCES:
+        return {"skew_kl": "kl", "skew_reverse_kl": "reverse_kl"}[divergence]
+    return divergence
+
+
 @dataclass(frozen=True)
 class KDOptions:
     """Per-token loss = soft_weight * divergence(T) + hard_weight * CE(T = 1)."""

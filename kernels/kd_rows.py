@@ -62,27 +62,48 @@ def _jsd_x(s, t, m_s, m_t, log_l_s, log_l_t, log_odds_beta):
 
 
 @triton.jit
-def _score_terms(log_q, log_p, q, p, alpha, one_minus_alpha, log_alpha, log_one_minus_alpha,
+def _skew_phi(z):
+    # phi(z) = softplus(z) - sigmoid(z); below z = -2, where the difference would cancel, the
+    # series 2t^2 / (1 + t) + 2t^3 (1/3 + t^2/5 + ...) in t = e^z / (2 + e^z) (csrc/row_math.h)
+    direct = _softplus(z) - 1.0 / (1.0 + tl.exp(-z))
+    u = tl.exp(z)
+    t = u / (2.0 + u)
+    t2 = t * t
+    series = ((((t2 * (1.0 / 15) + 1.0 / 13) * t2 + 1.0 / 11) * t2 + 1.0 / 9) * t2 + 1.0 / 7) * t2
+    series = (series + 1.0 / 5) * t2 + 1.0 / 3
+    return tl.where(z > -2.0, direct, 2.0 * t2 / (1.0 + t) + 2.0 * t2 * t * series)
+
+
+@triton.jit
+def _score_terms(log_q, log_p, q, p, alpha, log_one_minus_alpha, log_odds_alpha,
                  DIVERGENCE: tl.constexpr):
     # The divergences with gradient q (h - E_q[h]), h = dD / dq (docs/design.md): this
-    # element's term of D and its h. log m = log-add-exp(x, y) = max(x, y) + softplus(-|x - y|).
+    # element's term of D and its h (up to a constant). KL(w || m) against the other
+    # distribution o: log(w / m) = -log(1 - alpha) - softplus(z), z = log(alpha / (1 - alpha))
+    # + log o - log w, the log-add-exp of (log alpha + log o, log(1 - alpha) + log w) rewritten.
     if DIVERGENCE == 3:  # tvd: 0.5 |p - q|, h = 0.5 sign(q - p) (sign(0) = 0)
         term = 0.5 * tl.abs(q - p)
         h = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
     elif DIVERGENCE == 4:  # skew_kl: p log(p / m), m = alpha q + (1 - alpha) p; h = -alpha p / m
-        x = log_alpha + log_q
-        y = log_one_minus_alpha + log_p
-        log_ratio = log_p - (tl.maximum(x, y) + _softplus(-tl.abs(x - y)))
+        log_ratio = -log_one_minus_alpha - _softplus(log_odds_alpha + log_q - log_p)
         term = xlogy(p, log_ratio)
         h = -alpha * tl.exp(log_ratio)
-    else:  # skew_reverse_kl: q log(q / m), m = alpha p + (1 - alpha) q;
-        # h = log(q / m) - (1 - alpha) q / m
-        x = log_alpha + log_p
-        y = log_one_minus_alpha + log_q
-        log_ratio = log_q - (tl.maximum(x, y) + _softplus(-tl.abs(x - y)))
-        term = xlogy(q, log_ratio)
-        h = log_ratio - one_minus_alpha * tl.exp(log_ratio)
+    else:  # skew_reverse_kl: q log(q / m), m = alpha p + (1 - alpha) q; h = -phi(z) + const.
+        z = log_odds_alpha + log_p - log_q
+        term = xlogy(q, -log_one_minus_alpha - _softplus(z))
+        h = -_skew_phi(z)
     return term, h
+
+
+@triton.jit
+def _centered(h, center_a, center_b, DIVERGENCE: tl.constexpr):
+    # h - E_q[h] from pass 2's sums: tvd (h in {0, +-0.5}) sums a = E_q[0.5 - h] and
+    # b = E_q[0.5 + h], so that near one-hot q (E_q[h] within a tiny mass of +-0.5) nothing
+    # cancels; the skew divergences sum a = E_q[h].
+    if DIVERGENCE == 3:
+        return (0.5 + h) * center_a - (0.5 - h) * center_b
+    else:
+        return h - center_a
 
 
 @triton.jit
@@ -100,7 +121,7 @@ def _kd_rows_kernel(
     s_ptr, t_ptr, grad_ptr, labels_ptr, loss_ptr,
     V, stride_s, stride_t, stride_g,
     temperature, beta, one_minus_beta, log_odds_beta, binary_entropy,
-    alpha, one_minus_alpha, log_alpha, log_one_minus_alpha,
+    alpha, log_one_minus_alpha, log_odds_alpha,
     soft_weight, hard_weight, ignore_index,
     DIVERGENCE: tl.constexpr,  # 0 kl, 1 reverse_kl, 2 jsd, 3 tvd, 4 skew_kl, 5 skew_reverse_kl
     HAS_LABELS: tl.constexpr,
@@ -164,18 +185,24 @@ def _kd_rows_kernel(
             ep_sp += tl.sum(xlogy(tl.exp((t - m_t) - log_l_t), _softplus(-x)), axis=0)
         divergence = binary_entropy - beta * ep_sp - one_minus_beta * eq_sp
     else:
-        # ---- pass 2 (tvd, skew_kl, skew_reverse_kl): D = sum of the terms, and E_q[h]
+        # ---- pass 2 (tvd, skew_kl, skew_reverse_kl): D = sum of the terms, and the sums
+        # that center h (_centered)
         divergence = 0.0
-        mean_h = 0.0
+        center_a = 0.0
+        center_b = 0.0
         for start in range(0, V, BLOCK_V):
             cols, in_vocab, z, s, t = _load_block(s_row, t_row, start, V, inv_temperature, BLOCK_V)
             log_q = (s - m_s) - log_l_s
             log_p = (t - m_t) - log_l_t
             q = tl.exp(log_q)  # 0 past the end, as p: the terms there are 0 (xlogy)
-            term, h = _score_terms(log_q, log_p, q, tl.exp(log_p), alpha, one_minus_alpha,
-                                   log_alpha, log_one_minus_alpha, DIVERGENCE)
+            term, h = _score_terms(log_q, log_p, q, tl.exp(log_p), alpha, log_one_minus_alpha,
+                                   log_odds_alpha, DIVERGENCE)
             divergence += tl.sum(term, axis=0)
-            mean_h += tl.sum(xlogy(q, h), axis=0)
+            if DIVERGENCE == 3:
+                center_a += tl.sum(q * (0.5 - h), axis=0)
+                center_b += tl.sum(q * (0.5 + h), axis=0)
+            else:
+                center_a += tl.sum(xlogy(q, h), axis=0)
 
     loss = soft_weight * divergence
     if HAS_HARD:
@@ -204,8 +231,8 @@ def _kd_rows_kernel(
             else:  # tvd, skew_kl, skew_reverse_kl: q (h - E_q[h])
                 log_p = (t - m_t) - log_l_t
                 _, h = _score_terms((s - m_s) - log_l_s, log_p, q, tl.exp(log_p), alpha,
-                                    one_minus_alpha, log_alpha, log_one_minus_alpha, DIVERGENCE)
-                g = xlogy(q, h - mean_h)
+                                    log_one_minus_alpha, log_odds_alpha, DIVERGENCE)
+                g = xlogy(q, _centered(h, center_a, center_b, DIVERGENCE))
             g = g * (soft_weight * inv_temperature)
             if HAS_HARD:
                 g += hard_weight * cross_entropy_grad(z, lse_z, cols, label)
@@ -229,11 +256,12 @@ def _beta_constants(beta: float) -> tuple[float, float, float, float]:
     return beta, one_minus, math.log(beta) - math.log1p(-beta), entropy
 
 
-def _alpha_constants(alpha: float) -> tuple[float, float, float, float]:
-    """alpha, 1 - alpha, log alpha and log(1 - alpha) (-inf at alpha = 1), in float64."""
-    if not 0 < alpha <= 1:  # only the skew divergences read them, and they have 0 < alpha <= 1
-        return alpha, 1.0 - alpha, 0.0, 0.0
-    return alpha, 1.0 - alpha, math.log(alpha), math.log1p(-alpha) if alpha < 1 else -math.inf
+def _alpha_constants(alpha: float) -> tuple[float, float, float]:
+    """alpha, log(1 - alpha) and log(alpha / (1 - alpha)), in float64."""
+    if not 0 < alpha < 1:  # only the skew divergences read them, and they have 0 < alpha < 1
+        return alpha, 0.0, 0.0
+    log_rest = math.log1p(-alpha)
+    return alpha, log_rest, math.log(alpha) - log_rest
 
 
 def kd_rows(
