@@ -43,20 +43,22 @@ def logits(shape, std, seed, dtype=torch.float32, device="cpu"):
     return (torch.randn(*shape, generator=gen) * std).to(device=device, dtype=dtype)
 
 
-GRID = list(itertools.product(NEW, [1.0, 2.5], ["mean", "sum", "none"],
-                              [torch.float32, torch.bfloat16], BACKENDS))
+GRID = list(itertools.product(NEW, [1.0, 2.5], [torch.float32, torch.bfloat16], BACKENDS))
+REDUCTIONS = ["mean", "sum", "none"]
 
 
-@pytest.mark.parametrize("divergence,temperature,reduction,dtype,backend", GRID)
-def test_fused_matches_oracle(divergence, temperature, reduction, dtype, backend, device):
-    """Hidden states to loss: labels with ignored tokens and a hard CE term, a prime vocab,
-    logit spreads 3, 10 and 30, alpha 0.1 / 0.5 / 0.9 (read by the skew divergences)."""
-    case = GRID.index((divergence, temperature, reduction, dtype, backend))
+@pytest.mark.parametrize("divergence,temperature,dtype,backend", GRID)
+def test_fused_matches_oracle(divergence, temperature, dtype, backend, device):
+    """Hidden states to loss: labels with ignored tokens and a hard CE term, a prime vocab.
+    Each divergence and backend meets every reduction, logit spread (3, 10, 30) and alpha
+    (0.1, 0.5, 0.9; read by the skew divergences) over its four (T, dtype) cases."""
+    case = GRID.index((divergence, temperature, dtype, backend))
+    turn = case // len(BACKENDS)  # counts the (divergence, T, dtype) cases
     loss, ref, ours, refs = run_both(
-        (2, 3), 16, 24, 131, dtype, device, case, bias=case % 2 == 0, divergence=divergence,
-        alpha=[0.1, 0.5, 0.9][case % 3], temperature=temperature, soft_weight=0.7,
-        hard_weight=0.4, reduction=reduction, backend=backend, chunk_size=4,
-        logit_std=[3.0, 10.0, 30.0][(case // 3) % 3],
+        (2, 3), 16, 24, 131, dtype, device, case, bias=turn % 2 == 0, divergence=divergence,
+        alpha=[0.1, 0.5, 0.9][(turn + case) % 3], temperature=temperature, soft_weight=0.7,
+        hard_weight=0.4, reduction=REDUCTIONS[turn % 3], backend=backend, chunk_size=4,
+        logit_std=[3.0, 10.0, 30.0][(turn + 1) % 3],
     )
     tol = tolerance(dtype)
     assert loss.shape == ref.shape
@@ -113,9 +115,12 @@ def test_single_token_and_prime_vocab_across_blocks(divergence, backend, device)
                                               ("skew_reverse_kl", "reverse_kl")])
 def test_alpha_one_is_the_plain_divergence(divergence, plain, backend, device):
     """alpha = 1 runs plain KL / reverse KL's own code path (the same numbers); the skew kernels
-    at alpha = 1 - 1e-6 are within fp32 rounding of them (the difference is O(1 - alpha))."""
+    at alpha = 1 - 1e-6 approach them: the difference is (1 - alpha) times a chi-square
+    divergence of p and q, about 1e-6 relative for a teacher near the student (log-ratios of
+    std 0.5), so within 1e-5."""
     assert _kd_options(divergence, 0.5, 1.0, 1.0, 0.0, -100, 1.0).divergence == plain
-    z, zt = logits((4, 211), 3.0, 5, device=device), logits((4, 211), 3.0, 6, device=device)
+    z = logits((4, 211), 3.0, 5, device=device)
+    zt = z + logits((4, 211), 0.5, 6, device=device)
     results = {}
     for name, alpha in ((plain, 0.9), (divergence, 1.0), (divergence, 1 - 1e-6)):
         x = z.clone().requires_grad_()
