@@ -16,6 +16,9 @@ import torch.nn.functional as F
 
 from fastkd.options import KDOptions, MultiTeacherOptions
 
+# the divergences whose gradient is q (h - E_q[h]) (_score_divergence)
+SCORE_DIVERGENCES = ("tvd", "skew_kl", "skew_reverse_kl")
+
 
 def kd_rows_torch(
     student_logits: torch.Tensor,
@@ -78,9 +81,6 @@ def tempered_divergence(
         if want_grad:
             grad = _xlogy(q, sp_x.neg_().add_(eq_sp[:, None]), out=sp_x).mul_(1 - beta)
     return divergence, grad
-
-
-SCORE_DIVERGENCES = ("tvd", "skew_kl", "skew_reverse_kl")
 
 
 def _score_divergence(

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fastkd import fused_kd_loss, kd_loss, sparse_kd_loss
+from fastkd.distill.cli import build_parser
 from fastkd.distill.config import DistillConfig
 from fastkd.distill.loss import LogitKD
 from fastkd.functional import _kd_options
@@ -219,3 +220,5 @@ def test_modules_and_trainer_config_take_alpha():
             DistillConfig(divergence="skew_kl", alpha=bad)
     with pytest.raises(TypeError, match="alpha"):
         DistillConfig(alpha="0.5")
+    args = vars(build_parser().parse_args(["distill", "--divergence", "tvd", "--alpha", "0.3"]))
+    assert args["divergence"] == "tvd" and args["alpha"] == 0.3
