@@ -38,12 +38,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from fastkd.options import KDOptions, MultiTeacherOptions
+from fastkd.options import KDOptions, MultiTeacherOptions, plain_divergence
 
 KD_ROWS_SCHEMA = (
     "(Tensor student_logits, Tensor teacher_logits, Tensor? labels, Tensor(a!)? grad_out, "
     "str divergence, float beta, float temperature, float soft_weight, float hard_weight, "
-    "int ignore_index) -> Tensor"
+    "int ignore_index, float alpha) -> Tensor"
 )
 MULTI_TEACHER_ROWS_SCHEMA = (
     "(Tensor student_logits, Tensor teacher_logits, Tensor? labels, Tensor(a!)? grad_out, "
@@ -86,7 +86,8 @@ def row_op(backend: str, kind: str) -> torch._ops.OpOverload:
 def kd_arguments(options: KDOptions) -> tuple:
     """The scalar arguments of a kd_rows op after (student, teacher, labels, grad_out)."""
     return (options.divergence, float(options.beta), float(options.temperature),
-            float(options.soft_weight), float(options.hard_weight), int(options.ignore_index))
+            float(options.soft_weight), float(options.hard_weight), int(options.ignore_index),
+            float(options.alpha))
 
 
 def multi_teacher_arguments(options: MultiTeacherOptions) -> tuple:
@@ -104,8 +105,10 @@ def sparse_kd_arguments(tail: str, options: KDOptions) -> tuple:
             float(options.hard_weight), int(options.ignore_index))
 
 
-def _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_index):
-    return KDOptions(divergence=divergence, beta=beta, temperature=temperature,
+def _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_index,
+                alpha=0.9):
+    return KDOptions(divergence=plain_divergence(divergence, alpha), beta=beta, alpha=alpha,
+                     temperature=temperature,
                      soft_weight=soft_weight, hard_weight=hard_weight, ignore_index=ignore_index)
 
 
@@ -125,7 +128,7 @@ def _loss_dtype(student_logits: torch.Tensor) -> torch.dtype:
 
 
 def kd_rows_fake(student_logits, teacher_logits, labels, grad_out, divergence, beta,
-                 temperature, soft_weight, hard_weight, ignore_index) -> torch.Tensor:
+                 temperature, soft_weight, hard_weight, ignore_index, alpha) -> torch.Tensor:
     """Per-token loss (C,) of student logits (C, V): fp32, fp64 for fp64 logits."""
     torch._check(student_logits.dim() == 2, lambda: "student_logits must be (C, V)")
     torch._check(teacher_logits.shape == student_logits.shape,
@@ -188,9 +191,9 @@ def define_kd_rows(name: str, kernel: Callable[..., torch.Tensor]) -> None:
     ``kernel(student_logits, teacher_logits, labels, grad_out, options: KDOptions)``."""
 
     def impl(student_logits, teacher_logits, labels, grad_out, divergence, beta, temperature,
-             soft_weight, hard_weight, ignore_index):
+             soft_weight, hard_weight, ignore_index, alpha):
         options = _kd_options(divergence, beta, temperature, soft_weight, hard_weight,
-                              ignore_index)
+                              ignore_index, alpha)
         loss = kernel(student_logits, teacher_logits, labels, grad_out, options)
         return loss.to(_loss_dtype(student_logits))
 
