@@ -62,10 +62,10 @@ def chunked_kd(
     ``row_op(rows, student_logits (C, V), teacher_logits (K, C, V), labels, grad_out,
     parts_out)`` returns the chunk's loss and fills ``grad_out`` and ``parts_out``; ``parts``
     (N, 2) in the loss's dtype, when given, receives each token's unweighted divergence and CE
-    from the same pass (``parts_out`` is its chunk's rows; None without it). ``token_scale`` g is a scalar or (N,)
-    tensor (None: no gradients); ``need`` says which of the (hidden, weight, bias) gradients
-    to build. Tokens whose label is ``ignore_index`` add nothing to any gradient, even where
-    their hidden states are NaN or inf.
+    from the same pass (``parts_out`` is its chunk's rows; None without it). ``token_scale`` g
+    is a scalar or (N,) tensor (None: no gradients); ``need`` says which of the (hidden,
+    weight, bias) gradients to build. Tokens whose label is ``ignore_index`` add nothing to
+    any gradient, even where their hidden states are NaN or inf.
     """
     tokens, vocab = student.hidden.shape[0], student.weight.shape[0]
     device = student.hidden.device

@@ -16,8 +16,9 @@ Row ops (the chunk driver calls one per chunk of C tokens, V the vocab, K teache
 for fp64 student logits). ``parts_out`` (C, 2) in the loss's dtype, when given, receives the
 unweighted parts of each token's loss: column 0 the divergence, column 1 the CE at T = 1 (0
 without labels), both 0 at ignored rows; the op then computes both whatever soft_weight and
-hard_weight are (loss = soft_weight * parts[:, 0] + hard_weight * parts[:, 1]). The C++ / CUDA C++ ops of csrc/ (``fastkd::kd_rows``,
-``fastkd::multi_teacher_rows``, defined by ``TORCH_LIBRARY(fastkd, m)``) take the same schemas;
+hard_weight are (loss = soft_weight * parts[:, 0] + hard_weight * parts[:, 1]).
+The C++ / CUDA C++ ops of csrc/ (``fastkd::kd_rows``, ``fastkd::multi_teacher_rows``, defined
+by ``TORCH_LIBRARY(fastkd, m)``) take the same schemas;
 ``register_native_fakes()`` gives them the same fake kernels once the extension is loaded.
 
 ``ROW_OPS`` maps a backend name to its ops; ``row_op(backend, kind)`` looks one up. A new
