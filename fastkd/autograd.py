@@ -131,7 +131,7 @@ class ChunkedKDFunction(torch.autograd.Function):
             _, grads = chunked_kd(
                 Linear(hidden, weight, bias), teachers, labels, row_op,
                 grad_output.to(accumulation_dtype(weight)), need, plan, ignore_index,
-            )  # (the parts were returned by forward: not asked again)
+            )
             dtype = weight.dtype
             grads = (grads.hidden, _cast(grads.weight, dtype), _cast(grads.bias, dtype))
         elif not torch.compiler.is_compiling() and torch.equal(
