@@ -40,7 +40,12 @@ def test_register_spills_stay_small(compiled):
     # than 8 words (dQ at head dim 128 in bf16 does: the recomputing backward kernels hold two
     # score tiles, two key tiles and the accumulator at once).
     spills = compiled["spills"]
-    rows = {name: n for name, n in spills.items() if not name.startswith("attn") and n}
+    # The sparse kernel's bucket + reverse-KL gradient with the CE (labels) spills 8 bytes (2
+    # words), as main's kernel did before its variants were registered here (measured, with
+    # and without HAS_PARTS alike); every other row kernel spills nothing.
+    bound = {name: 8 for name in spills if name.startswith("sparse_rows-True-True-True-")}
+    rows = {name: n for name, n in spills.items()
+            if not name.startswith("attn") and n > bound.get(name, 0)}
     assert not rows, rows
     attention = {name: n for name, n in spills.items() if name.startswith("attn") and n > 32}
     assert not attention, attention
