@@ -326,8 +326,9 @@ struct MultiTeacherOptions {
 // Loss and parts of one row against K teachers (rows zt + k * teacher_stride); writes the
 // mixing weights w (K) always and d loss / d z_s into g (n) when the row counts and g is given.
 template <typename T>
-RowLoss<T> multi_teacher_row(const T* z, const T* zt, int64_t teacher_stride, int64_t n, int64_t label,
-                    bool counted, const MultiTeacherOptions& o, float* w, T* g) {
+RowLoss<T> multi_teacher_row(const T* z, const T* zt, int64_t teacher_stride, int64_t n,
+                             int64_t label, bool counted, const MultiTeacherOptions& o, float* w,
+                             T* g) {
   const int64_t K = static_cast<int64_t>(o.log_priors.size());
   const T inv_t = T(1) / T(o.temperature);
   Max<T> max_z;
@@ -432,7 +433,7 @@ struct SparseOptions {
 // docs/sparse.md.
 template <typename T>
 RowLoss<T> sparse_row(const T* z, const int64_t* ids, const double* zt, double lse, int64_t n,
-             int64_t k, int64_t label, const SparseOptions& o, T* g) {
+                      int64_t k, int64_t label, const SparseOptions& o, T* g) {
   constexpr T minus_inf = -std::numeric_limits<T>::infinity();
   const T inv_t = T(1) / T(o.temperature);
   const bool hard = o.hard_weight > 0;

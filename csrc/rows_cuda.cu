@@ -532,8 +532,8 @@ at::Tensor kd_rows_cuda(const at::Tensor& student_logits, const at::Tensor& teac
   at::Tensor loss = at::empty({rows}, student_logits.options().dtype(math));
   if (rows == 0) return loss;
   KDArgs args{vocab, z.stride(0), zt.stride(0), grad_out.has_value() ? grad_out->stride(0) : 0,
-              parts_out.has_value() ? parts_out->stride(0) : 0, ignore_index, beta, temperature, soft_weight, hard_weight,
-              divergence_id(divergence), label.has_value()};
+              parts_out.has_value() ? parts_out->stride(0) : 0, ignore_index, beta, temperature,
+              soft_weight, hard_weight, divergence_id(divergence), label.has_value()};
   dispatch(math, grad_out, [&](auto t, auto g) {
     using T = decltype(t);
     using G = decltype(g);
