@@ -100,6 +100,17 @@ inline void check_sparse_kd_rows(const at::Tensor& student, const at::Tensor& id
   check_grad_out(op, grad_out, student);
 }
 
+// parts_out, when given: (C, 2) in the math dtype (the loss's), unit-stride rows.
+inline void check_parts_out(const char* op, const std::optional<at::Tensor>& parts_out,
+                            int64_t rows, at::ScalarType math) {
+  if (!parts_out.has_value()) return;
+  TORCH_CHECK(parts_out->scalar_type() == math && parts_out->dim() == 2 &&
+                  parts_out->size(0) == rows && parts_out->size(1) == 2 &&
+                  (rows == 0 || parts_out->stride(1) == 1),
+              op, ": parts_out must be ", math, " (", rows, ", 2) with unit-stride rows, got ",
+              parts_out->scalar_type(), " ", parts_out->sizes());
+}
+
 // fp64 logits keep fp64 math; every other dtype computes in fp32.
 inline at::ScalarType math_dtype(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

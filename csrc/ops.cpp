@@ -5,6 +5,9 @@
 // grad_out (C, V) is given it receives d loss / d z_s (it may be student_logits itself).
 // multi_teacher_rows: the same against K teachers (K, C, V); weights_out (C, K) receives the
 // mixing weights. The loss is fp32 (fp64 for fp64 logits); ignored rows get 0 and a zero row.
+// parts_out (C, 2), given to any of the three, receives each row's unweighted divergence
+// (column 0) and CE at T = 1 (column 1; 0 without labels), 0 at ignored rows; the op then
+// computes both parts whatever soft_weight and hard_weight are.
 // sparse_kd_rows: the same against a sparse teacher, ids and logits (C, k), lse (C,)
 // (docs/sparse.md); the ids are distinct per row and in [0, V) (sparse_kd_loss checks them).
 // addmm_fp32: out (M, N) fp32 = beta out + a (M, K) @ b (K, N) for half a, b (gemm_cpu.cpp).
@@ -15,15 +18,16 @@ TORCH_LIBRARY(fastkd, m) {
   m.def(
       "kd_rows(Tensor student_logits, Tensor teacher_logits, Tensor? labels, "
       "Tensor(a!)? grad_out, str divergence, float beta, float temperature, float soft_weight, "
-      "float hard_weight, int ignore_index, float alpha) -> Tensor");
+      "float hard_weight, int ignore_index, float alpha, Tensor(b!)? parts_out=None) -> Tensor");
   m.def(
       "multi_teacher_rows(Tensor student_logits, Tensor teacher_logits, Tensor? labels, "
       "Tensor(a!)? grad_out, Tensor(b!) weights_out, float[] priors, float temperature, "
       "str weighting, float entropy_tau, str fusion, float soft_weight, float hard_weight, "
-      "int ignore_index) -> Tensor");
+      "int ignore_index, Tensor(c!)? parts_out=None) -> Tensor");
   m.def(
       "sparse_kd_rows(Tensor student_logits, Tensor teacher_ids, Tensor teacher_logits, "
       "Tensor teacher_lse, Tensor? labels, Tensor(a!)? grad_out, str tail, str divergence, "
-      "float temperature, float soft_weight, float hard_weight, int ignore_index) -> Tensor");
+      "float temperature, float soft_weight, float hard_weight, int ignore_index, "
+      "Tensor(b!)? parts_out=None) -> Tensor");
   m.def("addmm_fp32(Tensor(a!) out, Tensor a, Tensor b, float beta) -> ()");
 }

@@ -130,6 +130,14 @@ int64_t first_index_of(const T* z, int64_t n, T m) {
 struct KDOptions {
   int divergence;
   double beta, temperature, soft_weight, hard_weight, alpha;
+  bool parts;  // parts_out is given: the CE is computed whatever hard_weight is
+};
+
+// What a row function hands back: the row's loss and its unweighted parts (the divergence, and
+// the CE at T = 1, 0 where it is not computed: no labels, or hard_weight = 0 without parts).
+template <typename T>
+struct RowLoss {
+  T loss, divergence, cross_entropy;
 };
 
 // The hard CE term's untempered log-softmax: m_z = max z and log l_z, l_z = sum e^{z - m_z}.
@@ -149,24 +157,33 @@ RawLse<T> raw_lse(const T* z, int64_t n, T m_z, T l_s, T temperature) {
   return {m_z, log_(l_z.total())};
 }
 
-// hard_weight (LSE(z) - z[label]); z[label] is read before any gradient is written (g may
-// alias z).
+// CE = LSE(z) - z[label]; z[label] is read before any gradient is written (g may alias z).
 template <typename T>
-T hard_ce(T z_label, RawLse<T> lse, T hard_weight) {
-  return hard_weight > 0 ? hard_weight * (lse.log_l - (z_label - lse.m)) : T(0);
+T cross_entropy(T z_label, RawLse<T> lse) {
+  return lse.log_l - (z_label - lse.m);
 }
 
-// Loss of one counted row; writes d loss / d z_s into g (n) when g is given. g may be z itself:
-// every z_j is read before g_j is written, and nothing reads z after the gradient pass.
+// soft_weight divergence + hard_weight CE, the CE term only where hard_weight > 0.
 template <typename T>
-T kd_row(const T* z, const T* zt, int64_t n, int64_t label, const KDOptions& o, T* g,
-         T* spare) {
+RowLoss<T> row_loss(T soft_weight, T divergence, T hard_weight, T ce) {
+  return {soft_weight * divergence + (hard_weight > 0 ? hard_weight * ce : T(0)), divergence,
+          ce};
+}
+
+// Loss and parts of one counted row (label -1: no labels); writes d loss / d z_s into g (n) when
+// g is given. g may be z itself: every z_j is read before g_j is written, and nothing reads z
+// after the gradient pass.
+template <typename T>
+RowLoss<T> kd_row(const T* z, const T* zt, int64_t n, int64_t label, const KDOptions& o, T* g,
+                  T* spare) {
   const T inv_t = T(1) / T(o.temperature);
-  const bool hard = o.hard_weight > 0, raw_sum = hard && o.temperature != 1;
-  const T z_label = hard ? z[label] : T(0);
+  const bool hard = o.hard_weight > 0, ce = hard || (o.parts && label >= 0);
+  const bool raw_sum = ce && o.temperature != 1;
+  const T z_label = ce ? z[label] : T(0);
   // kl without a tempered hard term keeps pass 1's exps for the gradient: e^{ds} in g, e^{dt}
   // in spare, each block's shifts beside them (q - p then costs no exp)
-  const bool keep_exps = o.divergence == KL && !raw_sum && g != nullptr && spare != nullptr;
+  const bool keep_exps = o.divergence == KL && !(hard && o.temperature != 1) && g != nullptr &&
+                         spare != nullptr;
   std::vector<T> block_shift_s, block_shift_t;
   // pass 1, block by block: the block's maxima first (it stays in L1), then its exps against
   // the running maxima; a block that raises a maximum by d rescales the running sums by e^-d.
@@ -275,7 +292,8 @@ T kd_row(const T* z, const T* zt, int64_t n, int64_t label, const KDOptions& o, 
   }
   const T hard_weight = T(o.hard_weight);
   const RawLse<T> lse{shift_z, log_(raw_sum ? l_z.total() : l_s.total())};
-  const T loss = T(o.soft_weight) * divergence + hard_ce(z_label, lse, hard_weight);
+  const RowLoss<T> loss = row_loss(T(o.soft_weight), divergence, hard_weight,
+                                   ce ? cross_entropy(z_label, lse) : T(0));
   if (g == nullptr) return loss;
   const T coef = T(o.soft_weight) * inv_t;
   if (keep_exps) {  // g = soft_weight / T (q - p) + hard_weight q (T = 1), q and p from pass 1
@@ -326,13 +344,15 @@ struct MultiTeacherOptions {
   std::vector<double> log_priors;
   double temperature, entropy_tau, soft_weight, hard_weight;
   int weighting, fusion;
+  bool parts;  // parts_out is given: the CE is computed whatever hard_weight is
 };
 
-// Loss of one row against K teachers (rows zt + k * teacher_stride); writes the mixing weights
-// w (K) always and d loss / d z_s into g (n) when the row counts and g is given.
+// Loss and parts of one row against K teachers (rows zt + k * teacher_stride); writes the
+// mixing weights w (K) always and d loss / d z_s into g (n) when the row counts and g is given.
 template <typename T>
-T multi_teacher_row(const T* z, const T* zt, int64_t teacher_stride, int64_t n, int64_t label,
-                    bool counted, const MultiTeacherOptions& o, float* w, T* g) {
+RowLoss<T> multi_teacher_row(const T* z, const T* zt, int64_t teacher_stride, int64_t n,
+                             int64_t label, bool counted, const MultiTeacherOptions& o, float* w,
+                             T* g) {
   const int64_t K = static_cast<int64_t>(o.log_priors.size());
   const T inv_t = T(1) / T(o.temperature);
   Max<T> max_z;
@@ -376,7 +396,7 @@ T multi_teacher_row(const T* z, const T* zt, int64_t teacher_stride, int64_t n, 
   T weight_sum = 0;
   for (int64_t k = 0; k < K; ++k) weight_sum += (weight[k] = exp_(weight[k] - top));
   for (int64_t k = 0; k < K; ++k) w[k] = static_cast<float>(weight[k] /= weight_sum);
-  if (!counted) return T(0);
+  if (!counted) return {T(0), T(0), T(0)};
 
   // The mixture P = sum_k w_k p_k at one element.
   auto mixture = [&](auto lane, int64_t j) {
@@ -405,9 +425,10 @@ T multi_teacher_row(const T* z, const T* zt, int64_t teacher_stride, int64_t n, 
       divergence += weight[k] * (a[k].total() / l_t[k].total() - log_l_t[k] + log_l_s);
   }
   const T hard_weight = T(o.hard_weight);
-  const RawLse<T> lse = hard_weight > 0 ? raw_lse(z, n, m_z, l_s.total(), T(o.temperature))
-                                        : RawLse<T>{};
-  const T loss = T(o.soft_weight) * divergence + hard_ce(z[label], lse, hard_weight);
+  const bool ce = hard_weight > 0 || (o.parts && label >= 0);
+  const RawLse<T> lse = ce ? raw_lse(z, n, m_z, l_s.total(), T(o.temperature)) : RawLse<T>{};
+  const RowLoss<T> loss = row_loss(T(o.soft_weight), divergence, hard_weight,
+                                   ce ? cross_entropy(z[label], lse) : T(0));
   if (g == nullptr) return loss;
 
   const T coef = T(o.soft_weight) * inv_t;  // pass 4: g = soft_weight / T (q - P) + hard
@@ -427,14 +448,16 @@ T multi_teacher_row(const T* z, const T* zt, int64_t teacher_stride, int64_t n, 
 struct SparseOptions {
   bool bucket, reverse;
   double temperature, soft_weight, hard_weight;
+  bool parts;  // parts_out is given: the CE is computed whatever hard_weight is
 };
 
-// Loss of one counted row of student logits z (n) against a sparse teacher: ids (k), its raw
-// logits zt (k, double) and full LSE; writes d loss / d z_s into g (n) when given (g may be z
-// itself: the row's support values, label value and top index are read first). docs/sparse.md.
+// Loss and parts of one counted row of student logits z (n) against a sparse teacher: ids (k),
+// its raw logits zt (k, double) and full LSE; writes d loss / d z_s into g (n) when given (g
+// may be z itself: the row's support values, label value and top index are read first).
+// docs/sparse.md.
 template <typename T>
-T sparse_row(const T* z, const int64_t* ids, const double* zt, double lse, int64_t n,
-             int64_t k, int64_t label, const SparseOptions& o, T* g) {
+RowLoss<T> sparse_row(const T* z, const int64_t* ids, const double* zt, double lse, int64_t n,
+                      int64_t k, int64_t label, const SparseOptions& o, T* g) {
   constexpr T minus_inf = -std::numeric_limits<T>::infinity();
   const T inv_t = T(1) / T(o.temperature);
   const bool hard = o.hard_weight > 0;
@@ -497,9 +520,10 @@ T sparse_row(const T* z, const int64_t* ids, const double* zt, double lse, int64
     divergence += sparse_term<Scalar<T>>(o.reverse, T(log_p[i]), z_ids[i] * inv_t - shift);
   if (has_tail) divergence += sparse_term<Scalar<T>>(o.reverse, log_tail, log_q_tail);
   const T hard_weight = T(o.hard_weight);
-  const RawLse<T> lse_z = hard ? raw_lse(z, n, m_z, l_s, T(o.temperature)) : RawLse<T>{};
-  const T loss = T(o.soft_weight) * divergence + hard_ce(hard ? z[label] : T(0), lse_z,
-                                                         hard_weight);
+  const bool ce = hard || (o.parts && label >= 0);
+  const RawLse<T> lse_z = ce ? raw_lse(z, n, m_z, l_s, T(o.temperature)) : RawLse<T>{};
+  const RowLoss<T> loss = row_loss(T(o.soft_weight), divergence, hard_weight,
+                                   ce ? cross_entropy(z[label], lse_z) : T(0));
   if (g == nullptr) return loss;
 
   // reverse: the entry of the student's mode, rewritten last (the top logit; on S for
@@ -546,21 +570,43 @@ T sparse_row(const T* z, const int64_t* ids, const double* zt, double lse, int64
 constexpr int64_t IGNORED = std::numeric_limits<int64_t>::min();
 
 // Per-row labels as int64: IGNORED where the label is ignore_index, -1 for every row without
-// labels (no hard term then).
+// labels (no hard term then). The labels are read (and range-checked) for the hard term or
+// for parts_out.
 std::vector<int64_t> row_labels(const std::optional<at::Tensor>& labels, int64_t rows,
-                                 int64_t vocab, int64_t ignore_index, bool hard, const char* op) {
+                                 int64_t vocab, int64_t ignore_index, bool hard, bool parts,
+                                 const char* op) {
   std::vector<int64_t> out(rows, -1);
   const std::optional<at::Tensor> flat = int64_labels(labels, rows, hard, op);
   if (!flat.has_value()) return out;
   const int64_t* values = flat->data_ptr<int64_t>();
   for (int64_t r = 0; r < rows; ++r) {
     out[r] = values[r] == ignore_index ? IGNORED : values[r];
-    TORCH_CHECK(!hard || out[r] == IGNORED ||
+    TORCH_CHECK(!(hard || parts) || out[r] == IGNORED ||
                     (out[r] >= 0 && out[r] < vocab),
                 op, ": label ", values[r], " at row ", r, " lies outside [0, ", vocab, ")");
   }
   return out;
 }
+
+// parts_out (C, 2) in the math dtype T, or none: each row's RowLoss parts go to its row.
+template <typename T>
+struct PartsOut {
+  T* data = nullptr;
+  int64_t stride = 0;
+  PartsOut(const std::optional<at::Tensor>& parts_out) {
+    if (parts_out.has_value()) {
+      data = parts_out->data_ptr<T>();
+      stride = parts_out->stride(0);
+    }
+  }
+  // The row's loss into loss[r] and, with parts_out, its divergence and CE into row r.
+  void store(T* loss, int64_t r, const RowLoss<T>& row) const {
+    loss[r] = row.loss;
+    if (data == nullptr) return;
+    data[r * stride] = row.divergence;
+    data[r * stride + 1] = row.cross_entropy;
+  }
+};
 
 // Runs row(r, g_row, spare) for every row in parallel. g_row is grad_out's row when grad_out
 // has the math dtype T (it may alias the logits: the row functions allow it), else a
@@ -595,24 +641,28 @@ at::Tensor kd_rows_cpu(const at::Tensor& student_logits, const at::Tensor& teach
                        const std::optional<at::Tensor>& labels,
                        const std::optional<at::Tensor>& grad_out, c10::string_view divergence,
                        double beta, double temperature, double soft_weight, double hard_weight,
-                       int64_t ignore_index, double alpha) {
+                       int64_t ignore_index, double alpha,
+                       const std::optional<at::Tensor>& parts_out) {
   check_kd_rows(student_logits, teacher_logits, grad_out);
   const int64_t rows = student_logits.size(0), vocab = student_logits.size(1);
-  const KDOptions options{divergence_id(divergence, alpha), beta, temperature, soft_weight,
-                          hard_weight, alpha};
-  const auto label = row_labels(labels, rows, vocab, ignore_index, hard_weight > 0, "kd_rows");
   const at::ScalarType math = math_dtype(student_logits);
+  check_parts_out("kd_rows", parts_out, rows, math);
+  const KDOptions options{divergence_id(divergence, alpha), beta, temperature, soft_weight,
+                          hard_weight, alpha, parts_out.has_value()};
+  const auto label = row_labels(labels, rows, vocab, ignore_index, hard_weight > 0,
+                                parts_out.has_value(), "kd_rows");
   const at::Tensor z = math_logits(student_logits, math), zt = math_logits(teacher_logits, math);
   at::Tensor loss = at::empty({rows}, student_logits.options().dtype(math));
   AT_DISPATCH_FLOATING_TYPES(math, "fastkd_kd_rows", [&] {
     scalar_t* out = loss.data_ptr<scalar_t>();
+    const PartsOut<scalar_t> parts(parts_out);
     for_each_row<scalar_t>(rows, vocab, grad_out, [&](int64_t r, scalar_t* g, scalar_t* spare) {
-      out[r] = 0;
-      if (label[r] == IGNORED) return false;
-      out[r] = kd_row(z.data_ptr<scalar_t>() + r * z.stride(0),
-                      zt.data_ptr<scalar_t>() + r * zt.stride(0), vocab, label[r], options, g,
-                      spare);
-      return true;
+      const bool counted = label[r] != IGNORED;
+      parts.store(out, r, !counted ? RowLoss<scalar_t>{}
+                                   : kd_row(z.data_ptr<scalar_t>() + r * z.stride(0),
+                                            zt.data_ptr<scalar_t>() + r * zt.stride(0), vocab,
+                                            label[r], options, g, spare));
+      return counted;
     });
   });
   return loss;
@@ -625,29 +675,34 @@ at::Tensor multi_teacher_rows_cpu(const at::Tensor& student_logits,
                                   const at::Tensor& weights_out, at::ArrayRef<double> priors,
                                   double temperature, c10::string_view weighting,
                                   double entropy_tau, c10::string_view fusion, double soft_weight,
-                                  double hard_weight, int64_t ignore_index) {
+                                  double hard_weight, int64_t ignore_index,
+                                  const std::optional<at::Tensor>& parts_out) {
   const char* op = "multi_teacher_rows";
   check_multi_teacher_rows(student_logits, teacher_logits, grad_out, weights_out, priors.size(),
                            weighting, fusion);
   const int64_t rows = student_logits.size(0), vocab = student_logits.size(1);
+  const at::ScalarType math = math_dtype(student_logits);
+  check_parts_out(op, parts_out, rows, math);
   MultiTeacherOptions options{{}, temperature, entropy_tau, soft_weight, hard_weight,
                               weighting == "entropy" ? ENTROPY : STATIC,
-                              fusion == "mixture" ? MIXTURE : WEIGHTED_KL};
+                              fusion == "mixture" ? MIXTURE : WEIGHTED_KL, parts_out.has_value()};
   for (double prior : priors) options.log_priors.push_back(std::log(prior));
-  const auto label = row_labels(labels, rows, vocab, ignore_index, hard_weight > 0, op);
-  const at::ScalarType math = math_dtype(student_logits);
+  const auto label = row_labels(labels, rows, vocab, ignore_index, hard_weight > 0,
+                                parts_out.has_value(), op);
   const at::Tensor z = math_logits(student_logits, math);
   const at::Tensor zt = math_logits(teacher_logits, math).contiguous();
   at::Tensor loss = at::empty({rows}, student_logits.options().dtype(math));
   AT_DISPATCH_FLOATING_TYPES(math, "fastkd_multi_teacher_rows", [&] {
     scalar_t* out = loss.data_ptr<scalar_t>();
     float* weights = weights_out.data_ptr<float>();
+    const PartsOut<scalar_t> parts(parts_out);
     for_each_row<scalar_t>(rows, vocab, grad_out, [&](int64_t r, scalar_t* g, scalar_t*) {
       const bool counted = label[r] != IGNORED;
-      out[r] = multi_teacher_row(z.data_ptr<scalar_t>() + r * z.stride(0),
-                                 zt.data_ptr<scalar_t>() + r * vocab, rows * vocab, vocab,
-                                 label[r], counted, options, weights + r * weights_out.stride(0),
-                                 counted ? g : nullptr);
+      parts.store(out, r, multi_teacher_row(z.data_ptr<scalar_t>() + r * z.stride(0),
+                                            zt.data_ptr<scalar_t>() + r * vocab, rows * vocab,
+                                            vocab, label[r], counted, options,
+                                            weights + r * weights_out.stride(0),
+                                            counted ? g : nullptr));
       return counted;
     });
   });
@@ -659,16 +714,19 @@ at::Tensor sparse_kd_rows_cpu(const at::Tensor& student_logits, const at::Tensor
                               const std::optional<at::Tensor>& labels,
                               const std::optional<at::Tensor>& grad_out, c10::string_view tail,
                               c10::string_view divergence, double temperature,
-                              double soft_weight, double hard_weight, int64_t ignore_index) {
+                              double soft_weight, double hard_weight, int64_t ignore_index,
+                              const std::optional<at::Tensor>& parts_out) {
   const char* op = "sparse_kd_rows";
   check_sparse_kd_rows(student_logits, teacher_ids, teacher_logits, teacher_lse, grad_out, tail,
                        divergence);
   const int64_t rows = student_logits.size(0), vocab = student_logits.size(1);
   const int64_t k = teacher_ids.size(1);
-  const SparseOptions options{tail == "bucket", divergence == "reverse_kl", temperature,
-                              soft_weight, hard_weight};
-  const auto label = row_labels(labels, rows, vocab, ignore_index, hard_weight > 0, op);
   const at::ScalarType math = math_dtype(student_logits);
+  check_parts_out(op, parts_out, rows, math);
+  const SparseOptions options{tail == "bucket", divergence == "reverse_kl", temperature,
+                              soft_weight, hard_weight, parts_out.has_value()};
+  const auto label = row_labels(labels, rows, vocab, ignore_index, hard_weight > 0,
+                                parts_out.has_value(), op);
   const at::Tensor z = math_logits(student_logits, math);
   const at::Tensor ids = teacher_ids.contiguous();
   const at::Tensor zt = teacher_logits.to(at::kDouble).contiguous();
@@ -676,13 +734,16 @@ at::Tensor sparse_kd_rows_cpu(const at::Tensor& student_logits, const at::Tensor
   at::Tensor loss = at::empty({rows}, student_logits.options().dtype(math));
   AT_DISPATCH_FLOATING_TYPES(math, "fastkd_sparse_kd_rows", [&] {
     scalar_t* out = loss.data_ptr<scalar_t>();
+    const PartsOut<scalar_t> parts(parts_out);
     for_each_row<scalar_t>(rows, vocab, grad_out, [&](int64_t r, scalar_t* g, scalar_t*) {
-      out[r] = 0;
-      if (label[r] == IGNORED) return false;
-      out[r] = sparse_row(z.data_ptr<scalar_t>() + r * z.stride(0),
-                          ids.data_ptr<int64_t>() + r * k, zt.data_ptr<double>() + r * k,
-                          lse.data_ptr<double>()[r], vocab, k, label[r], options, g);
-      return true;
+      const bool counted = label[r] != IGNORED;
+      parts.store(out, r, !counted ? RowLoss<scalar_t>{}
+                                   : sparse_row(z.data_ptr<scalar_t>() + r * z.stride(0),
+                                                ids.data_ptr<int64_t>() + r * k,
+                                                zt.data_ptr<double>() + r * k,
+                                                lse.data_ptr<double>()[r], vocab, k, label[r],
+                                                options, g));
+      return counted;
     });
   });
   return loss;

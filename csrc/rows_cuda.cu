@@ -92,19 +92,32 @@ __device__ __forceinline__ G store_value(T x) {
   else return to_grad<G>(static_cast<float>(x));
 }
 
+// The row's loss and, with parts (C, 2; null without parts_out), its unweighted divergence and
+// CE (0 where it is not computed); thread 0 writes them.
+template <typename T>
+__device__ __forceinline__ void store_row(T* loss, T* parts, int64_t stride_p, int64_t row,
+                                          T value, T divergence, T ce) {
+  if (threadIdx.x != 0) return;
+  loss[row] = value;
+  if (parts == nullptr) return;
+  parts[row * stride_p] = divergence;
+  parts[row * stride_p + 1] = ce;
+}
+
 struct KDArgs {
-  int64_t vocab, stride_s, stride_t, stride_g, ignore_index;
+  int64_t vocab, stride_s, stride_t, stride_g, stride_p, ignore_index;
   double beta, temperature, soft_weight, hard_weight, alpha;
   int divergence;
   bool has_labels;
 };
 
-// Loss of one row; g (stride_g) receives d loss / d z_s when given. T: the math (and logits)
-// dtype, G: the gradient's.
+// Loss of one row; g (stride_g) receives d loss / d z_s when given, parts (stride_p) the row's
+// divergence and CE when given. T: the math (and logits) dtype, G: the gradient's.
 template <typename T, typename G>
 __global__ void __launch_bounds__(kThreads<T>)
 kd_rows_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
-               const int64_t* __restrict__ labels, G* grad, T* __restrict__ loss, KDArgs o) {
+               const int64_t* __restrict__ labels, G* grad, T* __restrict__ loss,
+               T* __restrict__ parts, KDArgs o) {
   using M = Scalar<T>;
   constexpr int THREADS = kThreads<T>;
   __shared__ T shared[THREADS / 32];
@@ -115,11 +128,13 @@ kd_rows_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
   const int64_t label = o.has_labels ? labels[row] : -1;
   G* g = grad == nullptr ? nullptr : grad + row * o.stride_g;
   if (o.has_labels && label == o.ignore_index) {
-    if (threadIdx.x == 0) loss[row] = T(0);
+    store_row(loss, parts, o.stride_p, row, T(0), T(0), T(0));
     if (g != nullptr)
       for (int64_t j = threadIdx.x; j < V; j += THREADS) g[j] = store_value<G>(T(0));
     return;
   }
+  // the CE: for the hard term, or for parts (with labels)
+  const bool ce = o.hard_weight > 0 || (parts != nullptr && o.has_labels);
   const T inv_t = T(1) / T(o.temperature);
   T max_z = neg_inf<T>(), max_t = neg_inf<T>();
   for (int64_t j = threadIdx.x; j < V; j += THREADS) {
@@ -137,8 +152,11 @@ kd_rows_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
     l_t += e_t;
     if (o.divergence == KL || o.divergence == REVERSE_KL)
       a += divergence_term<M>(o.divergence, ds, dt, e_s, e_t);
-    if (o.hard_weight > 0) l_z += M::exp(z[j] - m_z);
+    if (ce) l_z += M::exp(z[j] - m_z);
   }
+  // z[label] is read by every thread before the block sums below: after them, g (which may
+  // alias z) is written without another barrier
+  const T z_label = ce ? z[label] : T(0);
   l_s = block_sum<THREADS>(l_s, shared);
   l_t = block_sum<THREADS>(l_t, shared);
   a = block_sum<THREADS>(a, shared);
@@ -176,9 +194,10 @@ kd_rows_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
     divergence = one_pass_divergence(o.divergence, a, l_s, l_t);
   }
   if (threadIdx.x == 0) {
+    const T cross_entropy = ce ? log_l_z - (z_label - m_z) : T(0);
     T value = T(o.soft_weight) * divergence;
-    if (o.hard_weight > 0) value += T(o.hard_weight) * (log_l_z - (z[label] - m_z));
-    loss[row] = value;
+    if (o.hard_weight > 0) value += T(o.hard_weight) * cross_entropy;
+    store_row(loss, parts, o.stride_p, row, value, divergence, cross_entropy);
   }
   if (g == nullptr) return;
 
@@ -210,7 +229,7 @@ kd_rows_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
 }
 
 struct MultiTeacherArgs {
-  int64_t vocab, stride_s, stride_g, teacher_stride, ignore_index;
+  int64_t vocab, stride_s, stride_g, stride_p, teacher_stride, ignore_index;
   double log_priors[kMaxTeachers];
   double temperature, entropy_tau, soft_weight, hard_weight;
   int teachers, weighting, fusion;
@@ -218,13 +237,13 @@ struct MultiTeacherArgs {
 };
 
 // Loss of one row against K teachers (teacher + k * teacher_stride + row * vocab); writes the
-// mixing weights w (K) and d loss / d z_s.
+// mixing weights w (K), d loss / d z_s and (parts given) the row's divergence and CE.
 template <typename T, typename G>
 __global__ void __launch_bounds__(kThreads<T>)
 multi_teacher_rows_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
                           const int64_t* __restrict__ labels, G* grad, T* __restrict__ loss,
                           float* __restrict__ weights_out, int64_t stride_w,
-                          MultiTeacherArgs o) {
+                          T* __restrict__ parts, MultiTeacherArgs o) {
   using M = Scalar<T>;
   constexpr int THREADS = kThreads<T>;
   __shared__ T shared[THREADS / 32];
@@ -236,6 +255,7 @@ multi_teacher_rows_kernel(const T* __restrict__ student, const T* __restrict__ t
   const bool counted = !(o.has_labels && label == o.ignore_index);
   G* g = grad == nullptr ? nullptr : grad + row * o.stride_g;
   const T inv_t = T(1) / T(o.temperature);
+  const bool ce = o.hard_weight > 0 || (parts != nullptr && o.has_labels);
 
   T max_z = neg_inf<T>(), m_t[kMaxTeachers];
   for (int k = 0; k < K; ++k) m_t[k] = neg_inf<T>();
@@ -251,7 +271,7 @@ multi_teacher_rows_kernel(const T* __restrict__ student, const T* __restrict__ t
   for (int64_t j = threadIdx.x; j < V; j += THREADS) {
     T ds = z[j] * inv_t - m_s;
     l_s += M::exp(ds);
-    if (o.hard_weight > 0) l_z += M::exp(z[j] - m_z);
+    if (ce) l_z += M::exp(z[j] - m_z);
     for (int k = 0; k < K; ++k) {
       T dt = zt[k * o.teacher_stride + j] * inv_t - m_t[k];
       T e_t = M::exp(dt);
@@ -260,6 +280,7 @@ multi_teacher_rows_kernel(const T* __restrict__ student, const T* __restrict__ t
       if (o.fusion == WEIGHTED_KL) a[k] += M::xlogy(e_t, dt - ds);
     }
   }
+  const T z_label = ce && counted ? z[label] : T(0);  // before the block sums (see kd_rows)
   l_s = block_sum<THREADS>(l_s, shared);
   const T log_l_s = log_(l_s), log_l_z = log_(block_sum<THREADS>(l_z, shared));
   T log_l_t[kMaxTeachers], w[kMaxTeachers], top = neg_inf<T>(), w_sum = 0;
@@ -277,7 +298,7 @@ multi_teacher_rows_kernel(const T* __restrict__ student, const T* __restrict__ t
   if (threadIdx.x < K)
     weights_out[row * stride_w + threadIdx.x] = static_cast<float>(w[threadIdx.x]);
   if (!counted) {
-    if (threadIdx.x == 0) loss[row] = T(0);
+    store_row(loss, parts, o.stride_p, row, T(0), T(0), T(0));
     if (g != nullptr)
       for (int64_t j = threadIdx.x; j < V; j += THREADS) g[j] = store_value<G>(T(0));
     return;
@@ -299,9 +320,10 @@ multi_teacher_rows_kernel(const T* __restrict__ student, const T* __restrict__ t
     for (int k = 0; k < K; ++k) divergence += w[k] * (a[k] / l_t[k] - log_l_t[k] + log_l_s);
   }
   if (threadIdx.x == 0) {
+    const T cross_entropy = ce ? log_l_z - (z_label - m_z) : T(0);
     T value = T(o.soft_weight) * divergence;
-    if (o.hard_weight > 0) value += T(o.hard_weight) * (log_l_z - (z[label] - m_z));
-    loss[row] = value;
+    if (o.hard_weight > 0) value += T(o.hard_weight) * cross_entropy;
+    store_row(loss, parts, o.stride_p, row, value, divergence, cross_entropy);
   }
   if (g == nullptr) return;
   const T coef = T(o.soft_weight) * inv_t;
@@ -314,7 +336,7 @@ multi_teacher_rows_kernel(const T* __restrict__ student, const T* __restrict__ t
 }
 
 struct SparseArgs {
-  int64_t vocab, k, stride_s, stride_g, ignore_index;
+  int64_t vocab, k, stride_s, stride_g, stride_p, ignore_index;
   double temperature, soft_weight, hard_weight;
   bool bucket, reverse, has_labels;
 };
@@ -327,7 +349,7 @@ __global__ void __launch_bounds__(kThreads<T>, 1)
 sparse_kd_rows_kernel(const T* __restrict__ student, const int64_t* __restrict__ teacher_ids,
                       const double* __restrict__ teacher, const double* __restrict__ teacher_lse,
                       const int64_t* __restrict__ labels, G* grad, T* __restrict__ loss,
-                      T* __restrict__ log_p_scratch, SparseArgs o) {
+                      T* __restrict__ log_p_scratch, T* __restrict__ parts, SparseArgs o) {
   using M = Scalar<T>;
   constexpr int THREADS = kThreads<T>;
   extern __shared__ uint32_t support[];
@@ -341,11 +363,12 @@ sparse_kd_rows_kernel(const T* __restrict__ student, const int64_t* __restrict__
   const int64_t label = o.has_labels ? labels[row] : -1;
   G* g = grad == nullptr ? nullptr : grad + row * o.stride_g;
   if (o.has_labels && label == o.ignore_index) {
-    if (threadIdx.x == 0) loss[row] = T(0);
+    store_row(loss, parts, o.stride_p, row, T(0), T(0), T(0));
     if (g != nullptr)
       for (int64_t j = threadIdx.x; j < V; j += THREADS) g[j] = store_value<G>(T(0));
     return;
   }
+  const bool ce = o.hard_weight > 0 || (parts != nullptr && o.has_labels);
   const int64_t words = (V + 31) / 32;
   for (int64_t w = threadIdx.x; w < words; w += THREADS) support[w] = 0u;
   __syncthreads();
@@ -384,9 +407,10 @@ sparse_kd_rows_kernel(const T* __restrict__ student, const int64_t* __restrict__
   T l_off = 0, l_z = 0, l_ids = 0;
   for (int64_t j = threadIdx.x; j < V; j += THREADS) {
     if (m_off > neg_inf<T>() && !in_support(j)) l_off += M::exp(z[j] * inv_t - m_off);
-    if (o.hard_weight > 0) l_z += M::exp(z[j] - m_z);
+    if (ce) l_z += M::exp(z[j] - m_z);
   }
   for (int64_t i = threadIdx.x; i < K; i += THREADS) l_ids += M::exp(z[ids[i]] * inv_t - m_ids);
+  const T z_label = ce ? z[label] : T(0);  // before the block sums (see kd_rows)
   l_off = block_sum<THREADS>(l_off, shared);
   l_ids = block_sum<THREADS>(l_ids, shared);
   const T log_l_z = log_(block_sum<THREADS>(l_z, shared));
@@ -403,9 +427,10 @@ sparse_kd_rows_kernel(const T* __restrict__ student, const int64_t* __restrict__
   divergence = block_sum<THREADS>(divergence, shared);
   if (has_tail) divergence += sparse_term<M>(o.reverse, log_tail, log_q_tail);
   if (threadIdx.x == 0) {
+    const T cross_entropy = ce ? log_l_z - (z_label - m_z) : T(0);
     T value = T(o.soft_weight) * divergence;
-    if (o.hard_weight > 0) value += T(o.hard_weight) * (log_l_z - (z[label] - m_z));
-    loss[row] = value;
+    if (o.hard_weight > 0) value += T(o.hard_weight) * cross_entropy;
+    store_row(loss, parts, o.stride_p, row, value, divergence, cross_entropy);
   }
   if (g == nullptr) return;
 
@@ -458,11 +483,11 @@ sparse_kd_rows_kernel(const T* __restrict__ student, const int64_t* __restrict__
 // The kernels-only build (the sm_90 compile test) instantiates every variant the ops launch.
 #define FASTKD_INSTANTIATE(T, G)                                                              \
   template __global__ void kd_rows_kernel<T, G>(const T*, const T*, const int64_t*, G*, T*,    \
-                                                KDArgs);                                       \
+                                                T*, KDArgs);                                   \
   template __global__ void multi_teacher_rows_kernel<T, G>(                                    \
-      const T*, const T*, const int64_t*, G*, T*, float*, int64_t, MultiTeacherArgs);        \
+      const T*, const T*, const int64_t*, G*, T*, float*, int64_t, T*, MultiTeacherArgs);    \
   template __global__ void sparse_kd_rows_kernel<T, G>(                                        \
-      const T*, const int64_t*, const double*, const double*, const int64_t*, G*, T*, T*,      \
+      const T*, const int64_t*, const double*, const double*, const int64_t*, G*, T*, T*, T*,  \
       SparseArgs);
 FASTKD_INSTANTIATE(float, float)
 FASTKD_INSTANTIATE(float, __nv_bfloat16)
@@ -484,6 +509,12 @@ FASTKD_INSTANTIATE(double, double)
 
 namespace fastkd {
 namespace {
+
+// parts_out's data in the math dtype T (checked), or null without parts_out.
+template <typename T>
+T* parts_data(const std::optional<at::Tensor>& parts_out) {
+  return parts_out.has_value() ? static_cast<T*>(parts_out->data_ptr()) : nullptr;
+}
 
 // Calls launch(T{}, G{}) with T the math dtype of the logits and G the gradient's CUDA type.
 template <typename Launch>
@@ -507,18 +538,21 @@ at::Tensor kd_rows_cuda(const at::Tensor& student_logits, const at::Tensor& teac
                         const std::optional<at::Tensor>& labels,
                         const std::optional<at::Tensor>& grad_out, c10::string_view divergence,
                         double beta, double temperature, double soft_weight, double hard_weight,
-                        int64_t ignore_index, double alpha) {
+                        int64_t ignore_index, double alpha,
+                        const std::optional<at::Tensor>& parts_out) {
   check_kd_rows(student_logits, teacher_logits, grad_out);
   c10::cuda::CUDAGuard guard(student_logits.device());
   const int64_t rows = student_logits.size(0), vocab = student_logits.size(1);
   const at::ScalarType math = math_dtype(student_logits);
+  check_parts_out("kd_rows", parts_out, rows, math);
   const at::Tensor z = math_logits(student_logits, math), zt = math_logits(teacher_logits, math);
   const auto label = int64_labels(labels, rows, hard_weight > 0, "kd_rows");
   at::Tensor loss = at::empty({rows}, student_logits.options().dtype(math));
   if (rows == 0) return loss;
   KDArgs args{vocab, z.stride(0), zt.stride(0), grad_out.has_value() ? grad_out->stride(0) : 0,
-              ignore_index, beta, temperature, soft_weight, hard_weight, alpha,
-              divergence_id(divergence, alpha), label.has_value()};
+              parts_out.has_value() ? parts_out->stride(0) : 0, ignore_index, beta, temperature,
+              soft_weight, hard_weight, alpha, divergence_id(divergence, alpha),
+              label.has_value()};
   dispatch(math, grad_out, [&](auto t, auto g) {
     using T = decltype(t);
     using G = decltype(g);
@@ -526,7 +560,7 @@ at::Tensor kd_rows_cuda(const at::Tensor& student_logits, const at::Tensor& teac
         static_cast<const T*>(z.data_ptr()), static_cast<const T*>(zt.data_ptr()),
         label.has_value() ? label->data_ptr<int64_t>() : nullptr,
         grad_out.has_value() ? static_cast<G*>(grad_out->data_ptr()) : nullptr,
-        static_cast<T*>(loss.data_ptr()), args);
+        static_cast<T*>(loss.data_ptr()), parts_data<T>(parts_out), args);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return loss;
@@ -540,7 +574,8 @@ at::Tensor multi_teacher_rows_cuda(const at::Tensor& student_logits,
                                    double temperature, c10::string_view weighting,
                                    double entropy_tau, c10::string_view fusion,
                                    double soft_weight, double hard_weight,
-                                   int64_t ignore_index) {
+                                   int64_t ignore_index,
+                                   const std::optional<at::Tensor>& parts_out) {
   check_multi_teacher_rows(student_logits, teacher_logits, grad_out, weights_out, priors.size(),
                            weighting, fusion);
   TORCH_CHECK(static_cast<int64_t>(priors.size()) <= kMaxTeachers,
@@ -551,6 +586,7 @@ at::Tensor multi_teacher_rows_cuda(const at::Tensor& student_logits,
   const at::ScalarType math = math_dtype(student_logits);
   const at::Tensor z = math_logits(student_logits, math);
   const at::Tensor zt = math_logits(teacher_logits, math).contiguous();
+  check_parts_out("multi_teacher_rows", parts_out, rows, math);
   const auto label = int64_labels(labels, rows, hard_weight > 0, "multi_teacher_rows");
   at::Tensor loss = at::empty({rows}, student_logits.options().dtype(math));
   if (rows == 0) return loss;
@@ -558,6 +594,7 @@ at::Tensor multi_teacher_rows_cuda(const at::Tensor& student_logits,
   args.vocab = vocab;
   args.stride_s = z.stride(0);
   args.stride_g = grad_out.has_value() ? grad_out->stride(0) : 0;
+  args.stride_p = parts_out.has_value() ? parts_out->stride(0) : 0;
   args.teacher_stride = rows * vocab;
   args.ignore_index = ignore_index;
   for (size_t k = 0; k < priors.size(); ++k) args.log_priors[k] = std::log(priors[k]);
@@ -577,7 +614,7 @@ at::Tensor multi_teacher_rows_cuda(const at::Tensor& student_logits,
         label.has_value() ? label->data_ptr<int64_t>() : nullptr,
         grad_out.has_value() ? static_cast<G*>(grad_out->data_ptr()) : nullptr,
         static_cast<T*>(loss.data_ptr()), weights_out.data_ptr<float>(), weights_out.stride(0),
-        args);
+        parts_data<T>(parts_out), args);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return loss;
@@ -588,12 +625,14 @@ at::Tensor sparse_kd_rows_cuda(const at::Tensor& student_logits, const at::Tenso
                                const std::optional<at::Tensor>& labels,
                                const std::optional<at::Tensor>& grad_out, c10::string_view tail,
                                c10::string_view divergence, double temperature,
-                               double soft_weight, double hard_weight, int64_t ignore_index) {
+                               double soft_weight, double hard_weight, int64_t ignore_index,
+                               const std::optional<at::Tensor>& parts_out) {
   check_sparse_kd_rows(student_logits, teacher_ids, teacher_logits, teacher_lse, grad_out, tail,
                        divergence);
   c10::cuda::CUDAGuard guard(student_logits.device());
   const int64_t rows = student_logits.size(0), vocab = student_logits.size(1);
   const at::ScalarType math = math_dtype(student_logits);
+  check_parts_out("sparse_kd_rows", parts_out, rows, math);
   const at::Tensor z = math_logits(student_logits, math);
   const at::Tensor ids = teacher_ids.contiguous();
   const at::Tensor zt = teacher_logits.to(at::kDouble).contiguous();
@@ -603,7 +642,8 @@ at::Tensor sparse_kd_rows_cuda(const at::Tensor& student_logits, const at::Tenso
   if (rows == 0) return loss;
   at::Tensor log_p = at::empty(ids.sizes(), student_logits.options().dtype(math));
   SparseArgs args{vocab, ids.size(1), z.stride(0),
-                  grad_out.has_value() ? grad_out->stride(0) : 0, ignore_index, temperature,
+                  grad_out.has_value() ? grad_out->stride(0) : 0,
+                  parts_out.has_value() ? parts_out->stride(0) : 0, ignore_index, temperature,
                   soft_weight, hard_weight, tail == "bucket", divergence == "reverse_kl",
                   label.has_value()};
   const size_t mask_bytes = static_cast<size_t>((vocab + 31) / 32) * sizeof(uint32_t);
@@ -618,7 +658,8 @@ at::Tensor sparse_kd_rows_cuda(const at::Tensor& student_logits, const at::Tenso
         static_cast<const T*>(z.data_ptr()), ids.data_ptr<int64_t>(), zt.data_ptr<double>(),
         lse.data_ptr<double>(), label.has_value() ? label->data_ptr<int64_t>() : nullptr,
         grad_out.has_value() ? static_cast<G*>(grad_out->data_ptr()) : nullptr,
-        static_cast<T*>(loss.data_ptr()), static_cast<T*>(log_p.data_ptr()), args);
+        static_cast<T*>(loss.data_ptr()), static_cast<T*>(log_p.data_ptr()),
+        parts_data<T>(parts_out), args);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return loss;

@@ -136,6 +136,13 @@ def check_real(name: str, value: object) -> float:
     return float(value)
 
 
+def check_bool(name: str, value: object) -> bool:
+    """A bool (True or False), not a number or a tensor."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__}")
+    return value
+
+
 def check_int(name: str, value: object) -> int:
     """An integer: a Python or NumPy integer, not a bool."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

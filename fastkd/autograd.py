@@ -4,6 +4,10 @@ Teachers are constants. For ``reduction="mean"`` / ``"sum"`` the student gradien
 during forward (the loss is terminal and the teacher frozen) and backward only scales them by
 grad_output. For ``"none"`` the incoming per-token gradient is unknown at forward time, so
 backward runs the chunk driver again with it as the per-token scale.
+
+With ``want_parts`` a Function also returns the per-token parts (N, 2) (the unweighted
+divergence and CE that the row ops wrote in the same pass) as a second, non-differentiable
+output; the public functions reduce them.
 """
 
 from __future__ import annotations
@@ -91,33 +95,36 @@ class ChunkedKDFunction(torch.autograd.Function):
         plan: ChunkPlan,
         compute_grad: bool,
         loss_name: str = "fused_kd_loss",
-    ) -> torch.Tensor:
+        want_parts: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         ctx.loss_name = loss_name
         student = Linear(student_hidden, student_weight, student_bias)
         need = tuple(ctx.needs_input_grad[:3]) if compute_grad else (False, False, False)
         ctx.reduction = reduction
         acc_dtype = accumulation_dtype(student_weight)
+        parts = _parts_buffer(want_parts, student_hidden.shape[0], acc_dtype, student_hidden.device)
         if reduction == "none":
-            loss, _ = chunked_kd(student, teachers, labels, row_op, None, need, plan)
+            loss, _ = chunked_kd(student, teachers, labels, row_op, None, need, plan,
+                                 parts=parts)
             ctx.replay = (teachers, row_op, need, plan, ignore_index)
             ctx.save_for_backward(student_hidden, student_weight, student_bias, labels)
-            return loss
+            return _with_parts(ctx, loss, parts)
         count = counted_tokens(labels, student_hidden.shape[0], ignore_index, student_hidden.device)
         scale = reduction_scale(count, reduction, acc_dtype)
         loss, grads = chunked_kd(
             student, teachers, labels, row_op, scale if any(need) else None, need, plan,
-            ignore_index,
+            ignore_index, parts,
         )
         ctx.save_for_backward(  # fp32 accumulators cast to the weight's dtype
             grads.hidden,
             _cast(grads.weight, student_weight.dtype),
             _cast(grads.bias, student_weight.dtype),
         )
-        return loss.sum() * scale
+        return _with_parts(ctx, loss.sum() * scale, parts)
 
     @staticmethod
     @first_order
-    def backward(ctx, grad_output: torch.Tensor):
+    def backward(ctx, grad_output: torch.Tensor, grad_parts: torch.Tensor | None = None):
         if ctx.reduction == "none":  # replay the chunks with g_i = d out / d loss_i
             hidden, weight, bias, labels = ctx.saved_tensors
             teachers, row_op, need, plan, ignore_index = ctx.replay
@@ -135,7 +142,7 @@ class ChunkedKDFunction(torch.autograd.Function):
         else:
             grads = tuple(None if g is None else g * grad_output.to(g.dtype)
                           for g in ctx.saved_tensors)
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 class KDLossFunction(torch.autograd.Function):
@@ -156,35 +163,53 @@ class KDLossFunction(torch.autograd.Function):
         ignore_index: int,
         chunk_size: int,
         compute_grad: bool,
-    ) -> torch.Tensor:
+        want_parts: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         ctx.loss_name = "kd_loss"
         tokens = student_logits.shape[0]
         grad = torch.empty_like(student_logits) if compute_grad else None
         loss = torch.empty(tokens, dtype=accumulation_dtype(student_logits),
                            device=student_logits.device)
+        parts = _parts_buffer(want_parts, tokens, loss.dtype, loss.device)
         for start in range(0, tokens, chunk_size):
             rows = slice(start, start + chunk_size)
             loss[rows] = row_op(
                 rows, student_logits[rows], teacher_logits[None, rows],
                 None if labels is None else labels[rows],
                 None if grad is None else grad[rows],
+                None if parts is None else parts[rows],
             )
         ctx.reduction = reduction
         if reduction == "none":
             ctx.save_for_backward(grad)
-            return loss
+            return _with_parts(ctx, loss, parts)
         count = counted_tokens(labels, tokens, ignore_index, student_logits.device)
         scale = reduction_scale(count, reduction, loss.dtype)
         ctx.save_for_backward(None if grad is None else grad.mul_(scale.to(grad.dtype)))
-        return loss.sum() * scale
+        return _with_parts(ctx, loss.sum() * scale, parts)
 
     @staticmethod
     @first_order
-    def backward(ctx, grad_output: torch.Tensor):
+    def backward(ctx, grad_output: torch.Tensor, grad_parts: torch.Tensor | None = None):
         (grad,) = ctx.saved_tensors
         if ctx.reduction == "none":
             grad_output = grad_output[:, None]
-        return grad * grad_output.to(grad.dtype), None, None, None, None, None, None, None
+        return grad * grad_output.to(grad.dtype), None, None, None, None, None, None, None, None
+
+
+def _parts_buffer(
+    want_parts: bool, tokens: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor | None:
+    """The per-token parts (N, 2) the row ops fill (divergence, CE), or None."""
+    return torch.empty(tokens, 2, dtype=dtype, device=device) if want_parts else None
+
+
+def _with_parts(ctx, loss: torch.Tensor, parts: torch.Tensor | None):
+    """``loss``, or ``(loss, parts)`` with the parts marked non-differentiable."""
+    if parts is None:
+        return loss
+    ctx.mark_non_differentiable(parts)
+    return loss, parts
 
 
 def _cast(grad: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

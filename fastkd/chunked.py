@@ -55,14 +55,17 @@ def chunked_kd(
     need: tuple[bool, bool, bool],
     plan: ChunkPlan,
     ignore_index: int | None = None,
+    parts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, StudentGrads]:
     """Per-token loss (N,) (fp32; fp64 for fp64) and the student gradients of sum_i g_i loss_i.
 
-    ``row_op(rows, student_logits (C, V), teacher_logits (K, C, V), labels, grad_out)``
-    returns the chunk's loss and fills ``grad_out``. ``token_scale`` g is a scalar or (N,)
-    tensor (None: no gradients); ``need`` says which of the (hidden, weight, bias) gradients
-    to build. Tokens whose label is ``ignore_index`` add nothing to any gradient, even where
-    their hidden states are NaN or inf.
+    ``row_op(rows, student_logits (C, V), teacher_logits (K, C, V), labels, grad_out,
+    parts_out)`` returns the chunk's loss and fills ``grad_out`` and ``parts_out``; ``parts``
+    (N, 2) in the loss's dtype, when given, receives each token's unweighted divergence and CE
+    from the same pass (``parts_out`` is its chunk's rows; None without it). ``token_scale`` g
+    is a scalar or (N,) tensor (None: no gradients); ``need`` says which of the (hidden,
+    weight, bias) gradients to build. Tokens whose label is ``ignore_index`` add nothing to
+    any gradient, even where their hidden states are NaN or inf.
     """
     tokens, vocab = student.hidden.shape[0], student.weight.shape[0]
     device = student.hidden.device
@@ -101,7 +104,8 @@ def chunked_kd(
                 grad_logits = student_logits if in_place else grad_buffer[
                     start - grad_start : rows.stop - grad_start]
             chunk_labels = labels[rows] if labels is not None else None
-            loss[rows] = row_op(rows, student_logits, teacher_logits, chunk_labels, grad_logits)
+            loss[rows] = row_op(rows, student_logits, teacher_logits, chunk_labels, grad_logits,
+                                None if parts is None else parts[rows])
         if want_grads:
             grad_logits = student_buffer if in_place else grad_buffer
             counted = None

@@ -13,6 +13,7 @@ import torch
 
 from fastkd._checks import (
     REDUCTIONS,
+    check_bool,
     check_choice,
     check_floating,
     check_int,
@@ -25,7 +26,12 @@ from fastkd._checks import (
     check_vocab,
     resolve_backend,
 )
-from fastkd.autograd import ChunkedKDFunction, KDLossFunction
+from fastkd.autograd import (
+    ChunkedKDFunction,
+    KDLossFunction,
+    counted_tokens,
+    reduction_scale,
+)
 from fastkd.chunked import Linear
 from fastkd.matmul import HALF
 from fastkd.ops import kd_arguments, row_op
@@ -54,7 +60,8 @@ def fused_kd_loss(
     reduction: str = "mean",
     backend: str = "auto",
     chunk_size: int | None = None,
-) -> torch.Tensor:
+    return_parts: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Distillation loss straight from hidden states and lm_head weights.
 
     Logits ``z = hidden @ weight.T + bias`` are formed chunk by chunk of tokens and never held
@@ -89,9 +96,15 @@ def fused_kd_loss(
             build), "triton", "torch", "cpp" (C++, CPU) or "cuda" (CUDA C++).
         chunk_size: tokens per chunk; by default the fastest plan within the
             ``FASTKD_CHUNK_MEMORY`` cap on the chunk's working set (fastkd/plan.py).
+        return_parts: also return the loss's two parts from the same pass (see Returns).
 
     Returns:
-        A scalar fp32 loss (fp64 for fp64 inputs), or (*) for ``reduction="none"``.
+        A scalar fp32 loss (fp64 for fp64 inputs), or (*) for ``reduction="none"``. With
+        ``return_parts``: ``(loss, soft, hard)``, soft the unweighted divergence D and hard the
+        unweighted CE (T = 1; zeros without labels), each reduced like the loss, so that
+        loss = soft_weight * soft + hard_weight * hard up to rounding. Both are computed
+        whatever the weights are (soft_weight = 0 still gives D), and both are detached: no
+        gradient flows through them (the loss's gradient is unchanged).
     """
     student_hidden = check_floating("student_hidden", student_hidden)
     student_weight = check_floating("student_weight", student_weight, ndim=2)
@@ -111,14 +124,16 @@ def fused_kd_loss(
     ])
     options = _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_index,
                           alpha)
-    token_labels = flat_labels(labels, leading, vocab, options)
+    return_parts = check_bool("return_parts", return_parts)
+    token_labels = flat_labels(labels, leading, vocab, options, return_parts)
     check_choice("reduction", reduction, REDUCTIONS)
     backend = resolve_backend(backend, device, native=True)
     teacher = Linear(teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).contiguous(),
                      teacher_weight.detach(),
                      None if teacher_bias is None else teacher_bias.detach())
     return chunked_loss(student_hidden, student_weight, student_bias, [teacher], token_labels,
-                        _row_op(backend, options), reduction, ignore_index, chunk_size, backend)
+                        _row_op(backend, options), reduction, ignore_index, chunk_size, backend,
+                        return_parts=return_parts)
 
 
 def kd_loss(
@@ -135,7 +150,8 @@ def kd_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     backend: str = "auto",
-) -> torch.Tensor:
+    return_parts: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The loss of ``fused_kd_loss`` on logits that are already materialized.
 
     Args:
@@ -144,7 +160,8 @@ def kd_loss(
         labels: (*) token ids or None; other arguments as in ``fused_kd_loss``.
 
     Returns:
-        A scalar fp32 loss (fp64 for fp64 inputs), or (*) for ``reduction="none"``.
+        A scalar fp32 loss (fp64 for fp64 inputs), or (*) for ``reduction="none"``; with
+        ``return_parts``, ``(loss, soft, hard)`` as in ``fused_kd_loss`` (detached).
     """
     student_logits = check_floating("student_logits", student_logits)
     teacher_logits = check_floating("teacher_logits", teacher_logits)
@@ -159,11 +176,12 @@ def kd_loss(
     vocab = check_vocab("student_logits", student_logits.shape, -1)
     options = _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_index,
                           alpha)
-    token_labels = flat_labels(labels, leading, vocab, options)
+    return_parts = check_bool("return_parts", return_parts)
+    token_labels = flat_labels(labels, leading, vocab, options, return_parts)
     check_choice("reduction", reduction, REDUCTIONS)
     backend = resolve_backend(backend, device, native=True)
     row_op = _row_op(backend, options)
-    loss = KDLossFunction.apply(
+    out = KDLossFunction.apply(
         student_logits.reshape(-1, vocab).contiguous(),
         teacher_logits.detach().reshape(-1, vocab).contiguous(),
         token_labels,
@@ -173,8 +191,9 @@ def kd_loss(
         plan_chunks(vocab, 1, backend, half_weights=False,
                     device_type=student_logits.device.type).rows,
         torch.is_grad_enabled() and student_logits.requires_grad,
+        return_parts,
     )
-    return loss.reshape(leading) if reduction == "none" else loss
+    return _shaped(out, return_parts, token_labels, ignore_index, reduction, leading)
 
 
 def check_linear(
@@ -257,8 +276,10 @@ def _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_
     )
 
 
-def flat_labels(labels, leading: torch.Size, vocab: int, options) -> torch.Tensor | None:
-    """Labels checked against the leading shape (and vocab when hard_weight > 0), flattened."""
+def flat_labels(labels, leading: torch.Size, vocab: int, options,
+                parts: bool = False) -> torch.Tensor | None:
+    """Labels checked against the leading shape (and vocab when hard_weight > 0, or for
+    ``parts``: return_parts computes the CE whatever hard_weight is), flattened."""
     if labels is None:
         if options.hard_weight > 0:
             raise ValueError(f"hard_weight={options.hard_weight} needs labels, got labels=None")
@@ -266,7 +287,7 @@ def flat_labels(labels, leading: torch.Size, vocab: int, options) -> torch.Tenso
     # int64 for every check and backend: comparing int32 labels with an ignore_index outside
     # the int32 range would wrap it in torch but not in the kernels
     labels = check_labels(labels, leading).to(torch.int64)
-    if options.hard_weight > 0:
+    if options.hard_weight > 0 or parts:
         check_label_range(labels, vocab, options.ignore_index)
     return labels.reshape(-1).contiguous()
 
@@ -283,12 +304,14 @@ def chunked_loss(
     chunk_size: int | None,
     backend: str,
     loss_name: str = "fused_kd_loss",
-) -> torch.Tensor:
+    return_parts: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The chunk-driven loss of checked inputs, in the student's leading shape for "none".
 
     student_hidden (*, Hs), student_weight (V, Hs), student_bias (V,) or None; ``teachers``
     hold flattened, detached hidden (N, Ht_k), weight (V, Ht_k) and bias; ``chunk_size``
     tokens per chunk (checked here), or None for the plan's choice (fastkd/plan.py).
+    With ``return_parts``: ``(loss, soft, hard)``, the parts reduced like the loss.
     """
     if chunk_size is not None:  # a bool is an int to isinstance: check_int refuses it
         chunk_size = check_int("chunk_size", chunk_size)
@@ -300,21 +323,42 @@ def chunked_loss(
                        widths, student_hidden.shape[:-1].numel())
     student_grad = any(t is not None and t.requires_grad
                        for t in (student_hidden, student_weight, student_bias))
-    loss = ChunkedKDFunction.apply(
+    out = ChunkedKDFunction.apply(
         student_hidden.reshape(-1, student_hidden.shape[-1]).contiguous(), student_weight,
         student_bias, teachers, labels, row_op, reduction, ignore_index, plan,
-        torch.is_grad_enabled() and student_grad, loss_name,
+        torch.is_grad_enabled() and student_grad, loss_name, return_parts,
     )
-    return loss.reshape(student_hidden.shape[:-1]) if reduction == "none" else loss
+    return _shaped(out, return_parts, labels, ignore_index, reduction, student_hidden.shape[:-1])
+
+
+def _shaped(out, return_parts: bool, labels: torch.Tensor | None, ignore_index: int,
+            reduction: str, leading: torch.Size):
+    """A Function's output in the public shape: the loss ((*) for "none"), or with
+    ``return_parts`` ``(loss, soft, hard)``, the per-token parts (N, 2) reduced like the loss:
+    summed ("sum"), over the counted tokens ("mean", the loss's scale) or per token ("none")."""
+    loss, parts = out if return_parts else (out, None)
+    if reduction == "none":
+        loss = loss.reshape(leading)
+    if parts is None:
+        return loss
+    if reduction == "none":
+        return loss, parts[:, 0].reshape(leading), parts[:, 1].reshape(leading)
+    total = parts.sum(dim=0)
+    if reduction == "mean":
+        count = counted_tokens(labels, parts.shape[0], ignore_index, parts.device)
+        total = total * reduction_scale(count, reduction, parts.dtype)
+    return loss, total[0], total[1]
 
 
 def _row_op(backend: str, options: KDOptions):
-    """The row op of one teacher: ``op(rows, student, teachers (1, C, V), labels, grad_out)``."""
+    """The row op of one teacher: ``op(rows, student, teachers (1, C, V), labels, grad_out,
+    parts_out)``."""
     return partial(_one_teacher, row_op(backend, "kd_rows"), kd_arguments(options))
 
 
-def _one_teacher(op, arguments, rows, student_logits, teacher_logits, labels, grad_out):
-    return op(student_logits, teacher_logits[0], labels, grad_out, *arguments)
+def _one_teacher(op, arguments, rows, student_logits, teacher_logits, labels, grad_out,
+                 parts_out=None):
+    return op(student_logits, teacher_logits[0], labels, grad_out, *arguments, parts_out)
 
 
 __all__ = ["fused_kd_loss", "kd_loss"]

@@ -13,6 +13,7 @@ import torch
 
 from fastkd._checks import (
     REDUCTIONS,
+    check_bool,
     check_choice,
     check_floating,
     check_int,
@@ -55,6 +56,7 @@ def multi_teacher_kd_loss(
     backend: str = "auto",
     return_mixing: bool = False,
     chunk_size: int | None = None,
+    return_parts: bool = False,
 ):
     """Distill one student from K teachers that share its vocabulary.
 
@@ -76,9 +78,14 @@ def multi_teacher_kd_loss(
         labels: (*) token ids or None; reduction, ignore_index, backend, chunk_size as in
             ``fused_kd_loss``.
         return_mixing: also return the weights w, shaped (*, K).
+        return_parts: also return soft = D and hard = CE (T = 1; zeros without labels), each
+            unweighted, reduced like the loss and detached (from the same pass; see
+            ``fused_kd_loss``): loss = soft_weight * soft + hard_weight * hard.
 
     Returns:
-        The loss (scalar, or (*) for ``reduction="none"``), or ``(loss, w)``.
+        The loss (scalar, or (*) for ``reduction="none"``), followed by ``soft, hard`` with
+        ``return_parts`` and by ``w`` with ``return_mixing``: ``loss``, ``(loss, w)``,
+        ``(loss, soft, hard)`` or ``(loss, soft, hard, w)``.
     """
     student_hidden = check_floating("student_hidden", student_hidden)
     student_weight = check_floating("student_weight", student_weight, ndim=2)
@@ -108,14 +115,17 @@ def multi_teacher_kd_loss(
         hard_weight=hard_weight,
         ignore_index=check_int("ignore_index", ignore_index),
     )
-    labels = flat_labels(labels, leading, vocab, options)
+    return_parts = check_bool("return_parts", return_parts)
+    labels = flat_labels(labels, leading, vocab, options, return_parts)
     tokens = leading.numel()
     mixing = torch.empty(tokens, len(teachers), dtype=torch.float32, device=device)
     backend = resolve_backend(backend, device, native=True)
-    loss = chunked_loss(student_hidden, student_weight, student_bias, teachers, labels,
-                        _row_op(backend, options, mixing), reduction, ignore_index, chunk_size,
-                        backend, "multi_teacher_kd_loss")
-    return (loss, mixing.reshape(*leading, len(teachers))) if return_mixing else loss
+    out = chunked_loss(student_hidden, student_weight, student_bias, teachers, labels,
+                       _row_op(backend, options, mixing), reduction, ignore_index, chunk_size,
+                       backend, "multi_teacher_kd_loss", return_parts)
+    if not return_mixing:
+        return out
+    return (*(out if return_parts else (out,)), mixing.reshape(*leading, len(teachers)))
 
 
 def _check_teachers(student_hidden, student_weight, hiddens, weights, biases) -> list[Linear]:
@@ -170,10 +180,12 @@ def _normalized_priors(priors, teachers: int) -> tuple[float, ...]:
 
 
 def _row_op(backend: str, options: MultiTeacherOptions, mixing: torch.Tensor):
-    """``op(rows, student, teachers (K, C, V), labels, grad_out)``; writes mixing[rows]."""
+    """``op(rows, student, teachers (K, C, V), labels, grad_out, parts_out)``; writes
+    mixing[rows]."""
     op, arguments = row_op(backend, "multi_teacher_rows"), multi_teacher_arguments(options)
 
-    def multi_teacher(rows, student_logits, teacher_logits, labels, grad_out):
-        return op(student_logits, teacher_logits, labels, grad_out, mixing[rows], *arguments)
+    def multi_teacher(rows, student_logits, teacher_logits, labels, grad_out, parts_out=None):
+        return op(student_logits, teacher_logits, labels, grad_out, mixing[rows], *arguments,
+                  parts_out)
 
     return multi_teacher

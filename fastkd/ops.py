@@ -13,8 +13,12 @@ Row ops (the chunk driver calls one per chunk of C tokens, V the vocab, K teache
 
 ``grad_out`` (C, V), when given, receives d loss / d z_s; it may be the same tensor as
 ``student_logits`` (every element is read before it is overwritten). The loss is fp32 (fp64
-for fp64 student logits). The C++ / CUDA C++ ops of csrc/ (``fastkd::kd_rows``,
-``fastkd::multi_teacher_rows``, defined by ``TORCH_LIBRARY(fastkd, m)``) take the same schemas;
+for fp64 student logits). ``parts_out`` (C, 2) in the loss's dtype, when given, receives the
+unweighted parts of each token's loss: column 0 the divergence, column 1 the CE at T = 1 (0
+without labels), both 0 at ignored rows; the op then computes both whatever soft_weight and
+hard_weight are (loss = soft_weight * parts[:, 0] + hard_weight * parts[:, 1]).
+The C++ / CUDA C++ ops of csrc/ (``fastkd::kd_rows``, ``fastkd::multi_teacher_rows``, defined
+by ``TORCH_LIBRARY(fastkd, m)``) take the same schemas;
 ``register_native_fakes()`` gives them the same fake kernels once the extension is loaded.
 
 ``ROW_OPS`` maps a backend name to its ops; ``row_op(backend, kind)`` looks one up. A new
@@ -43,18 +47,19 @@ from fastkd.options import KDOptions, MultiTeacherOptions, plain_divergence
 KD_ROWS_SCHEMA = (
     "(Tensor student_logits, Tensor teacher_logits, Tensor? labels, Tensor(a!)? grad_out, "
     "str divergence, float beta, float temperature, float soft_weight, float hard_weight, "
-    "int ignore_index, float alpha) -> Tensor"
+    "int ignore_index, float alpha, Tensor(b!)? parts_out=None) -> Tensor"
 )
 MULTI_TEACHER_ROWS_SCHEMA = (
     "(Tensor student_logits, Tensor teacher_logits, Tensor? labels, Tensor(a!)? grad_out, "
     "Tensor(b!) weights_out, float[] priors, float temperature, str weighting, "
-    "float entropy_tau, str fusion, float soft_weight, float hard_weight, int ignore_index) "
-    "-> Tensor"
+    "float entropy_tau, str fusion, float soft_weight, float hard_weight, int ignore_index, "
+    "Tensor(c!)? parts_out=None) -> Tensor"
 )
 SPARSE_KD_ROWS_SCHEMA = (
     "(Tensor student_logits, Tensor teacher_ids, Tensor teacher_logits, Tensor teacher_lse, "
     "Tensor? labels, Tensor(a!)? grad_out, str tail, str divergence, float temperature, "
-    "float soft_weight, float hard_weight, int ignore_index) -> Tensor"
+    "float soft_weight, float hard_weight, int ignore_index, Tensor(b!)? parts_out=None) "
+    "-> Tensor"
 )
 
 # backend -> {kind: op name in the fastkd namespace}; kinds: "kd_rows", "multi_teacher_rows",
@@ -124,31 +129,51 @@ def _loss_dtype(student_logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if student_logits.dtype == torch.float64 else torch.float32
 
 
+def check_parts_out(parts_out: torch.Tensor | None, student_logits: torch.Tensor) -> None:
+    """parts_out, when given, is (C, 2) in the loss's dtype with unit-stride rows."""
+    if parts_out is None:
+        return
+    rows, dtype = student_logits.shape[0], _loss_dtype(student_logits)
+    if (parts_out.shape != (rows, 2) or parts_out.dtype != dtype
+            or (rows and parts_out.stride(1) != 1)):
+        raise ValueError(f"parts_out must be {dtype} ({rows}, 2) with unit-stride rows, got "
+                         f"{parts_out.dtype} {tuple(parts_out.shape)} strides "
+                         f"{parts_out.stride()}")
+
+
 # ---- fake kernels: one per schema, shared by every backend
 
 
+def _check_parts_fake(parts_out, student_logits) -> None:
+    torch._check(parts_out is None or tuple(parts_out.shape) == (student_logits.shape[0], 2),
+                 lambda: "parts_out must be (C, 2)")
+
+
 def kd_rows_fake(student_logits, teacher_logits, labels, grad_out, divergence, beta,
-                 temperature, soft_weight, hard_weight, ignore_index, alpha) -> torch.Tensor:
+                 temperature, soft_weight, hard_weight, ignore_index, alpha,
+                 parts_out=None) -> torch.Tensor:
     """Per-token loss (C,) of student logits (C, V): fp32, fp64 for fp64 logits."""
     torch._check(student_logits.dim() == 2, lambda: "student_logits must be (C, V)")
     torch._check(teacher_logits.shape == student_logits.shape,
                  lambda: "teacher_logits must have the shape of student_logits (C, V)")
+    _check_parts_fake(parts_out, student_logits)
     return student_logits.new_empty(student_logits.shape[0], dtype=_loss_dtype(student_logits))
 
 
 def multi_teacher_rows_fake(student_logits, teacher_logits, labels, grad_out, weights_out,
                             priors, temperature, weighting, entropy_tau, fusion, soft_weight,
-                            hard_weight, ignore_index) -> torch.Tensor:
+                            hard_weight, ignore_index, parts_out=None) -> torch.Tensor:
     """Per-token loss (C,) of student logits (C, V) against teachers (K, C, V)."""
     torch._check(student_logits.dim() == 2, lambda: "student_logits must be (C, V)")
     torch._check(teacher_logits.dim() == 3 and teacher_logits.shape[1:] == student_logits.shape,
                  lambda: "teacher_logits must be (K, C, V)")
+    _check_parts_fake(parts_out, student_logits)
     return student_logits.new_empty(student_logits.shape[0], dtype=_loss_dtype(student_logits))
 
 
 def sparse_kd_rows_fake(student_logits, teacher_ids, teacher_logits, teacher_lse, labels,
                         grad_out, tail, divergence, temperature, soft_weight, hard_weight,
-                        ignore_index) -> torch.Tensor:
+                        ignore_index, parts_out=None) -> torch.Tensor:
     """Per-token loss (C,) of student logits (C, V) against ids and logits (C, k), lse (C,)."""
     torch._check(student_logits.dim() == 2, lambda: "student_logits must be (C, V)")
     torch._check(teacher_ids.dim() == 2 and teacher_ids.shape[0] == student_logits.shape[0]
@@ -156,6 +181,7 @@ def sparse_kd_rows_fake(student_logits, teacher_ids, teacher_logits, teacher_lse
                  lambda: "teacher_ids and teacher_logits must be (C, k)")
     torch._check(teacher_lse.shape == (student_logits.shape[0],),
                  lambda: "teacher_lse must be (C,)")
+    _check_parts_fake(parts_out, student_logits)
     return student_logits.new_empty(student_logits.shape[0], dtype=_loss_dtype(student_logits))
 
 
@@ -188,49 +214,58 @@ def register_native_fakes() -> None:
 
 def define_kd_rows(name: str, kernel: Callable[..., torch.Tensor]) -> None:
     """Define ``fastkd::<name>`` with the kd_rows schema from a Python row op
-    ``kernel(student_logits, teacher_logits, labels, grad_out, options: KDOptions)``."""
+    ``kernel(student_logits, teacher_logits, labels, grad_out, options: KDOptions,
+    parts_out)``."""
 
     def impl(student_logits, teacher_logits, labels, grad_out, divergence, beta, temperature,
-             soft_weight, hard_weight, ignore_index, alpha):
+             soft_weight, hard_weight, ignore_index, alpha, parts_out=None):
         options = _kd_options(divergence, beta, temperature, soft_weight, hard_weight,
                               ignore_index, alpha)
-        loss = kernel(student_logits, teacher_logits, labels, grad_out, options)
+        check_parts_out(parts_out, student_logits)
+        loss = kernel(student_logits, teacher_logits, labels, grad_out, options, parts_out)
         return loss.to(_loss_dtype(student_logits))
 
-    torch.library.custom_op(f"fastkd::{name}", impl, mutates_args=("grad_out",),
+    torch.library.custom_op(f"fastkd::{name}", impl, mutates_args=("grad_out", "parts_out"),
                             schema=KD_ROWS_SCHEMA)
     register_fakes("kd_rows", name)
 
 
 def define_multi_teacher_rows(name: str, kernel: Callable[..., torch.Tensor]) -> None:
     """Define ``fastkd::<name>`` with the multi_teacher_rows schema from a Python row op
-    ``kernel(student_logits, teacher_logits, labels, grad_out, options, weights_out)``."""
+    ``kernel(student_logits, teacher_logits, labels, grad_out, options, weights_out,
+    parts_out)``."""
 
     def impl(student_logits, teacher_logits, labels, grad_out, weights_out, priors, temperature,
-             weighting, entropy_tau, fusion, soft_weight, hard_weight, ignore_index):
+             weighting, entropy_tau, fusion, soft_weight, hard_weight, ignore_index,
+             parts_out=None):
         options = _multi_teacher_options(priors, temperature, weighting, entropy_tau, fusion,
                                          soft_weight, hard_weight, ignore_index)
-        loss = kernel(student_logits, teacher_logits, labels, grad_out, options, weights_out)
+        check_parts_out(parts_out, student_logits)
+        loss = kernel(student_logits, teacher_logits, labels, grad_out, options, weights_out,
+                      parts_out)
         return loss.to(_loss_dtype(student_logits))
 
-    torch.library.custom_op(f"fastkd::{name}", impl, mutates_args=("grad_out", "weights_out"),
+    torch.library.custom_op(f"fastkd::{name}", impl,
+                            mutates_args=("grad_out", "weights_out", "parts_out"),
                             schema=MULTI_TEACHER_ROWS_SCHEMA)
     register_fakes("multi_teacher_rows", name)
 
 
 def define_sparse_kd_rows(name: str, kernel: Callable[..., torch.Tensor]) -> None:
     """Define ``fastkd::<name>`` with the sparse_kd_rows schema from a Python row op
-    ``kernel(student_logits, ids, logits, lse, labels, grad_out, tail, options: KDOptions)``."""
+    ``kernel(student_logits, ids, logits, lse, labels, grad_out, tail, options: KDOptions,
+    parts_out)``."""
 
     def impl(student_logits, teacher_ids, teacher_logits, teacher_lse, labels, grad_out, tail,
-             divergence, temperature, soft_weight, hard_weight, ignore_index):
+             divergence, temperature, soft_weight, hard_weight, ignore_index, parts_out=None):
         options = _kd_options(divergence, 0.5, temperature, soft_weight, hard_weight,
                               ignore_index)
+        check_parts_out(parts_out, student_logits)
         loss = kernel(student_logits, teacher_ids, teacher_logits, teacher_lse, labels,
-                      grad_out, tail, options)
+                      grad_out, tail, options, parts_out)
         return loss.to(_loss_dtype(student_logits))
 
-    torch.library.custom_op(f"fastkd::{name}", impl, mutates_args=("grad_out",),
+    torch.library.custom_op(f"fastkd::{name}", impl, mutates_args=("grad_out", "parts_out"),
                             schema=SPARSE_KD_ROWS_SCHEMA)
     register_fakes("sparse_kd_rows", name)
 
@@ -382,7 +417,8 @@ def attention_ops(backend: str) -> tuple[Callable, Callable]:
 
 __all__: Sequence[str] = [
     "KD_ROWS_SCHEMA", "MULTI_TEACHER_ROWS_SCHEMA", "SPARSE_KD_ROWS_SCHEMA", "ROW_OPS", "row_op",
-    "kd_arguments", "multi_teacher_arguments", "sparse_kd_arguments", "register_fakes",
+    "kd_arguments", "multi_teacher_arguments", "sparse_kd_arguments", "check_parts_out",
+    "register_fakes",
     "register_native_fakes", "define_kd_rows", "define_multi_teacher_rows",
     "define_sparse_kd_rows", "attention_ops",
 ]

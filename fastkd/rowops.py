@@ -4,7 +4,8 @@ Same contracts as ``fastkd.kernels.kd_rows.kd_rows`` and
 ``fastkd.kernels.multi_teacher_rows.multi_teacher_rows``: reads student and teacher logits (C, V),
 returns the per-token loss (C,) in fp32 and, when ``grad_out`` is given, writes the gradient of
 each token's loss with respect to its raw student logits into it (it may alias the student
-logits). Math in fp32 (float64 stays float64, for gradcheck).
+logits); when ``parts_out`` (C, 2) is given, writes the unweighted divergence and CE(T = 1)
+into its columns (fastkd/ops.py). Math in fp32 (float64 stays float64, for gradcheck).
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ def kd_rows_torch(
     labels: torch.Tensor | None,
     grad_out: torch.Tensor | None,
     options: KDOptions,
+    parts_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-token loss (C,) of logits (C, V); fills ``grad_out`` (C, V) with d loss / d z_s."""
+    """Per-token loss (C,) of logits (C, V); fills ``grad_out`` (C, V) with d loss / d z_s and
+    ``parts_out`` (C, 2) with the divergence and the CE."""
     math_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     z_s = student_logits.to(math_dtype)
     T = options.temperature
@@ -39,7 +42,8 @@ def kd_rows_torch(
         grad.mul_(options.soft_weight / T)  # chain rule through s = z_s / T
     # q - p has no cancelling constant: only reverse KL and JSD need the top-logit rewrite
     top = z_s.argmax(dim=-1, keepdim=True) if options.divergence != "kl" else None
-    return _finish(z_s, labels, loss, grad, grad_out, options, log_q if T == 1 else None, top)
+    return _finish(z_s, labels, loss, grad, grad_out, options, log_q if T == 1 else None, top,
+                   divergence, parts_out)
 
 
 def tempered_divergence(
@@ -161,23 +165,33 @@ def _finish(
     options: KDOptions | MultiTeacherOptions,
     log_q1: torch.Tensor | None = None,
     top: torch.Tensor | None = None,
+    divergence: torch.Tensor | None = None,
+    parts_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Add the hard CE term, zero ignored tokens, write the gradient; returns the loss (C,).
 
     ``log_q1`` is log_softmax(z_s) when the caller has it already (T = 1); ``top``, when given,
     rewrites the gradient at ``top`` (C, 1), the entries of the student's mode (below).
+    ``parts_out`` (C, 2), when given, receives the unweighted ``divergence`` (C,) and CE.
     """
     counted = None
+    cross_entropy = torch.zeros_like(loss) if parts_out is not None else None
     if labels is not None:
         counted = labels != options.ignore_index
-        if options.hard_weight > 0:  # CE at T = 1: LSE(z_s) - z_s[y]; grad softmax(z_s) - onehot
+        if options.hard_weight > 0 or parts_out is not None:
+            # CE at T = 1: LSE(z_s) - z_s[y]; grad softmax(z_s) - onehot
             safe = torch.where(counted, labels, torch.zeros_like(labels)).long()[:, None]
             log_q1 = torch.log_softmax(z_s, dim=-1) if log_q1 is None else log_q1
-            loss = loss - options.hard_weight * log_q1.gather(1, safe).squeeze(1)
+            cross_entropy = -log_q1.gather(1, safe).squeeze(1)
+        if options.hard_weight > 0:
+            loss = loss + options.hard_weight * cross_entropy
             if grad is not None:
                 grad.add_(log_q1.exp(), alpha=options.hard_weight)
                 grad.scatter_add_(1, safe, torch.full_like(grad[:, :1], -options.hard_weight))
         loss = loss.masked_fill(~counted, 0.0)
+    if parts_out is not None:
+        parts = torch.stack([divergence, cross_entropy], dim=1)
+        parts_out.copy_(parts if counted is None else parts.masked_fill(~counted[:, None], 0.0))
     if grad_out is not None:
         if counted is not None:
             grad.masked_fill_(~counted[:, None], 0.0)
@@ -197,10 +211,12 @@ def multi_teacher_rows_torch(
     grad_out: torch.Tensor | None,
     options: MultiTeacherOptions,
     weights_out: torch.Tensor,
+    parts_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token loss (C,) of student logits (C, V) against K teachers (K, C, V).
 
-    Writes the mixing weights (C, K) into ``weights_out`` and d loss / d z_s into ``grad_out``.
+    Writes the mixing weights (C, K) into ``weights_out``, d loss / d z_s into ``grad_out`` and
+    the divergence and CE into ``parts_out`` (C, 2).
     """
     math_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     z_s = student_logits.to(math_dtype)
@@ -227,7 +243,8 @@ def multi_teacher_rows_torch(
         grad = log_q.exp().sub_(mixture)
         if options.soft_weight != T:
             grad.mul_(options.soft_weight / T)
-    return _finish(z_s, labels, loss, grad, grad_out, options, log_q if T == 1 else None)
+    return _finish(z_s, labels, loss, grad, grad_out, options, log_q if T == 1 else None,
+                   divergence=divergence, parts_out=parts_out)
 
 
 # log of the smallest normal fp32: reverse KL floors the teacher's log-probabilities here, so a
@@ -245,8 +262,10 @@ def sparse_kd_rows_torch(
     grad_out: torch.Tensor | None,
     tail: str,
     options: KDOptions,
+    parts_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-token loss (C,) of student logits (C, V) against a sparse teacher; fills ``grad_out``.
+    """Per-token loss (C,) of student logits (C, V) against a sparse teacher; fills ``grad_out``
+    (and ``parts_out`` (C, 2) with the divergence and the CE).
 
     teacher_ids (C, k) int64 distinct per row, teacher_logits (C, k) raw teacher logits at
     them, teacher_lse (C,) = logsumexp over the full vocabulary of z_t / T. ``tail``:
@@ -283,7 +302,7 @@ def sparse_kd_rows_torch(
     if grad is not None and options.soft_weight != T:
         grad.mul_(options.soft_weight / T)  # chain rule through s = z_s / T
     return _finish(z_s, labels, loss, grad, grad_out, options, log_q1,
-                   top if options.divergence == "reverse_kl" else None)
+                   top if options.divergence == "reverse_kl" else None, divergence, parts_out)
 
 
 def sparse_teacher_log_probs(

@@ -15,6 +15,7 @@ import torch
 
 from fastkd._checks import (
     REDUCTIONS,
+    check_bool,
     check_choice,
     check_floating,
     check_int,
@@ -51,7 +52,8 @@ def sparse_kd_loss(
     tail: str = "bucket",
     backend: str = "auto",
     chunk_size: int | None = None,
-) -> torch.Tensor:
+    return_parts: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Distillation loss against a sparse teacher: k logits per token plus its full LSE.
 
     Per token, with s = z_s / T over the full vocabulary (z_s = hidden @ weight.T + bias, formed
@@ -81,9 +83,11 @@ def sparse_kd_loss(
         backend: "auto" (Triton on CUDA; on CPU the C++ row op, or torch where it does not
             build), "triton", "torch", "cpp" (C++, CPU) or "cuda" (CUDA C++).
         chunk_size: tokens per chunk; by default the plan's choice (fastkd/plan.py).
+        return_parts: also return the unweighted D and CE from the same pass.
 
     Returns:
-        A scalar fp32 loss (fp64 for fp64 inputs), or (*) for ``reduction="none"``.
+        A scalar fp32 loss (fp64 for fp64 inputs), or (*) for ``reduction="none"``; with
+        ``return_parts``, ``(loss, soft, hard)`` as in ``fused_kd_loss`` (detached).
     """
     student_hidden = check_floating("student_hidden", student_hidden)
     student_weight = check_floating("student_weight", student_weight, ndim=2)
@@ -103,7 +107,8 @@ def sparse_kd_loss(
                         temperature=check_positive("temperature", temperature),
                         soft_weight=soft_weight, hard_weight=hard_weight,
                         ignore_index=check_int("ignore_index", ignore_index))
-    token_labels = flat_labels(labels, leading, vocab, options)
+    return_parts = check_bool("return_parts", return_parts)
+    token_labels = flat_labels(labels, leading, vocab, options, return_parts)
     ids, logits, lse = check_sparse_teacher(teacher_ids, teacher_logits, teacher_lse, leading,
                                             vocab, options.temperature, tail, token_labels,
                                             options.ignore_index)
@@ -111,7 +116,8 @@ def sparse_kd_loss(
     op = partial(_sparse_rows, row_op(backend, "sparse_kd_rows"), ids, logits, lse,
                  sparse_kd_arguments(tail, options))
     return chunked_loss(student_hidden, student_weight, student_bias, [], token_labels, op,
-                        reduction, options.ignore_index, chunk_size, backend, "sparse_kd_loss")
+                        reduction, options.ignore_index, chunk_size, backend, "sparse_kd_loss",
+                        return_parts)
 
 
 def check_sparse_teacher(
@@ -206,9 +212,10 @@ def _refuse(bad: torch.Tensor, message: str, where: Callable[[int], str]) -> Non
 
 
 def _sparse_rows(op, ids, logits, lse, arguments, rows, student_logits, teacher_logits, labels,
-                 grad_out):
+                 grad_out, parts_out=None):
     """The chunk driver's row op: the sparse teacher's rows ``rows`` (no dense teacher)."""
-    return op(student_logits, ids[rows], logits[rows], lse[rows], labels, grad_out, *arguments)
+    return op(student_logits, ids[rows], logits[rows], lse[rows], labels, grad_out, *arguments,
+              parts_out)
 
 
 __all__ = ["sparse_kd_loss"]

@@ -26,7 +26,8 @@ shift every log-probability). beta's constants (1 - beta, log(beta / (1 - beta))
 computed on the host in float64: in fp32, 1 - beta and log(1 - beta) lose beta near 0 or 1.
 
 No softmax, log-softmax or probability tensor is ever stored; ignored tokens get loss 0 and a
-zero gradient row.
+zero gradient row. With HAS_PARTS the row also stores its unweighted divergence and CE(T = 1)
+(0 without labels) into parts (C, 2); the CE is then computed whatever hard_weight is.
 """
 
 from __future__ import annotations
@@ -37,7 +38,14 @@ import torch
 import triton
 import triton.language as tl
 
-from fastkd.kernels.row_common import cross_entropy_grad, raw_sum_update, row_label, xlogy
+from fastkd.kernels.row_common import (
+    cross_entropy_grad,
+    parts_buffer,
+    raw_sum_update,
+    row_label,
+    store_parts,
+    xlogy,
+)
 from fastkd.options import KDOptions
 
 DIVERGENCE_IDS = {"kl": 0, "reverse_kl": 1, "jsd": 2, "tvd": 3, "skew_kl": 4,
@@ -121,15 +129,16 @@ def _load_block(s_row, t_row, start, V, inv_temperature, BLOCK_V: tl.constexpr):
 
 @triton.jit
 def _kd_rows_kernel(
-    s_ptr, t_ptr, grad_ptr, labels_ptr, loss_ptr,
-    V, stride_s, stride_t, stride_g,
+    s_ptr, t_ptr, grad_ptr, labels_ptr, loss_ptr, parts_ptr,
+    V, stride_s, stride_t, stride_g, stride_p,
     temperature, beta, one_minus_beta, log_odds_beta, binary_entropy,
     alpha, log_one_minus_alpha, log_odds_alpha,
     soft_weight, hard_weight, ignore_index,
     DIVERGENCE: tl.constexpr,  # 0 kl, 1 reverse_kl, 2 jsd, 3 tvd, 4 skew_kl, 5 skew_reverse_kl
     HAS_LABELS: tl.constexpr,
-    HAS_HARD: tl.constexpr,
+    HAS_HARD: tl.constexpr,  # the CE is computed (hard_weight > 0, or HAS_PARTS, with labels)
     COMPUTE_GRAD: tl.constexpr,
+    HAS_PARTS: tl.constexpr,  # store (divergence, CE) into parts
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -208,11 +217,15 @@ def _kd_rows_kernel(
                 center_a += tl.sum(xlogy(q, h), axis=0)
 
     loss = soft_weight * divergence
+    cross_entropy = 0.0
     if HAS_HARD:
         lse_z = m_s * temperature + tl.log(l_z)
         z_label = tl.load(s_row + label, mask=counted, other=0.0).to(tl.float32)
-        loss += hard_weight * (lse_z - z_label)  # CE = LSE(z_s) - z_s[y]
+        cross_entropy = lse_z - z_label  # CE = LSE(z_s) - z_s[y]
+        loss += hard_weight * cross_entropy
     tl.store(loss_ptr + row, tl.where(counted, loss, 0.0))
+    if HAS_PARTS:
+        store_parts(parts_ptr + row * stride_p, divergence, cross_entropy, counted)
 
     if COMPUTE_GRAD:
         # ---- last pass: d loss / d z_s
@@ -273,26 +286,30 @@ def kd_rows(
     labels: torch.Tensor | None,
     grad_out: torch.Tensor | None,
     options: KDOptions,
+    parts_out: torch.Tensor | None = None,
     block_v: int = 2048,
 ) -> torch.Tensor:
     """Launch the row kernel on logits (C, V); returns the per-token loss (C,) in fp32.
 
     ``grad_out`` (C, V), when given, receives d loss / d z_s; it may be ``student_logits``
-    itself (each element is read before it is overwritten). Rows must be unit-stride.
+    itself (each element is read before it is overwritten). ``parts_out`` (C, 2), when given,
+    receives the unweighted divergence and CE. Rows must be unit-stride.
     """
     rows, vocab = student_logits.shape
     loss = torch.empty(rows, dtype=torch.float32, device=student_logits.device)
     if rows == 0:
         return loss
     block_v = min(block_v, triton.next_power_of_2(vocab))
-    has_hard = labels is not None and options.hard_weight > 0
+    has_parts = parts_out is not None
+    has_hard = labels is not None and (options.hard_weight > 0 or has_parts)
     _kd_rows_kernel[(rows,)](
         student_logits, teacher_logits,
         grad_out if grad_out is not None else student_logits,
         labels if labels is not None else loss,
-        loss,
+        loss, parts_buffer(parts_out, loss),
         vocab, student_logits.stride(0), teacher_logits.stride(0),
         grad_out.stride(0) if grad_out is not None else 0,
+        parts_out.stride(0) if has_parts else 0,
         float(options.temperature), *_beta_constants(options.beta),
         *_alpha_constants(options.alpha),
         float(options.soft_weight), float(options.hard_weight), int(options.ignore_index),
@@ -300,6 +317,7 @@ def kd_rows(
         HAS_LABELS=labels is not None,
         HAS_HARD=has_hard,
         COMPUTE_GRAD=grad_out is not None,
+        HAS_PARTS=has_parts,
         BLOCK_V=block_v,
         num_warps=8 if block_v >= 2048 else 4,
     )

@@ -20,6 +20,8 @@ p_k = softmax(t_k), everything in fp32:
           Either way the gradient is d loss / d z_s = soft_weight / T (q - P) (+ hard CE), so
           pass 2 runs for the mixture loss or for the gradient, and is skipped when neither
           is needed. No per-teacher probability is stored.
+  With HAS_PARTS the row also stores its unweighted divergence and CE(T = 1) (0 without
+  labels) into parts (C, 2); the CE is then computed whatever hard_weight is.
 """
 
 from __future__ import annotations
@@ -28,7 +30,14 @@ import torch
 import triton
 import triton.language as tl
 
-from fastkd.kernels.row_common import cross_entropy_grad, raw_sum_update, row_label, xlogy
+from fastkd.kernels.row_common import (
+    cross_entropy_grad,
+    parts_buffer,
+    raw_sum_update,
+    row_label,
+    store_parts,
+    xlogy,
+)
 from fastkd.options import MultiTeacherOptions
 
 
@@ -49,14 +58,15 @@ def _load_tiles(s_row, t_row, stride_k, start, V, K, inv_temperature,
 
 @triton.jit
 def _multi_teacher_rows_kernel(
-    s_ptr, t_ptr, grad_ptr, labels_ptr, priors_ptr, loss_ptr, weights_ptr,
-    V, K, stride_s, stride_tk, stride_t, stride_g,
+    s_ptr, t_ptr, grad_ptr, labels_ptr, priors_ptr, loss_ptr, weights_ptr, parts_ptr,
+    V, K, stride_s, stride_tk, stride_t, stride_g, stride_p,
     temperature, entropy_tau, soft_weight, hard_weight, ignore_index,
     ENTROPY_WEIGHTING: tl.constexpr,
     MIXTURE: tl.constexpr,
     HAS_LABELS: tl.constexpr,
-    HAS_HARD: tl.constexpr,
+    HAS_HARD: tl.constexpr,  # the CE is computed (hard_weight > 0, or HAS_PARTS, with labels)
     COMPUTE_GRAD: tl.constexpr,
+    HAS_PARTS: tl.constexpr,  # store (divergence, CE) into parts
     K_PAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -112,6 +122,7 @@ def _multi_teacher_rows_kernel(
     tl.store(weights_ptr + row * K + k, w, mask=is_teacher)
     log_w = tl.log(w)  # -inf for padded teachers: they drop out of every log-sum below
 
+    cross_entropy = 0.0
     if HAS_HARD:  # CE = LSE(z_s) - z_s[y]; z_s[y] is read before pass 2 may overwrite it
         lse_z = m_s * temperature + tl.log(l_z)
         cross_entropy = lse_z - tl.load(s_row + label, mask=counted, other=0.0).to(tl.float32)
@@ -146,6 +157,8 @@ def _multi_teacher_rows_kernel(
     if HAS_HARD:
         loss += hard_weight * cross_entropy
     tl.store(loss_ptr + row, tl.where(counted, loss, 0.0))
+    if HAS_PARTS:
+        store_parts(parts_ptr + row * stride_p, divergence, cross_entropy, counted)
 
 
 def multi_teacher_rows(
@@ -155,12 +168,14 @@ def multi_teacher_rows(
     grad_out: torch.Tensor | None,
     options: MultiTeacherOptions,
     weights_out: torch.Tensor,
+    parts_out: torch.Tensor | None = None,
     block_v: int = 1024,
 ) -> torch.Tensor:
     """Launch on student logits (C, V) and teacher logits (K, C, V); returns the loss (C,).
 
-    Writes the mixing weights into ``weights_out`` (C, K) and, when ``grad_out`` (C, V) is
-    given, d loss / d z_s into it (it may be ``student_logits`` itself). Rows are unit-stride.
+    Writes the mixing weights into ``weights_out`` (C, K), when ``grad_out`` (C, V) is given,
+    d loss / d z_s into it (it may be ``student_logits`` itself), and when ``parts_out`` (C, 2)
+    is given, the unweighted divergence and CE. Rows are unit-stride.
     """
     teachers, rows, vocab = teacher_logits.shape
     loss = torch.empty(rows, dtype=torch.float32, device=student_logits.device)
@@ -168,15 +183,17 @@ def multi_teacher_rows(
         return loss
     k_pad = triton.next_power_of_2(teachers)
     block_v = min(max(16, block_v // k_pad), triton.next_power_of_2(vocab))
-    has_hard = labels is not None and options.hard_weight > 0
+    has_parts = parts_out is not None
+    has_hard = labels is not None and (options.hard_weight > 0 or has_parts)
     _multi_teacher_rows_kernel[(rows,)](
         student_logits, teacher_logits,
         grad_out if grad_out is not None else student_logits,
         labels if labels is not None else loss,
         torch.tensor(options.priors, dtype=torch.float32, device=student_logits.device),
-        loss, weights_out,
+        loss, weights_out, parts_buffer(parts_out, loss),
         vocab, teachers, student_logits.stride(0), teacher_logits.stride(0),
         teacher_logits.stride(1), grad_out.stride(0) if grad_out is not None else 0,
+        parts_out.stride(0) if has_parts else 0,
         float(options.temperature), float(options.entropy_tau),
         float(options.soft_weight), float(options.hard_weight), int(options.ignore_index),
         ENTROPY_WEIGHTING=options.weighting == "entropy",
@@ -184,6 +201,7 @@ def multi_teacher_rows(
         HAS_LABELS=labels is not None,
         HAS_HARD=has_hard,
         COMPUTE_GRAD=grad_out is not None,
+        HAS_PARTS=has_parts,
         K_PAD=k_pad,
         BLOCK_V=block_v,
         num_warps=8,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -37,3 +38,15 @@ def raw_sum_update(l_z, z, m_s, m_s_new, temperature):
 def cross_entropy_grad(z, lse_z, cols, label):
     # d CE / d z_s = softmax(z_s) - onehot(label)
     return tl.exp(z - lse_z) - tl.where(cols == label, 1.0, 0.0)
+
+
+@triton.jit
+def store_parts(parts_row, divergence, cross_entropy, counted):
+    # The row's unweighted (divergence, CE) into its (2,) entry of parts (C, 2); 0 at ignored rows.
+    tl.store(parts_row, tl.where(counted, divergence, 0.0))
+    tl.store(parts_row + 1, tl.where(counted, cross_entropy, 0.0))
+
+
+def parts_buffer(parts_out: torch.Tensor | None, loss: torch.Tensor) -> torch.Tensor:
+    """The pointer argument of parts: ``parts_out``, or any fp32 tensor when there is none."""
+    return parts_out if parts_out is not None else loss

@@ -22,6 +22,8 @@ per row), it computes in fp32 (docs/sparse.md):
           Reverse KL writes the entry of the student's mode (the top logit; for "renormalize"
           the top logit on S) last, as minus the sum of all the others (rows sum to zero), as
           the dense kernel does (kernels/kd_rows.py).
+  With HAS_PARTS the row also stores its unweighted divergence and CE(T = 1) (0 without
+  labels) into parts (C, 2); the CE is then computed whatever hard_weight is.
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ import torch
 import triton
 import triton.language as tl
 
-from fastkd.kernels.row_common import cross_entropy_grad, raw_sum_update, row_label, xlogy
+from fastkd.kernels.row_common import (
+    cross_entropy_grad,
+    parts_buffer,
+    raw_sum_update,
+    row_label,
+    store_parts,
+    xlogy,
+)
 from fastkd.options import KDOptions
 from fastkd.rowops import sparse_teacher_log_probs
 
@@ -55,14 +64,15 @@ def _load_ids(ids_row, s_row, logp_row, start, k, inv_temperature, BLOCK_K: tl.c
 
 @triton.jit
 def _sparse_rows_kernel(
-    s_ptr, bits_ptr, ids_ptr, logp_ptr, log_tail_ptr, grad_ptr, labels_ptr, loss_ptr,
-    V, k, stride_s, stride_bits, stride_ids, stride_logp, stride_g,
+    s_ptr, bits_ptr, ids_ptr, logp_ptr, log_tail_ptr, grad_ptr, labels_ptr, loss_ptr, parts_ptr,
+    V, k, stride_s, stride_bits, stride_ids, stride_logp, stride_g, stride_p,
     temperature, soft_weight, hard_weight, ignore_index,
     BUCKET: tl.constexpr,  # tail="bucket" (else "renormalize")
     REVERSE: tl.constexpr,  # divergence="reverse_kl" (else "kl")
     HAS_LABELS: tl.constexpr,
-    HAS_HARD: tl.constexpr,
+    HAS_HARD: tl.constexpr,  # the CE is computed (hard_weight > 0, or HAS_PARTS, with labels)
     COMPUTE_GRAD: tl.constexpr,
+    HAS_PARTS: tl.constexpr,  # store (divergence, CE) into parts
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -143,11 +153,15 @@ def _sparse_rows_kernel(
         divergence += tl.where(has_tail, tail_term, 0.0)
 
     loss = soft_weight * divergence
+    cross_entropy = 0.0
     if HAS_HARD:
         lse_z = m_s * temperature + tl.log(l_z)
         z_label = tl.load(s_row + label, mask=counted, other=0.0).to(tl.float32)
-        loss += hard_weight * (lse_z - z_label)
+        cross_entropy = lse_z - z_label
+        loss += hard_weight * cross_entropy
     tl.store(loss_ptr + row, tl.where(counted, loss, 0.0))
+    if HAS_PARTS:
+        store_parts(parts_ptr + row * stride_p, divergence, cross_entropy, counted)
 
     if COMPUTE_GRAD:
         g_row = grad_ptr + row * stride_g
@@ -220,6 +234,7 @@ def sparse_rows(
     grad_out: torch.Tensor | None,
     tail: str,
     options: KDOptions,
+    parts_out: torch.Tensor | None = None,
     block_v: int = 2048,
     block_k: int = 64,
 ) -> torch.Tensor:
@@ -227,7 +242,8 @@ def sparse_rows(
     returns the per-token loss (C,) in fp32.
 
     ``grad_out`` (C, V), when given, receives d loss / d z_s; it may be ``student_logits``
-    itself (the support entries are read before they are written). Rows must be unit-stride.
+    itself (the support entries are read before they are written). ``parts_out`` (C, 2), when
+    given, receives the unweighted divergence and CE. Rows must be unit-stride.
     """
     rows, vocab = student_logits.shape
     k = teacher_ids.shape[1]
@@ -244,16 +260,18 @@ def sparse_rows(
         student_logits, bits, ids, log_p, log_tail,
         grad_out if grad_out is not None else student_logits,
         labels if labels is not None else loss,
-        loss,
+        loss, parts_buffer(parts_out, loss),
         vocab, k, student_logits.stride(0), bits.stride(0), ids.stride(0), log_p.stride(0),
         grad_out.stride(0) if grad_out is not None else 0,
+        parts_out.stride(0) if parts_out is not None else 0,
         float(options.temperature), float(options.soft_weight), float(options.hard_weight),
         int(options.ignore_index),
         BUCKET=tail == "bucket",
         REVERSE=options.divergence == "reverse_kl",
         HAS_LABELS=labels is not None,
-        HAS_HARD=labels is not None and options.hard_weight > 0,
+        HAS_HARD=labels is not None and (options.hard_weight > 0 or parts_out is not None),
         COMPUTE_GRAD=grad_out is not None,
+        HAS_PARTS=parts_out is not None,
         BLOCK_V=block_v,
         BLOCK_K=block_k,
         num_warps=8 if block_v >= 2048 else 4,

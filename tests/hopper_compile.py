@@ -25,29 +25,30 @@ HOPPER = GPUTarget("cuda", 90, 32)
 
 KD_ROWS_SIGNATURE = {
     "s_ptr": "*fp32", "t_ptr": "*bf16", "grad_ptr": "*bf16", "labels_ptr": "*i64",
-    "loss_ptr": "*fp32", "V": "i32", "stride_s": "i64", "stride_t": "i64", "stride_g": "i64",
-    "temperature": "fp32", "beta": "fp32", "one_minus_beta": "fp32", "log_odds_beta": "fp32",
-    "binary_entropy": "fp32", "alpha": "fp32", "log_one_minus_alpha": "fp32",
-    "log_odds_alpha": "fp32", "soft_weight": "fp32", "hard_weight": "fp32",
-    "ignore_index": "i32",
+    "loss_ptr": "*fp32", "parts_ptr": "*fp32", "V": "i32", "stride_s": "i64", "stride_t": "i64",
+    "stride_g": "i64", "stride_p": "i64", "temperature": "fp32", "beta": "fp32",
+    "one_minus_beta": "fp32", "log_odds_beta": "fp32", "binary_entropy": "fp32", "alpha": "fp32",
+    "log_one_minus_alpha": "fp32", "log_odds_alpha": "fp32", "soft_weight": "fp32",
+    "hard_weight": "fp32", "ignore_index": "i32",
 }
 
 
 def kd_rows_cases():
     from fastkd.kernels.kd_rows import DIVERGENCE_IDS, _kd_rows_kernel
 
-    for divergence, labels, grad in itertools.product(sorted(DIVERGENCE_IDS.values()),
-                                                      [False, True], [False, True]):
+    for divergence, labels, grad, parts in itertools.product(
+            sorted(DIVERGENCE_IDS.values()), [False, True], [False, True], [False, True]):
         constexprs = dict(DIVERGENCE=divergence, HAS_LABELS=labels, HAS_HARD=labels,
-                          COMPUTE_GRAD=grad, BLOCK_V=2048)
-        yield f"kd_rows-{divergence}-{labels}-{grad}", _kd_rows_kernel, KD_ROWS_SIGNATURE, \
-            constexprs, 8
+                          COMPUTE_GRAD=grad, HAS_PARTS=parts, BLOCK_V=2048)
+        yield f"kd_rows-{divergence}-{labels}-{grad}-{parts}", _kd_rows_kernel, \
+            KD_ROWS_SIGNATURE, constexprs, 8
 
 
 MULTI_TEACHER_SIGNATURE = {
     "s_ptr": "*fp32", "t_ptr": "*fp32", "grad_ptr": "*fp32", "labels_ptr": "*i64",
-    "priors_ptr": "*fp32", "loss_ptr": "*fp32", "weights_ptr": "*fp32", "V": "i32", "K": "i32",
-    "stride_s": "i64", "stride_tk": "i64", "stride_t": "i64", "stride_g": "i64",
+    "priors_ptr": "*fp32", "loss_ptr": "*fp32", "weights_ptr": "*fp32", "parts_ptr": "*fp32",
+    "V": "i32", "K": "i32", "stride_s": "i64", "stride_tk": "i64", "stride_t": "i64",
+    "stride_g": "i64", "stride_p": "i64",
     "temperature": "fp32", "entropy_tau": "fp32", "soft_weight": "fp32", "hard_weight": "fp32",
     "ignore_index": "i32",
 }
@@ -56,18 +57,43 @@ MULTI_TEACHER_SIGNATURE = {
 def multi_teacher_cases():
     from fastkd.kernels.multi_teacher_rows import _multi_teacher_rows_kernel
 
-    for entropy, mixture, labels, grad, k_pad in itertools.product(
-        [False, True], [False, True], [False, True], [False, True], [1, 4]
-    ):
+    # return_parts with labels (HAS_PARTS, the CE computed) at K_PAD = 4 beside every default
+    variants = itertools.chain(
+        itertools.product([False, True], [False, True], [False, True], [False, True], [1, 4],
+                          [False]),
+        itertools.product([False, True], [False, True], [True], [False, True], [4], [True]),
+    )
+    for entropy, mixture, labels, grad, k_pad, parts in variants:
         constexprs = dict(ENTROPY_WEIGHTING=entropy, MIXTURE=mixture, HAS_LABELS=labels,
-                          HAS_HARD=labels, COMPUTE_GRAD=grad, K_PAD=k_pad, BLOCK_V=1024 // k_pad)
-        yield (f"multi_teacher-{entropy}-{mixture}-{labels}-{grad}-{k_pad}",
+                          HAS_HARD=labels, COMPUTE_GRAD=grad, HAS_PARTS=parts, K_PAD=k_pad,
+                          BLOCK_V=1024 // k_pad)
+        yield (f"multi_teacher-{entropy}-{mixture}-{labels}-{grad}-{k_pad}-{parts}",
                _multi_teacher_rows_kernel, MULTI_TEACHER_SIGNATURE, constexprs, 8)
+
+
+SPARSE_ROWS_SIGNATURE = {
+    "s_ptr": "*fp32", "bits_ptr": "*i32", "ids_ptr": "*i64", "logp_ptr": "*fp32",
+    "log_tail_ptr": "*fp32", "grad_ptr": "*bf16", "labels_ptr": "*i64", "loss_ptr": "*fp32",
+    "parts_ptr": "*fp32", "V": "i32", "k": "i32", "stride_s": "i64", "stride_bits": "i64",
+    "stride_ids": "i64", "stride_logp": "i64", "stride_g": "i64", "stride_p": "i64",
+    "temperature": "fp32", "soft_weight": "fp32", "hard_weight": "fp32", "ignore_index": "i32",
+}
+
+
+def sparse_rows_cases():
+    from fastkd.kernels.sparse_rows import _sparse_rows_kernel
+
+    # with labels (the hard CE, or the parts' CE): every tail, divergence, gradient and parts
+    for bucket, reverse, grad, parts in itertools.product([False, True], repeat=4):
+        constexprs = dict(BUCKET=bucket, REVERSE=reverse, HAS_LABELS=True, HAS_HARD=True,
+                          COMPUTE_GRAD=grad, HAS_PARTS=parts, BLOCK_V=2048, BLOCK_K=64)
+        yield (f"sparse_rows-{bucket}-{reverse}-{grad}-{parts}", _sparse_rows_kernel,
+               SPARSE_ROWS_SIGNATURE, constexprs, 8)
 
 
 from attention_hopper_cases import attention_cases  # noqa: E402 (beside this script)
 
-CASES = [kd_rows_cases, multi_teacher_cases, attention_cases]
+CASES = [kd_rows_cases, multi_teacher_cases, sparse_rows_cases, attention_cases]
 
 
 def compile_for_hopper(kernel, signature: dict, constexprs: dict, num_warps: int):

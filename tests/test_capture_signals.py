@@ -137,13 +137,20 @@ def sparse_kl64(zs: torch.Tensor, zt: torch.Tensor, ids: torch.Tensor, t: float)
     return (p * (p.log() - q.log())).sum(1) + tail
 
 
-def one_step_loss(cfg: DistillConfig) -> tuple[float, torch.nn.Module]:
-    """The logged loss of one step over every row (one batch: order-free) and the student."""
+def one_step_record(cfg: DistillConfig) -> tuple[dict, torch.nn.Module]:
+    """The logged record of one step over every row (one batch: order-free) and the
+    student."""
     from fastkd.distill.run import prepare
 
     job = prepare(cfg)
     job.trainer.train()
-    return job.trainer.state.log_history[0]["loss"], job.trainer.model
+    return job.trainer.state.log_history[0], job.trainer.model
+
+
+def one_step_loss(cfg: DistillConfig) -> tuple[float, torch.nn.Module]:
+    """The logged loss of one step over every row and the student."""
+    record, model = one_step_record(cfg)
+    return record["loss"], model
 
 
 def run_cfg(dirs, tmp_path, **kw) -> DistillConfig:
@@ -159,9 +166,9 @@ def test_training_from_topk_capture_matches_float64_sparse_kd(dirs, tmp_path, te
     assert len(rows) <= 64  # one step sees every row
     cfg = run_cfg(dirs, tmp_path, teacher_signals=[dirs["topk"]], temperature=temperature,
                   hard_weight=0.5)
-    loss, _ = one_step_loss(cfg)
+    record, _ = one_step_record(cfg)
     cap = CapturedSignals(dirs["topk"])
-    total, count = 0.0, 0
+    total, divergence, cross_entropy, count = 0.0, 0.0, 0.0, 0
     for row, zs, zt, labels in zip(range(len(rows)), logits64(dirs["student"], rows, dirs),
                                    logits64(dirs["teacher"], rows, dirs), targets(dirs),
                                    strict=True):
@@ -170,10 +177,15 @@ def test_training_from_topk_capture_matches_float64_sparse_kd(dirs, tmp_path, te
         kl = sparse_kl64(zs[:-1][counted], zt[:-1][counted], ids[counted], temperature)
         ce = F.cross_entropy(zs[:-1][counted], labels[counted], reduction="none")
         total += float((kl + 0.5 * ce).sum())
+        divergence += float(kl.sum())
+        cross_entropy += float(ce.sum())
         count += int(counted.sum())
     # fp32 logits of both models (rounding ~1e-6 of their scale, ~10) against float64: the
-    # per-token loss (a few units) moves by ~1e-5 at most.
-    assert abs(loss - total / count) <= 1e-4 * abs(total / count)
+    # per-token loss (a few units) moves by ~1e-5 at most. The logged parts come from the
+    # same sparse_kd_loss call (return_parts).
+    for name, value in [("loss", total), ("kd_divergence", divergence),
+                        ("kd_hard_ce", cross_entropy)]:
+        assert abs(record[name] - value / count) <= 1e-4 * abs(value / count), name
 
 
 def test_hidden_capture_reproduces_online_kd(dirs, tmp_path):

@@ -101,6 +101,21 @@ def test_multi_teacher_kd_loss_compiles(backend):
              (hidden, weight))
 
 
+@pytest.mark.parametrize("backend", ("torch", "auto"))
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_return_parts_compiles(backend, reduction):
+    """The parts are a second, non-differentiable output of the loss's Function: it traces."""
+    hidden, weight, t_hidden, t_weight, labels = _linear_inputs(5)
+
+    def fn(hidden, weight, t_hidden, t_weight, labels):
+        return fused_kd_loss(hidden, weight, t_hidden, t_weight, labels, divergence="kl",
+                             temperature=2.0, soft_weight=0.5, hard_weight=0.0,
+                             reduction=reduction, backend=backend, chunk_size=16,
+                             return_parts=True)
+
+    _compare(fn, (hidden, weight, t_hidden, t_weight, labels), (hidden, weight))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss", ["mse", "kl"])
 def test_attention_kd_loss_compiles(backend, loss):

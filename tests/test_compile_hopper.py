@@ -29,7 +29,7 @@ def compiled() -> dict:
 
 def test_every_kernel_variant_compiles_for_sm90(compiled):
     results = compiled["results"]
-    assert len(results) >= 24 + 32 + 35  # kd_rows: 6 divergences x labels x gradient
+    assert len(results) >= 48 + 40 + 16 + 35  # kd_rows (6 divergences), multi_teacher, sparse, attention
     failures = {name: message for name, message in results.items() if message != "ok"}
     assert not failures, failures
 
@@ -40,7 +40,12 @@ def test_register_spills_stay_small(compiled):
     # than 8 words (dQ at head dim 128 in bf16 does: the recomputing backward kernels hold two
     # score tiles, two key tiles and the accumulator at once).
     spills = compiled["spills"]
-    rows = {name: n for name, n in spills.items() if not name.startswith("attn") and n}
+    # The sparse kernel's bucket + reverse-KL gradient with the CE (labels) spills 8 bytes (2
+    # words), as main's kernel did before its variants were registered here (measured, with
+    # and without HAS_PARTS alike); every other row kernel spills nothing.
+    bound = {name: 8 for name in spills if name.startswith("sparse_rows-True-True-True-")}
+    rows = {name: n for name, n in spills.items()
+            if not name.startswith("attn") and n > bound.get(name, 0)}
     assert not rows, rows
     attention = {name: n for name, n in spills.items() if name.startswith("attn") and n > 32}
     assert not attention, attention

@@ -3,6 +3,7 @@ normalised by the step's tokens, checkpoint + resume continues identically, metr
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -12,7 +13,8 @@ from transformers import TrainerCallback
 from fastkd.distill import DistillationTrainer, LogitKD
 from fastkd.distill.data import CausalCollator
 from fastkd.distill.metrics import JsonlLogger
-from tests.distill_helpers import args, llama, qwen2, rows
+from fastkd.distill.teachers import LiveTeachers
+from tests.distill_helpers import args, llama, qwen2, reference_loss, rows
 
 
 class StopAt(TrainerCallback):
@@ -108,6 +110,48 @@ def test_multi_teacher_run_logs_mixing_weights(tmp_path):
     assert len(records) == 3
     for r in records:
         assert 0 < r["mixing_w0"] < 1 and abs(r["mixing_w0"] + r["mixing_w1"] - 1) < 1e-5
+
+
+@pytest.mark.parametrize("teachers,kd", [
+    (1, dict(divergence="jsd", beta=0.3, temperature=2.0, soft_weight=0.7, hard_weight=0.4)),
+    (2, dict(temperature=2.0, soft_weight=0.6, hard_weight=0.0)),
+])
+def test_logged_parts_come_from_the_one_loss_call_that_trains(tmp_path, monkeypatch, teachers,
+                                                              kd):
+    """kd_divergence and kd_hard_ce equal the float64 divergence and CE (hard_weight = 0
+    included), and a logging step calls the loss once, with return_parts (the other steps
+    without)."""
+    calls = []
+    loss = LiveTeachers.loss
+
+    def counted_loss(self, *arguments, **options):
+        calls.append(options.get("return_parts", False))
+        return loss(self, *arguments, **options)
+
+    monkeypatch.setattr(LiveTeachers, "loss", counted_loss)
+    data, student = rows(4), qwen2(tied=False)  # one batch of all rows: order-free means
+    models = [llama(seed=10), llama(width=32, seed=7)][:teachers]
+    with torch.no_grad():  # logits with a spread of several units: parts of order 1
+        for model, scale in [(student, 10.0), *((m, 30.0) for m in models)]:
+            model.get_output_embeddings().weight.mul_(scale)
+    initial = copy.deepcopy(student)
+    run(tmp_path, student, models, data, kd=LogitKD(**kd), max_steps=2, logging_steps=2,
+        learning_rate=0.0)  # lr 0: the logged step 2 still sees the initial student
+    assert calls == [False, True]
+    (record,) = logged(tmp_path)
+    batch = CausalCollator(0)(data)
+    settings = {k: v for k, v in kd.items() if k not in ("soft_weight", "hard_weight")}
+    with torch.no_grad():
+        divergence = reference_loss(initial, models, batch, soft_weight=1.0, hard_weight=0.0,
+                                    **settings)
+        cross_entropy = reference_loss(initial, models, batch, soft_weight=0.0,
+                                       hard_weight=1.0, **settings)
+    # fp32 hidden states and lm_heads against float64 logits of the same models
+    assert record["kd_divergence"] == pytest.approx(float(divergence), rel=1e-4)
+    assert record["kd_hard_ce"] == pytest.approx(float(cross_entropy), rel=1e-4)
+    assert record["loss"] == pytest.approx(
+        kd["soft_weight"] * record["kd_divergence"] + kd["hard_weight"] * record["kd_hard_ce"],
+        rel=1e-5)
 
 
 def test_bf16_mixed_precision_steps(tmp_path):

@@ -64,6 +64,48 @@ def test_multi_teacher_rows_opcheck(backend, with_labels, with_grad):
     )
 
 
+def _parts_operands(kind: str):
+    """The operands of each row op with labels, a gradient buffer and parts_out (C, 2)."""
+    rows, vocab = 5, 31
+    student, teacher = _logits(10, rows, vocab, std=4), _logits(11, rows, vocab, std=12)
+    labels, grad, parts = _labels(12, rows, vocab), torch.empty(rows, vocab), torch.empty(rows, 2)
+    if kind == "kd_rows":  # hard_weight 0: parts_out still gets the CE
+        options = KDOptions(divergence="reverse_kl", temperature=1.5)
+        return (student, teacher, labels, grad, *ops.kd_arguments(options), parts)
+    if kind == "multi_teacher_rows":
+        teachers = torch.stack([teacher, _logits(13, rows, vocab, std=6)])
+        options = MultiTeacherOptions(priors=(0.6, 0.4), hard_weight=0.2)
+        return (student, teachers, labels, grad, torch.empty(rows, 2),
+                *ops.multi_teacher_arguments(options), parts)
+    ids = torch.stack([torch.randperm(vocab, generator=torch.Generator().manual_seed(r))[:4]
+                       for r in range(rows)])
+    options = KDOptions(soft_weight=0.5, hard_weight=0.5, temperature=2.0)
+    return (student, ids, teacher.gather(1, ids), torch.logsumexp(teacher / 2.0, dim=-1),
+            labels, grad, *ops.sparse_kd_arguments("bucket", options), parts)
+
+
+@pytest.mark.parametrize("backend", ROW_BACKENDS)
+@pytest.mark.parametrize("kind", ["kd_rows", "multi_teacher_rows", "sparse_kd_rows"])
+def test_row_ops_opcheck_with_parts_out(backend, kind):
+    operands = _parts_operands(kind)
+    op = ops.row_op(backend, kind)
+    torch.library.opcheck(op, operands)
+    parts = operands[-1]
+    parts.fill_(float("nan"))
+    op(*operands)
+    assert torch.isfinite(parts).all() and not parts[1].any()  # row 1 is ignored
+    assert (parts[[0, 2, 3, 4]] > 0).all()
+
+
+def test_parts_out_is_checked():
+    """A parts_out of another shape or dtype is refused by every backend."""
+    for backend in ROW_BACKENDS:
+        student, teacher, labels, grad, *rest = _parts_operands("kd_rows")
+        for bad in (torch.empty(5, 3), torch.empty(5, 2, dtype=torch.float64)):
+            with pytest.raises((ValueError, RuntimeError), match="parts_out"):
+                ops.row_op(backend, "kd_rows")(student, teacher, labels, grad, *rest[:-1], bad)
+
+
 @pytest.mark.parametrize("backend", ROW_BACKENDS)
 def test_kd_rows_gradient_in_place(backend):
     """grad_out may be student_logits: the same loss and gradient as a separate buffer."""
@@ -119,6 +161,7 @@ def test_row_op_table():
     """Every backend of the table names an op of the fastkd namespace with the agreed schema."""
     for backend in ROW_BACKENDS:
         for kind, schema in (("kd_rows", ops.KD_ROWS_SCHEMA),
-                             ("multi_teacher_rows", ops.MULTI_TEACHER_ROWS_SCHEMA)):
+                             ("multi_teacher_rows", ops.MULTI_TEACHER_ROWS_SCHEMA),
+                             ("sparse_kd_rows", ops.SPARSE_KD_ROWS_SCHEMA)):
             op = ops.row_op(backend, kind)
             assert str(op._schema) == f"fastkd::{ops.ROW_OPS[backend][kind]}{schema}"

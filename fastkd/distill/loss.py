@@ -60,9 +60,8 @@ class LogitKD:
         teacher_hiddens: list[torch.Tensor],
         teachers: list[Head],
         targets: torch.Tensor,
-        soft_weight: float | None = None,
-        hard_weight: float | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return_parts: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
         """Summed loss over counted tokens, and the teachers' mixing weights.
 
         Args:
@@ -71,29 +70,30 @@ class LogitKD:
             teacher_hiddens: K tensors (B, T, Ht_k).
             teachers: K heads, weight (V, Ht_k), sliced to the student's V.
             targets: (B, T) shifted labels, IGNORE_INDEX where nothing is predicted.
-            soft_weight, hard_weight: override the configured weights (for diagnostics).
+            return_parts: also return the parts of the loss from the same call.
 
         Returns:
             (loss summed over counted tokens (scalar), mixing weights (B, T, K) or None for
-            one teacher).
+            one teacher), and with ``return_parts`` a third entry, the `LogitParts`.
         """
-        common = self._common(student, soft_weight, hard_weight)
+        common = self._common(student, return_parts)
         weight = _as(student.weight, student_hidden)
         if len(teachers) == 1:
-            loss = fused_kd_loss(
+            out = fused_kd_loss(
                 student_hidden, weight, teacher_hiddens[0],
                 _as(teachers[0].weight, teacher_hiddens[0]), targets,
                 teacher_bias=teachers[0].bias, divergence=self.divergence, beta=self.beta,
                 alpha=self.alpha, **common,
             )
-            return loss, None
-        return multi_teacher_kd_loss(
+            return _with_parts(out, None, return_parts)
+        *out, mixing = multi_teacher_kd_loss(
             student_hidden, weight, teacher_hiddens,
             [_as(t.weight, h) for t, h in zip(teachers, teacher_hiddens, strict=True)], targets,
             teacher_biases=[t.bias for t in teachers], weighting=self.weighting,
             entropy_tau=self.entropy_tau, teacher_priors=self.teacher_priors,
             fusion=self.fusion, return_mixing=True, **common,
         )
+        return _with_parts(tuple(out) if return_parts else out[0], mixing, return_parts)
 
     def sparse(
         self,
@@ -103,10 +103,10 @@ class LogitKD:
         teacher_logits: torch.Tensor,
         teacher_lse: torch.Tensor,
         targets: torch.Tensor,
-        soft_weight: float | None = None,
-        hard_weight: float | None = None,
-    ) -> torch.Tensor:
-        """Summed loss over counted tokens against a top-k teacher (`sparse_kd_loss`).
+        return_parts: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, LogitParts]:
+        """Summed loss over counted tokens against a top-k teacher (`sparse_kd_loss`), and
+        with ``return_parts`` its `LogitParts` from the same call.
 
         Args:
             student_hidden: (N, Hs); student: its head, weight (V, Hs).
@@ -114,24 +114,47 @@ class LogitKD:
             teacher_lse: (N,) the teacher's logsumexp(z / temperature) over all V.
             targets: (N,) labels, IGNORE_INDEX where nothing is predicted.
         """
-        return sparse_kd_loss(
+        out = sparse_kd_loss(
             student_hidden, _as(student.weight, student_hidden), teacher_ids, teacher_logits,
             teacher_lse, targets, divergence=self.divergence, tail=self.tail,
-            **self._common(student, soft_weight, hard_weight),
+            **self._common(student, return_parts),
         )
+        return (out[0], LogitParts(*out[1:])) if return_parts else out
 
-    def _common(self, student: Head, soft_weight: float | None,
-                hard_weight: float | None) -> dict:
+    def _common(self, student: Head, return_parts: bool) -> dict:
         """The keyword arguments every loss call shares."""
         return dict(
             student_bias=student.bias,
             temperature=self.temperature,
-            soft_weight=self.soft_weight if soft_weight is None else soft_weight,
-            hard_weight=self.hard_weight if hard_weight is None else hard_weight,
+            soft_weight=self.soft_weight,
+            hard_weight=self.hard_weight,
             ignore_index=IGNORE_INDEX,
             reduction="sum",
             backend=self.backend,
+            return_parts=return_parts,
         )
+
+
+@dataclass(frozen=True)
+class LogitParts:
+    """The two parts of a summed logit loss, unweighted and detached (scalars): loss =
+    soft_weight * divergence + hard_weight * hard_ce, from the one loss call that trains."""
+
+    divergence: torch.Tensor
+    hard_ce: torch.Tensor
+
+    def sums(self) -> dict[str, float]:
+        """The parts as the trainer logs them (one host read for both)."""
+        divergence, hard_ce = torch.stack([self.divergence, self.hard_ce]).tolist()
+        return {"kd_divergence": divergence, "kd_hard_ce": hard_ce}
+
+
+def _with_parts(out, mixing: torch.Tensor | None, return_parts: bool) -> tuple:
+    """(loss, mixing) or, from a loss call's (loss, soft, hard), (loss, mixing, LogitParts)."""
+    if not return_parts:
+        return out, mixing
+    loss, divergence, hard_ce = out
+    return loss, mixing, LogitParts(divergence, hard_ce)
 
 
 def _as(weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

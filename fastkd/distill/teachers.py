@@ -47,9 +47,10 @@ class LiveTeachers:
 
     def loss(self, kd: LogitKD, student_hidden: torch.Tensor, student: Head,
              signals: list[torch.Tensor], targets: torch.Tensor,
-             **weights: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`kd`'s summed loss and mixing weights (see `LogitKD.__call__`)."""
-        return kd(student_hidden, student, signals, self.heads, targets, **weights)
+             return_parts: bool = False) -> tuple[torch.Tensor, ...]:
+        """`kd`'s summed loss and mixing weights, and with ``return_parts`` its `LogitParts`
+        (see `LogitKD.__call__`)."""
+        return kd(student_hidden, student, signals, self.heads, targets, return_parts)
 
 
 def check_captures(captures: Sequence[CapturedSignals], kd: LogitKD, student_rows: int) -> str:
@@ -152,14 +153,16 @@ class CapturedTeachers:
         return stored
 
     def loss(self, kd: LogitKD, student_hidden: torch.Tensor, student: Head, signals: Any,
-             targets: torch.Tensor, **weights: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`kd`'s summed loss and mixing weights (None for one teacher)."""
+             targets: torch.Tensor, return_parts: bool = False) -> tuple[torch.Tensor, ...]:
+        """`kd`'s summed loss and mixing weights (None for one teacher), and with
+        ``return_parts`` its `LogitParts` (see `LogitKD.__call__`)."""
         if self.kind == "hidden":
-            return kd(student_hidden, student, signals, self.heads, targets, **weights)
+            return kd(student_hidden, student, signals, self.heads, targets, return_parts)
         keep = targets != IGNORE_INDEX
-        return kd.sparse(student_hidden[keep], student, signals["ids"][keep],
-                         signals["logits"][keep], signals["lse"][keep], targets[keep],
-                         **weights), None
+        out = kd.sparse(student_hidden[keep], student, signals["ids"][keep],
+                        signals["logits"][keep], signals["lse"][keep], targets[keep],
+                        return_parts)
+        return (out[0], None, out[1]) if return_parts else (out, None)
 
 
 def _to(head: Head, device: torch.device) -> Head:

@@ -25,7 +25,7 @@ from .capture import loss_in_forward
 from .features import FeatureAlignment, Features, FeatureSettings
 from .features.projection_updates import ProjectionUpdates
 from .heads import Head, check_plain_logits, vocab_rows
-from .loss import IGNORE_INDEX, LogitKD, shift_labels
+from .loss import IGNORE_INDEX, LogitKD, LogitParts, shift_labels
 from .metrics import StepMeter
 from .on_policy import OnPolicyRollouts
 from .signals import CapturedSignals
@@ -149,12 +149,12 @@ class DistillationTrainer(Trainer):
         kd = self.on_policy.kd if inputs.get("on_policy") else self.kd
 
         def logit_term(student_hidden: torch.Tensor, student: Head) -> torch.Tensor:
-            # Runs inside the student's forward (see `loss_in_forward`).
-            logit_sum, found["mixing"] = self.source.loss(kd, student_hidden, student,
-                                                          signals, targets)
+            # Runs inside the student's forward (see `loss_in_forward`). On logging steps the
+            # same call also hands back the logit term's parts (no second loss call).
+            logit_sum, found["mixing"], *parts = self.source.loss(
+                kd, student_hidden, student, signals, targets, return_parts=measure)
             if measure:
-                found["parts"] = self._logit_parts(kd, student_hidden, student, signals,
-                                                   targets, logit_sum)
+                found["parts"] = parts[0]
             return logit_sum
 
         with ExitStack() as captures:
@@ -190,38 +190,16 @@ class DistillationTrainer(Trainer):
         every = self.args.logging_strategy == "steps" and step % self.state.logging_steps == 0
         return every or (step == 1 and self.args.logging_first_step)
 
-    @torch.no_grad()
-    def _logit_parts(
-        self,
-        kd: LogitKD,
-        student_hidden: torch.Tensor,
-        student: Head,
-        signals: Any,
-        targets: torch.Tensor,
-        loss_sum: torch.Tensor,
-    ) -> dict[str, float]:
-        """The divergence and the cross-entropy of the logit term, summed over counted tokens
-        (one extra forward-only loss call)."""
-        args = (kd, student_hidden, student, signals, targets)
-        total = loss_sum.detach().float()
-        if kd.hard_weight == 0:
-            soft = total / kd.soft_weight
-            hard = self.source.loss(*args, soft_weight=0.0, hard_weight=1.0)[0].float()
-        else:
-            soft = self.source.loss(*args, soft_weight=1.0, hard_weight=0.0)[0].float()
-            hard = (total - kd.soft_weight * soft) / kd.hard_weight
-        return {"kd_divergence": soft.item(), "kd_hard_ce": hard.item()}
-
     def _measure(
         self,
-        logit_parts: dict[str, float],
+        logit_parts: LogitParts,
         mixing: torch.Tensor | None,
         counted_mask: torch.Tensor,
         feature_parts: dict[str, torch.Tensor],
     ) -> None:
-        """Record the logit term's parts, each feature term, and the mean mixing weight of each
-        teacher over counted tokens."""
-        sums = dict(logit_parts)
+        """Record the logit term's parts (the divergence and the CE summed over counted tokens),
+        each feature term, and the mean mixing weight of each teacher over counted tokens."""
+        sums = logit_parts.sums()
         sums.update({f"feature_{name}": v.item() for name, v in feature_parts.items()})
         if mixing is not None:
             w = (mixing.float() * counted_mask.unsqueeze(-1)).sum(dim=(0, 1))
