@@ -4,6 +4,10 @@ Teachers are constants. For ``reduction="mean"`` / ``"sum"`` the student gradien
 during forward (the loss is terminal and the teacher frozen) and backward only scales them by
 grad_output. For ``"none"`` the incoming per-token gradient is unknown at forward time, so
 backward runs the chunk driver again with it as the per-token scale.
+
+Both Functions run with autocast disabled (``autocast_off``): their GEMMs pick their own
+dtypes (fp32 logits from half or mixed operands, fastkd/matmul.py), which an enclosing
+``torch.autocast`` region would otherwise recast to its lower precision.
 """
 
 from __future__ import annotations
@@ -53,6 +57,21 @@ def first_order(backward):
     return wrapper
 
 
+def autocast_off(method):
+    """Run an autograd.Function's ``forward(ctx, ...)`` or ``backward(ctx, ...)`` with autocast
+    disabled for the device type of its first tensor argument (a no-op outside autocast)."""
+
+    @functools.wraps(method)
+    def wrapper(ctx, *args):
+        device_type = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        if not torch.is_autocast_enabled(device_type):
+            return method(ctx, *args)
+        with torch.autocast(device_type, enabled=False):
+            return method(ctx, *args)
+
+    return wrapper
+
+
 def counted_tokens(
     labels: torch.Tensor | None, tokens: int, ignore_index: int, device: torch.device
 ) -> torch.Tensor:
@@ -78,6 +97,7 @@ class ChunkedKDFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_off
     def forward(
         ctx,
         student_hidden: torch.Tensor,  # (N, Hs)
@@ -108,15 +128,16 @@ class ChunkedKDFunction(torch.autograd.Function):
             student, teachers, labels, row_op, scale if any(need) else None, need, plan,
             ignore_index,
         )
-        ctx.save_for_backward(  # fp32 accumulators cast to the weight's dtype
+        ctx.save_for_backward(  # fp32 accumulators cast to their input's dtype
             grads.hidden,
-            _cast(grads.weight, student_weight.dtype),
-            _cast(grads.bias, student_weight.dtype),
+            _cast(grads.weight, student_weight),
+            _cast(grads.bias, student_bias),
         )
         return loss.sum() * scale
 
     @staticmethod
     @first_order
+    @autocast_off
     def backward(ctx, grad_output: torch.Tensor):
         if ctx.reduction == "none":  # replay the chunks with g_i = d out / d loss_i
             hidden, weight, bias, labels = ctx.saved_tensors
@@ -125,8 +146,7 @@ class ChunkedKDFunction(torch.autograd.Function):
                 Linear(hidden, weight, bias), teachers, labels, row_op,
                 grad_output.to(accumulation_dtype(weight)), need, plan, ignore_index,
             )
-            dtype = weight.dtype
-            grads = (grads.hidden, _cast(grads.weight, dtype), _cast(grads.bias, dtype))
+            grads = (grads.hidden, _cast(grads.weight, weight), _cast(grads.bias, bias))
         elif not torch.compiler.is_compiling() and torch.equal(
             grad_output, torch.ones_like(grad_output)
         ):  # the usual loss.backward(): no (V, Hs) copy. A traced graph cannot branch on the
@@ -146,6 +166,7 @@ class KDLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_off
     def forward(
         ctx,
         student_logits: torch.Tensor,  # (N, V)
@@ -180,6 +201,7 @@ class KDLossFunction(torch.autograd.Function):
 
     @staticmethod
     @first_order
+    @autocast_off
     def backward(ctx, grad_output: torch.Tensor):
         (grad,) = ctx.saved_tensors
         if ctx.reduction == "none":
@@ -187,5 +209,6 @@ class KDLossFunction(torch.autograd.Function):
         return grad * grad_output.to(grad.dtype), None, None, None, None, None, None, None
 
 
-def _cast(grad: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if grad is None else grad.to(dtype)
+def _cast(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
+    """An fp32 accumulator in the dtype of the input it is the gradient of."""
+    return None if grad is None else grad.to(like.dtype)

@@ -26,7 +26,7 @@ from fastkd._checks import (
     resolve_backend,
 )
 from fastkd.autograd import ChunkedKDFunction, KDLossFunction
-from fastkd.chunked import Linear
+from fastkd.chunked import Linear, gemm_dtype
 from fastkd.matmul import HALF
 from fastkd.ops import kd_arguments, row_op
 from fastkd.options import DIVERGENCES, KDOptions
@@ -171,9 +171,12 @@ def check_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> None:
-    """hidden (*, H) matches weight (V, H) in size and dtype; bias is (V,) of that dtype.
+    """hidden (*, H) matches weight (V, H) in size; bias is (V,); their dtypes may mix.
 
-    ``names`` are the argument names of (hidden, weight, bias) for the messages.
+    fp16, bf16 and fp32 mix freely (autocast, fp32 master weights): that lm_head's GEMMs then
+    run in fp32 (fastkd.chunked.gemm_dtype). fp64, the gradcheck / oracle dtype, mixes with
+    nothing: a TypeError naming both arguments. ``names`` are the argument names of (hidden,
+    weight, bias) for the messages.
     """
     hidden_name, weight_name, bias_name = names
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
@@ -182,10 +185,7 @@ def check_linear(
             f"{hidden.shape[-1] if hidden.dim() else None} but {weight_name} "
             f"{tuple(weight.shape)} expects {weight.shape[1]}"
         )
-    if hidden.dtype != weight.dtype:
-        raise TypeError(
-            f"{hidden_name} dtype {hidden.dtype} differs from {weight_name} dtype {weight.dtype}"
-        )
+    _check_fp64_alone((hidden_name, hidden), (weight_name, weight))
     if bias is not None:
         check_floating(bias_name, bias)
         if bias.shape != (weight.shape[0],):
@@ -193,9 +193,18 @@ def check_linear(
                 f"{bias_name} shape {tuple(bias.shape)} must be ({weight.shape[0]},), "
                 f"the vocab size of {weight_name} {tuple(weight.shape)}"
             )
-        if bias.dtype != weight.dtype:
-            raise TypeError(f"{bias_name} dtype {bias.dtype} differs from {weight_name} dtype "
-                            f"{weight.dtype}")
+        _check_fp64_alone((bias_name, bias), (weight_name, weight))
+
+
+def _check_fp64_alone(first: tuple[str, torch.Tensor], second: tuple[str, torch.Tensor]) -> None:
+    """Two floating tensors of one lm_head: fp64 either in both or in neither."""
+    (first_name, a), (second_name, b) = first, second
+    if (a.dtype == torch.float64) != (b.dtype == torch.float64):
+        raise TypeError(
+            f"{first_name} dtype {a.dtype} mixed with {second_name} dtype {b.dtype}: float64 "
+            "mixes with no other dtype (fp16, bf16 and fp32 mix freely, in fp32); cast both "
+            "to float64 or neither"
+        )
 
 
 def check_teacher_matches(
@@ -278,7 +287,8 @@ def chunked_loss(
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     widths = (student_weight.shape[1], *(t.weight.shape[1] for t in teachers))
     plan = plan_chunks(student_weight.shape[0], len(teachers), backend,
-                       student_weight.dtype in HALF, chunk_size, student_weight.device.type,
+                       gemm_dtype(student_hidden, student_weight) in HALF, chunk_size,
+                       student_weight.device.type,
                        widths, student_hidden.shape[:-1].numel())
     student_grad = any(t is not None and t.requires_grad
                        for t in (student_hidden, student_weight, student_bias))
