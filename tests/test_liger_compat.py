@@ -1,0 +1,100 @@
+"""fastkd.nn.FusedKDLoss with Liger-Kernel's arguments equals Liger-Kernel 0.8.5's
+LigerFusedLinearJSDLoss (its torch chunked loss, run on CPU with compiled=False) on the same
+inputs: loss and every student gradient, over beta (0: forward KL, 1: reverse KL),
+temperature, the soft / hard weights and ignore_index."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastkd.nn import FusedKDLoss
+from tests.helpers import linear_inputs, random_labels, rel_err, tolerance
+
+jsd_loss = pytest.importorskip("liger_kernel.chunked_loss.jsd_loss",
+                               reason="liger-kernel (the dev extra) is not installed")
+
+N, HS, HT, VOCAB = 12, 16, 24, 53
+# (beta, temperature, weight_hard_loss, weight_soft_loss, ignore_index, bias)
+CASES = [
+    (0.0, 1.0, 0.5, 0.5, -100, False),
+    (1.0, 1.0, 0.5, 0.5, -100, True),
+    (0.5, 1.0, 0.5, 0.5, -100, False),
+    (0.5, 2.5, 0.0, 1.0, -100, True),
+    (0.1, 0.7, 0.8, 0.2, 7, False),
+    (0.9, 3.0, 0.3, 1.0, -1, True),
+    (0.0, 2.0, 1.0, 0.25, 7, True),
+    (1.0, 0.5, 0.0, 2.0, -100, False),
+]
+
+
+def inputs(seed, ignore_index, bias):
+    gen = torch.Generator().manual_seed(seed)
+    h, w, b = linear_inputs((N,), HS, VOCAB, 5.0, torch.float32, "cpu", gen, bias)
+    h_t, w_t, b_t = linear_inputs((N,), HT, VOCAB, 7.0, torch.float32, "cpu", gen, bias)
+    labels = random_labels((N,), VOCAB, gen, "cpu", ignore_fraction=0.3,
+                           ignore_index=ignore_index)
+    return (h, w, h_t, w_t, labels, b, b_t)
+
+
+def run(module, student_input, student_weight, teacher_input, teacher_weight, labels,
+        student_bias, teacher_bias):
+    """Loss and the student gradients (input, weight, bias) of ``module`` on fresh leaves."""
+    leaves = [None if t is None else t.clone().requires_grad_()
+              for t in (student_input, student_weight, student_bias)]
+    loss = module(leaves[0], leaves[1], teacher_input, teacher_weight, labels, leaves[2],
+                  teacher_bias)
+    loss.backward()
+    return loss.detach(), [None if t is None else t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("beta,temperature,hard,soft,ignore_index,bias", CASES)
+def test_equals_liger(beta, temperature, hard, soft, ignore_index, bias):
+    liger_arguments = dict(weight_hard_loss=hard, weight_soft_loss=soft, beta=beta,
+                           ignore_index=ignore_index, temperature=temperature, compiled=False,
+                           chunk_size=4)
+    batch = inputs(len(CASES) + int(100 * beta), ignore_index, bias)
+    ours, our_grads = run(FusedKDLoss(**liger_arguments), *batch)
+    theirs, their_grads = run(jsd_loss.LigerFusedLinearJSDLoss(**liger_arguments), *batch)
+    assert rel_err(ours, theirs) < tolerance(torch.float32)
+    for mine, ref in zip(our_grads, their_grads):
+        assert (mine is None) == (ref is None)
+        if mine is not None:
+            assert rel_err(mine, ref) < tolerance(torch.float32)
+
+
+def test_liger_defaults():
+    """A Liger-only name brings Liger's defaults for the rest (JSD, beta 0.5, both weights
+    0.5); FusedKDLoss without one keeps fastkd's (forward KL, soft term only)."""
+    batch = inputs(0, -100, False)
+    theirs, _ = run(jsd_loss.LigerFusedLinearJSDLoss(compiled=False), *batch)
+    ours, _ = run(FusedKDLoss(compiled=False), *batch)
+    assert rel_err(ours, theirs) < tolerance(torch.float32)
+    only_soft, _ = run(FusedKDLoss(weight_soft_loss=1.0), *batch)
+    liger_soft, _ = run(jsd_loss.LigerFusedLinearJSDLoss(weight_soft_loss=1.0, compiled=False),
+                        *batch)
+    assert rel_err(only_soft, liger_soft) < tolerance(torch.float32)
+    fastkd_default, _ = run(FusedKDLoss(), *batch)
+    assert rel_err(fastkd_default, theirs) > 0.01  # a different loss: the defaults differ
+    assert FusedKDLoss(compiled=True).options == dict(divergence="jsd", hard_weight=0.5,
+                                                      soft_weight=0.5)
+
+
+@pytest.mark.parametrize("liger,fastkd", [("weight_hard_loss", "hard_weight"),
+                                          ("weight_soft_loss", "soft_weight")])
+def test_both_spellings_refused(liger, fastkd):
+    with pytest.raises(TypeError, match=rf"'{liger}' \(Liger-Kernel's name\) and '{fastkd}' "
+                                        r"\(fastkd's\) set the same option"):
+        FusedKDLoss(**{liger: 0.5, fastkd: 0.5})
+
+
+def test_liger_arguments_checked():
+    with pytest.raises(TypeError, match=r"compiled must be a bool, got int"):
+        FusedKDLoss(compiled=1)
+    with pytest.raises(TypeError, match=r"return_soft_hard_loss=True is not supported: it maps "
+                                        r"to fastkd's return_parts"):
+        FusedKDLoss(return_soft_hard_loss=True)
+    assert FusedKDLoss(return_soft_hard_loss=False, weight_hard_loss=0.1).options[
+        "hard_weight"] == 0.1
+    with pytest.raises(ValueError, match=r"beta must lie in \[0, 1\]"):  # fastkd's own checks
+        FusedKDLoss(weight_hard_loss=0.5, beta=1.5)(*inputs(0, -100, False)[:5])
