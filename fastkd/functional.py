@@ -69,6 +69,14 @@ def fused_kd_loss(
     beta -> 0 and of JSD / (1 - beta) as beta -> 1 (JSD = beta KL(p || q) + O(beta^2)); the
     JSD itself tends to 0 at both ends, so the loss jumps at beta = 0 and 1.
 
+    Dtypes: hidden, weight and bias may mix fp32, bf16 and fp16 (autocast, fp32 master
+    weights), the student and the teacher apart. An lm_head whose hidden and weight dtypes
+    differ runs its GEMMs in fp32; what is copied is one chunk of hidden rows at a time,
+    promoted (C, H), or a half weight's slabs of 2^22 elements (fastkd.matmul.mixed_mm), never
+    a whole (V, H) weight or (N, H) hidden states. The loss is fp32 and each gradient comes
+    back in its input's dtype. fp64 mixes with nothing (TypeError). Inside torch.autocast the
+    loss turns autocast off for its own GEMMs, forward and backward.
+
     Args:
         student_hidden: (*, Hs) student hidden states.
         student_weight: (V, Hs) student lm_head weight; student_bias (V,) optional.
