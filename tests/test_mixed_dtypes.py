@@ -261,3 +261,38 @@ def test_fp64_teacher_mixes_with_fp32_student():
     loss = fused_kd_loss(h, w, h_t, w_t, backend="torch")
     assert loss.dtype == FP32
     assert rel_err(loss, fused_kd_loss_reference(h, w, h_t, w_t)) < LOSS_TOLERANCE
+
+
+def test_trainer_bf16_mixed_precision(tmp_path, monkeypatch):
+    """The trainer with bf16 training arguments on CPU (accelerate's autocast) and a bf16
+    teacher under the fp32 student: every fused_kd_loss call it makes equals the float64
+    oracle on the very tensors it was given, to fp32's tolerance. (The trainer turns autocast
+    off around the loss itself, fastkd/distill/capture.py, and these models' final hidden
+    states stay fp32 under autocast, so its student lm_head is not mixed; the teacher's
+    dtype differs from the student's.)"""
+    import fastkd.distill.loss as distill_loss
+    from fastkd.distill import DistillationTrainer, LogitKD
+    from fastkd.distill.data import CausalCollator
+    from tests.distill_helpers import args, llama, qwen2, rows
+
+    calls = []
+
+    def recording(*arguments, **options):
+        loss = fused_kd_loss(*arguments, **options)
+        calls.append(([a.detach().clone() for a in arguments], options, loss.detach()))
+        return loss
+
+    monkeypatch.setattr(distill_loss, "fused_kd_loss", recording)
+    trainer = DistillationTrainer(
+        model=qwen2(), args=args(tmp_path, max_steps=2, bf16=True, use_cpu=True),
+        teachers=[llama().bfloat16()], kd=LogitKD(hard_weight=0.5, temperature=2.0),
+        train_dataset=rows(4), data_collator=CausalCollator(0))
+    trainer.train()
+    assert len(calls) >= 2
+    keep = ("student_bias", "teacher_bias", "divergence", "beta", "temperature", "soft_weight",
+            "hard_weight", "ignore_index", "reduction")
+    for (h, w, h_t, w_t, labels), options, loss in calls:
+        assert (h.dtype, w.dtype, h_t.dtype, w_t.dtype) == (FP32, FP32, BF16, BF16)
+        ref = fused_kd_loss_reference(h, w, h_t, w_t, labels,
+                                      **{k: v for k, v in options.items() if k in keep})
+        assert rel_err(loss, ref) < LOSS_TOLERANCE
