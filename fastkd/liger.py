@@ -29,6 +29,10 @@ UNSUPPORTED = {
 # Accepted and without effect: Liger wraps its chunk step in torch.compile; fastkd's row ops
 # are Triton / C++ kernels that need no compiling per call.
 IGNORED = ("compiled",)
+# LigerFusedLinearJSDLoss.forward's keyword names -> FusedKDLoss.forward's (the positional
+# order is the same: student, student weight, teacher, teacher weight, labels, the biases).
+FORWARD_RENAMED = {"student_input": "student_hidden", "teacher_input": "teacher_hidden",
+                   "true_labels": "labels"}
 # LigerFusedLinearJSDLoss's defaults where they differ from fused_kd_loss's.
 LIGER_DEFAULTS = {"divergence": "jsd", "hard_weight": 0.5, "soft_weight": 0.5}
 
@@ -63,3 +67,17 @@ def from_liger_names(owner: str, options: dict[str, Any]) -> dict[str, Any]:
     if liger_style:
         translated = {**LIGER_DEFAULTS, **translated}
     return translated
+
+
+def liger_forward_names(module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+    """A forward pre-hook (``with_kwargs=True``): Liger's keyword names in a forward call
+    (``student_input=``, ``teacher_input=``, ``true_labels=``) renamed to fastkd's; both
+    spellings of one argument are a TypeError naming both."""
+    renamed = {}
+    for name, value in kwargs.items():
+        fastkd_name = FORWARD_RENAMED.get(name, name)
+        if name in FORWARD_RENAMED and fastkd_name in kwargs:
+            raise TypeError(f"{type(module).__name__}.forward: {name!r} (Liger-Kernel's name) "
+                            f"and {fastkd_name!r} (fastkd's) are the same argument; pass one")
+        renamed[fastkd_name] = value
+    return args, renamed

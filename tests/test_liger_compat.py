@@ -63,6 +63,20 @@ def test_equals_liger(beta, temperature, hard, soft, ignore_index, bias):
             assert rel_err(mine, ref) < tolerance(torch.float32)
 
 
+def test_liger_keyword_call():
+    """Called by Liger's keyword names (as TRL's GKD trainer calls Liger's loss)."""
+    h, w, h_t, w_t, labels, b, b_t = inputs(1, -100, True)
+    named = dict(student_input=h, student_weight=w, teacher_input=h_t, teacher_weight=w_t,
+                 true_labels=labels, student_bias=b, teacher_bias=b_t)
+    arguments = dict(weight_hard_loss=0.3, weight_soft_loss=0.7, beta=0.2, temperature=2.0)
+    ours = FusedKDLoss(**arguments)(**named)
+    theirs = jsd_loss.LigerFusedLinearJSDLoss(**arguments, compiled=False)(**named)
+    assert rel_err(ours, theirs) < tolerance(torch.float32)
+    with pytest.raises(TypeError, match=r"'true_labels' \(Liger-Kernel's name\) and 'labels' "
+                                        r"\(fastkd's\) are the same argument"):
+        FusedKDLoss(**arguments)(**named, labels=labels)
+
+
 def test_liger_defaults():
     """A Liger-only name brings Liger's defaults for the rest (JSD, beta 0.5, both weights
     0.5); FusedKDLoss without one keeps fastkd's (forward KL, soft term only)."""
