@@ -8,6 +8,10 @@ backward runs the chunk driver again with it as the per-token scale.
 With ``want_parts`` a Function also returns the per-token parts (N, 2) (the unweighted
 divergence and CE that the row ops wrote in the same pass) as a second, non-differentiable
 output; the public functions reduce them.
+
+Both Functions run with autocast disabled (``autocast_off``): their GEMMs pick their own
+dtypes (fp32 logits from half or mixed operands, fastkd/matmul.py), which an enclosing
+``torch.autocast`` region would otherwise recast to its lower precision.
 """
 
 from __future__ import annotations
@@ -57,6 +61,21 @@ def first_order(backward):
     return wrapper
 
 
+def autocast_off(method):
+    """Run an autograd.Function's ``forward(ctx, ...)`` or ``backward(ctx, ...)`` with autocast
+    disabled for the device type of its first tensor argument (a no-op outside autocast)."""
+
+    @functools.wraps(method)
+    def wrapper(ctx, *args):
+        device_type = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        if not torch.is_autocast_enabled(device_type):
+            return method(ctx, *args)
+        with torch.autocast(device_type, enabled=False):
+            return method(ctx, *args)
+
+    return wrapper
+
+
 def counted_tokens(
     labels: torch.Tensor | None, tokens: int, ignore_index: int, device: torch.device
 ) -> torch.Tensor:
@@ -82,6 +101,7 @@ class ChunkedKDFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_off
     def forward(
         ctx,
         student_hidden: torch.Tensor,  # (N, Hs)
@@ -115,15 +135,16 @@ class ChunkedKDFunction(torch.autograd.Function):
             student, teachers, labels, row_op, scale if any(need) else None, need, plan,
             ignore_index, parts,
         )
-        ctx.save_for_backward(  # fp32 accumulators cast to the weight's dtype
+        ctx.save_for_backward(  # fp32 accumulators cast to their input's dtype
             grads.hidden,
-            _cast(grads.weight, student_weight.dtype),
-            _cast(grads.bias, student_weight.dtype),
+            _cast(grads.weight, student_weight),
+            _cast(grads.bias, student_bias),
         )
         return _with_parts(ctx, loss.sum() * scale, parts)
 
     @staticmethod
     @first_order
+    @autocast_off
     def backward(ctx, grad_output: torch.Tensor, grad_parts: torch.Tensor | None = None):
         if ctx.reduction == "none":  # replay the chunks with g_i = d out / d loss_i
             hidden, weight, bias, labels = ctx.saved_tensors
@@ -132,8 +153,7 @@ class ChunkedKDFunction(torch.autograd.Function):
                 Linear(hidden, weight, bias), teachers, labels, row_op,
                 grad_output.to(accumulation_dtype(weight)), need, plan, ignore_index,
             )
-            dtype = weight.dtype
-            grads = (grads.hidden, _cast(grads.weight, dtype), _cast(grads.bias, dtype))
+            grads = (grads.hidden, _cast(grads.weight, weight), _cast(grads.bias, bias))
         elif not torch.compiler.is_compiling() and torch.equal(
             grad_output, torch.ones_like(grad_output)
         ):  # the usual loss.backward(): no (V, Hs) copy. A traced graph cannot branch on the
@@ -153,6 +173,7 @@ class KDLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_off
     def forward(
         ctx,
         student_logits: torch.Tensor,  # (N, V)
@@ -190,6 +211,7 @@ class KDLossFunction(torch.autograd.Function):
 
     @staticmethod
     @first_order
+    @autocast_off
     def backward(ctx, grad_output: torch.Tensor, grad_parts: torch.Tensor | None = None):
         (grad,) = ctx.saved_tensors
         if ctx.reduction == "none":
@@ -212,5 +234,6 @@ def _with_parts(ctx, loss: torch.Tensor, parts: torch.Tensor | None):
     return loss, parts
 
 
-def _cast(grad: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if grad is None else grad.to(dtype)
+def _cast(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
+    """An fp32 accumulator in the dtype of the input it is the gradient of."""
+    return None if grad is None else grad.to(like.dtype)

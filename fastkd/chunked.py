@@ -9,6 +9,12 @@ fp32 grad_weight are ever extra memory.
 Per-token scales g (1, 1 / n, or the incoming gradient of a ``reduction="none"`` loss) enter as
 diag(g) dlogits: grad_hidden = diag(g) (dlogits W), grad_weight += dlogits^T (diag(g) h),
 grad_bias += g^T dlogits, so the (C, V) buffer is never rescaled.
+
+Mixed dtypes (autocast: bf16 hidden states against an fp32 lm_head, or a bias of another
+dtype): every GEMM of that lm_head runs in fp32 (``gemm_dtype``), the narrower operand promoted
+chunk by chunk by ``fastkd.matmul.mixed_mm`` (a (C, H) copy of the hidden rows, or slabs of the
+weight; never a whole (V, H) or (N, H) copy), and d loss / d z_s stays fp32 in place of the
+student logits.
 """
 
 from __future__ import annotations
@@ -38,6 +44,13 @@ class StudentGrads:
     hidden: torch.Tensor | None  # (N, Hs), dtype of the hidden states
     weight: torch.Tensor | None  # (V, Hs), fp32
     bias: torch.Tensor | None  # (V,), fp32
+
+
+def gemm_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype of an lm_head's GEMM operands and of d loss / d z_s: the shared dtype of
+    hidden and weight, or fp32 when they differ (fp64 never mixes: fastkd.functional
+    check_linear refuses it)."""
+    return weight.dtype if hidden.dtype == weight.dtype else torch.float32
 
 
 def logits_fp32(linear: Linear, rows: slice, out: torch.Tensor) -> torch.Tensor:
@@ -82,12 +95,13 @@ def chunked_kd(
     rows_per_chunk = min(plan.rows, tokens)
     student_buffer = torch.empty(rows_per_chunk, vocab, **acc)
     teacher_buffer = torch.empty(len(teachers), rows_per_chunk, vocab, **acc)
-    # The row op writes d loss / d z_s straight in the weight's dtype, which the gradient GEMMs
+    # The row op writes d loss / d z_s straight in the GEMM dtype, which the gradient GEMMs
     # read: in place of the fp32 student logits, or into a half buffer of plan.grad_rows rows.
-    in_place = student.weight.dtype == acc["dtype"]
+    grad_dtype = gemm_dtype(student.hidden, student.weight)
+    in_place = grad_dtype == acc["dtype"]
     grad_buffer = None
     if want_grads and not in_place:
-        grad_buffer = torch.empty(min(plan.grad_rows, tokens), vocab, dtype=student.weight.dtype,
+        grad_buffer = torch.empty(min(plan.grad_rows, tokens), vocab, dtype=grad_dtype,
                                   device=device)
 
     for grad_start in range(0, tokens, plan.grad_rows):
@@ -120,7 +134,7 @@ def chunked_kd(
 def _accumulate(
     student: Linear,
     rows: slice,
-    grad_logits: torch.Tensor,  # (R, V), the weight's dtype
+    grad_logits: torch.Tensor,  # (R, V), gemm_dtype of the student
     token_scale: torch.Tensor,
     grad_hidden: torch.Tensor | None,
     grad_weight: torch.Tensor | None,

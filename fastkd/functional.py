@@ -32,7 +32,7 @@ from fastkd.autograd import (
     counted_tokens,
     reduction_scale,
 )
-from fastkd.chunked import Linear
+from fastkd.chunked import Linear, gemm_dtype
 from fastkd.matmul import HALF
 from fastkd.ops import kd_arguments, row_op
 from fastkd.options import DIVERGENCES, SKEW_DIVERGENCES, KDOptions, plain_divergence
@@ -84,6 +84,14 @@ def fused_kd_loss(
     that the plain divergence compares against (alpha = 1 is plain KL(p || q) / KL(q || p));
     DistiLLM's skew coefficient lambda is 1 - alpha, so its default 0.1 is alpha = 0.9. The
     tvd gradient takes sign(0) = 0 where p_j = q_j (docs/design.md).
+
+    Dtypes: hidden, weight and bias may mix fp32, bf16 and fp16 (autocast, fp32 master
+    weights), the student and the teacher apart. An lm_head whose hidden and weight dtypes
+    differ runs its GEMMs in fp32; what is copied is one chunk of hidden rows at a time,
+    promoted (C, H), or a half weight's slabs of 2^22 elements (fastkd.matmul.mixed_mm), never
+    a whole (V, H) weight or (N, H) hidden states. The loss is fp32 and each gradient comes
+    back in its input's dtype. fp64 mixes with nothing (TypeError). Inside torch.autocast the
+    loss turns autocast off for its own GEMMs, forward and backward.
 
     Args:
         student_hidden: (*, Hs) student hidden states.
@@ -202,9 +210,12 @@ def check_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> None:
-    """hidden (*, H) matches weight (V, H) in size and dtype; bias is (V,) of that dtype.
+    """hidden (*, H) matches weight (V, H) in size; bias is (V,); their dtypes may mix.
 
-    ``names`` are the argument names of (hidden, weight, bias) for the messages.
+    fp16, bf16 and fp32 mix freely (autocast, fp32 master weights): that lm_head's GEMMs then
+    run in fp32 (fastkd.chunked.gemm_dtype). fp64, the gradcheck / oracle dtype, mixes with
+    nothing: a TypeError naming both arguments. ``names`` are the argument names of (hidden,
+    weight, bias) for the messages.
     """
     hidden_name, weight_name, bias_name = names
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
@@ -213,10 +224,7 @@ def check_linear(
             f"{hidden.shape[-1] if hidden.dim() else None} but {weight_name} "
             f"{tuple(weight.shape)} expects {weight.shape[1]}"
         )
-    if hidden.dtype != weight.dtype:
-        raise TypeError(
-            f"{hidden_name} dtype {hidden.dtype} differs from {weight_name} dtype {weight.dtype}"
-        )
+    _check_fp64_alone((hidden_name, hidden), (weight_name, weight))
     if bias is not None:
         check_floating(bias_name, bias)
         if bias.shape != (weight.shape[0],):
@@ -224,9 +232,18 @@ def check_linear(
                 f"{bias_name} shape {tuple(bias.shape)} must be ({weight.shape[0]},), "
                 f"the vocab size of {weight_name} {tuple(weight.shape)}"
             )
-        if bias.dtype != weight.dtype:
-            raise TypeError(f"{bias_name} dtype {bias.dtype} differs from {weight_name} dtype "
-                            f"{weight.dtype}")
+        _check_fp64_alone((bias_name, bias), (weight_name, weight))
+
+
+def _check_fp64_alone(first: tuple[str, torch.Tensor], second: tuple[str, torch.Tensor]) -> None:
+    """Two floating tensors of one lm_head: fp64 either in both or in neither."""
+    (first_name, a), (second_name, b) = first, second
+    if (a.dtype == torch.float64) != (b.dtype == torch.float64):
+        raise TypeError(
+            f"{first_name} dtype {a.dtype} mixed with {second_name} dtype {b.dtype}: float64 "
+            "mixes with no other dtype (fp16, bf16 and fp32 mix freely, in fp32); cast both "
+            "to float64 or neither"
+        )
 
 
 def check_teacher_matches(
@@ -319,7 +336,8 @@ def chunked_loss(
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     widths = (student_weight.shape[1], *(t.weight.shape[1] for t in teachers))
     plan = plan_chunks(student_weight.shape[0], len(teachers), backend,
-                       student_weight.dtype in HALF, chunk_size, student_weight.device.type,
+                       gemm_dtype(student_hidden, student_weight) in HALF, chunk_size,
+                       student_weight.device.type,
                        widths, student_hidden.shape[:-1].numel())
     student_grad = any(t is not None and t.requires_grad
                        for t in (student_hidden, student_weight, student_bias))

@@ -4,7 +4,8 @@ Logits are never rounded to bf16/fp16 before the softmax math (docs/design.md se
 half-precision operands go to cuBLAS with an fp32 output (``out_dtype``); on CPU, where
 ``out_dtype`` is unavailable, to the C++ extension's ``addmm_fp32`` (MKL's half GEMMs with fp32
 output, csrc/gemm_cpu.cpp), or, where it does not build, upcast. fp32 and fp64 operands are used
-as given.
+as given. Operands of different dtypes (autocast: bf16 hidden states against an fp32 lm_head)
+are promoted to fp32 without a full-size copy of the larger one (``mixed_mm``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ def accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
 
 def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """a (M, K) @ b (K, N) into ``out`` (M, N), accumulated in fp32 (fp64 for fp64)."""
+    if a.dtype != b.dtype or (a.dtype != out.dtype and a.dtype not in HALF):
+        return mixed_mm(a, b, out)
     if a.dtype == out.dtype:
         return torch.mm(a, b, out=out)
     if a.is_cuda:  # half operands, fp32 output straight from cuBLAS
@@ -56,6 +59,42 @@ def addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 1.
 
 
 SLAB_ROWS = 8192
+# Elements of b promoted at a time by mixed_mm (16 MiB in fp32).
+SLAB_ELEMENTS = 2**22
+
+
+def mixed_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """a (M, K) @ b (K, N) into ``out`` (M, N) in fp32 (fp64 when ``out`` is fp64), for
+    operands whose dtypes differ from each other or from ``out``.
+
+    ``a`` is the chunk-sized operand (hidden rows, or d loss / d logits rows) and is promoted
+    whole: an (M, K) copy. ``b`` (an lm_head weight or its transpose) is promoted in slabs of
+    about ``SLAB_ELEMENTS`` along its longer side, so no full-size copy of it is ever made:
+    slabs of columns when N >= K (each reads all of ``a``, which is small), else slabs of rows
+    whose products accumulate into the fp32 result (each reads and writes that (M, N) result,
+    which is small). A narrower ``out`` (a bf16 grad_hidden) receives the fp32 result rounded
+    once, through an (M, N) fp32 temporary.
+    """
+    compute = torch.float64 if out.dtype == torch.float64 else torch.float32
+    a = a.to(compute)
+    result = out if out.dtype == compute else torch.empty(out.shape, dtype=compute,
+                                                          device=out.device)
+    rows, columns = b.shape
+    if b.dtype == compute:
+        torch.mm(a, b, out=result)
+    elif columns >= rows:
+        step = max(1, SLAB_ELEMENTS // max(rows, 1))
+        for start in range(0, columns, step):
+            cols = slice(start, start + step)
+            torch.mm(a, b[:, cols].to(compute), out=result[:, cols])
+    else:
+        step = max(1, SLAB_ELEMENTS // max(columns, 1))
+        for start in range(0, rows, step):
+            ks = slice(start, start + step)
+            result.addmm_(a[:, ks], b[ks].to(compute), beta=0.0 if start == 0 else 1.0)
+    if result is not out:
+        out.copy_(result)
+    return out
 
 
 def _cpu_half_gemm(a: torch.Tensor, out: torch.Tensor) -> bool:

@@ -69,7 +69,8 @@ def multi_teacher_kd_loss(
         "weighted_kl": D = sum_k w_k KL(p_k || q)
         loss = soft_weight * D + hard_weight * CE(z_s, label)
 
-    Mixing weights are constants (no gradient flows through them).
+    Mixing weights are constants (no gradient flows through them). Dtypes as in
+    ``fused_kd_loss``: each lm_head (the student's, each teacher's) may mix fp32, bf16 and fp16.
 
     Args:
         student_hidden: (*, Hs); student_weight (V, Hs); student_bias (V,) optional.

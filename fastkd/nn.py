@@ -12,6 +12,7 @@ from torch import nn
 
 from fastkd.attention import attention_kd_loss
 from fastkd.functional import fused_kd_loss, kd_loss
+from fastkd.liger import from_liger_names, liger_forward_names
 from fastkd.multi_teacher import multi_teacher_kd_loss
 
 
@@ -50,10 +51,22 @@ class FusedKDLoss(_LossModule):
 
         loss_fn = FusedKDLoss(divergence="jsd", temperature=2.0, hard_weight=0.5)
         loss = loss_fn(h_s, student.lm_head.weight, h_t, teacher.lm_head.weight, labels)
+
+    Liger-Kernel's ``LigerFusedLinearJSDLoss`` arguments are accepted too (fastkd/liger.py):
+    ``weight_hard_loss`` / ``weight_soft_loss`` are ``hard_weight`` / ``soft_weight``;
+    ``beta``, ``temperature``, ``ignore_index`` and ``chunk_size`` mean the same in both;
+    ``compiled`` has no effect. With a Liger-only name, unset options take Liger's defaults
+    (divergence "jsd", both weights 0.5), so ``FusedKDLoss(**liger_kwargs)`` is Liger's loss;
+    forward takes Liger's order (student_input, student_weight, teacher_input, teacher_weight,
+    true_labels, student_bias, teacher_bias) and, by keyword, Liger's names as well.
     """
 
     loss_fn = staticmethod(fused_kd_loss)
     forward_keywords = ("student_bias", "teacher_bias")
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**from_liger_names(type(self).__name__, options))
+        self.register_forward_pre_hook(liger_forward_names, with_kwargs=True)
 
     def forward(
         self,

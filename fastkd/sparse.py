@@ -69,6 +69,7 @@ def sparse_kd_loss(
     the teacher probabilities at 2^-126 (a -inf logit or a vanishing tail gives a large finite
     loss, not inf). loss = soft_weight * D + hard_weight * CE(z_s, label) (CE untempered, no
     T^2 factor, as ``fused_kd_loss``). With S = every id, "bucket" equals ``fused_kd_loss``.
+    The student's hidden, weight and bias may mix fp32, bf16 and fp16, as in ``fused_kd_loss``.
 
     Args:
         student_hidden: (*, H) student hidden states.

@@ -57,7 +57,7 @@ CASES = [
     (dict(student_hidden=torch.ones(N, HS, dtype=torch.long)), TypeError, r"student_hidden must be a floating"),
     (dict(teacher_weight=[[1.0]]), TypeError, r"teacher_weight must be a torch.Tensor, got list"),
     (dict(student_weight=torch.randn(V, HS, 1)), ValueError, r"student_weight must have 2 dim"),
-    (dict(student_hidden=torch.randn(N, HS, dtype=torch.float64)), TypeError, r"float64 differs"),
+    (dict(student_hidden=torch.randn(N, HS, dtype=torch.float64)), TypeError, r"student_hidden dtype torch.float64 mixed with student_weight dtype torch.float32"),
     (dict(student_bias=torch.randn(V + 2)), ValueError, r"student_bias shape \(22,\) must be \(20,\)"),
     (dict(chunk_size=0), ValueError, r"chunk_size must be a positive int"),
     (dict(chunk_size=True), TypeError, r"chunk_size must be an int, got bool"),
