@@ -180,6 +180,25 @@ def test_sparse_with_a_student_cap(backend, tail, divergence, device):
             assert rel_err(mine.grad, theirs.grad) < 1e-4, temperature
 
 
+@pytest.mark.parametrize("backend", ["torch", NATIVE_BACKEND])
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+def test_gradcheck_float64(backend, divergence, device):
+    """float64 end to end through a capped student and teacher: torch.autograd.gradcheck of the
+    hidden states, weight and bias (the chain rule through f, the top entry's rewrite)."""
+    gen = torch.Generator().manual_seed(17)
+    h, w, b = linear_inputs((5,), 4, 23, 8.0, torch.float64, device, gen, True)
+    h_t, w_t, _ = linear_inputs((5,), 6, 23, 8.0, torch.float64, device, gen)
+    labels = random_labels((5,), 23, gen, device)
+
+    def fn(h, w, b):
+        return fused_kd_loss(h, w, h_t, w_t, labels, student_bias=b, divergence=divergence,
+                             temperature=1.5, hard_weight=0.3, reduction="none", backend=backend,
+                             chunk_size=2, student_softcap=3.0, student_logit_scale=0.5,
+                             teacher_softcap=2.0)
+
+    assert torch.autograd.gradcheck(fn, [t.requires_grad_() for t in (h, w, b)])
+
+
 def test_modules_take_the_transform_options():
     gen = torch.Generator().manual_seed(13)
     h_s, w_s, _ = linear_inputs((6,), 8, 53, 100.0, torch.float32, "cpu", gen)
