@@ -125,11 +125,19 @@ inline at::ScalarType math_dtype(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-inline int divergence_id(c10::string_view name) {
+// kd_rows' divergence; the skew divergences read alpha, which lies in (0, 1].
+inline int divergence_id(c10::string_view name, double alpha) {
   if (name == "kl") return KL;
   if (name == "reverse_kl") return REVERSE_KL;
-  TORCH_CHECK(name == "jsd", "kd_rows: divergence must be kl, reverse_kl or jsd, got ", name);
-  return JSD;
+  if (name == "jsd") return JSD;
+  if (name == "tvd") return TVD;
+  TORCH_CHECK(name == "skew_kl" || name == "skew_reverse_kl",
+              "kd_rows: divergence must be kl, reverse_kl, jsd, tvd, skew_kl or skew_reverse_kl, "
+              "got ", name);
+  TORCH_CHECK(alpha > 0 && alpha <= 1, "kd_rows: alpha must lie in (0, 1] for divergence ", name,
+              ", got ", alpha);
+  if (alpha == 1) return name == "skew_kl" ? KL : REVERSE_KL;  // m is the other distribution
+  return name == "skew_kl" ? SKEW_KL : SKEW_REVERSE_KL;
 }
 
 }  // namespace fastkd

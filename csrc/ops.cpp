@@ -18,8 +18,8 @@ TORCH_LIBRARY(fastkd, m) {
   m.def(
       "kd_rows(Tensor student_logits, Tensor teacher_logits, Tensor? labels, "
       "Tensor(a!)? grad_out, str divergence, float beta, float temperature, float soft_weight, "
-      "float hard_weight, int ignore_index, float student_softcap, float student_scale, "
-      "float teacher_softcap, float teacher_scale) -> Tensor");
+      "float hard_weight, int ignore_index, float alpha, float student_softcap, "
+      "float student_scale, float teacher_softcap, float teacher_scale) -> Tensor");
   m.def(
       "multi_teacher_rows(Tensor student_logits, Tensor teacher_logits, Tensor? labels, "
       "Tensor(a!)? grad_out, Tensor(b!) weights_out, float[] priors, float temperature, "

@@ -25,7 +25,9 @@
 
 namespace fastkd {
 
-enum Divergence : int { KL = 0, REVERSE_KL = 1, JSD = 2 };
+enum Divergence : int {
+  KL = 0, REVERSE_KL = 1, JSD = 2, TVD = 3, SKEW_KL = 4, SKEW_REVERSE_KL = 5
+};
 enum Weighting : int { ENTROPY = 0, STATIC = 1 };
 enum Fusion : int { MIXTURE = 0, WEIGHTED_KL = 1 };
 
@@ -48,6 +50,8 @@ struct Scalar {
   static FASTKD_HD T abs(T x) { return x < T(0) ? -x : x; }
   static FASTKD_HD T max(T a, T b) { return a > b ? a : b; }
   static FASTKD_HD T xlogy(T w, T x) { return w == T(0) ? T(0) : w * x; }  // 0 * log 0 = 0
+  static FASTKD_HD T sign(T x) { return x > T(0) ? T(1) : x < T(0) ? T(-1) : T(0); }
+  static FASTKD_HD T select_gt(T x, T c, T a, T b) { return x > c ? a : b; }  // x > c ? a : b
   static FASTKD_HD T expm1(T x) { return expm1_(x); }
   static FASTKD_HD T copysign(T x, T sign) { return copysign_(x, sign); }
   static FASTKD_HD T if_below(T x, T limit, T then, T otherwise) {
@@ -162,6 +166,96 @@ FASTKD_HD V jsd_x(V log_q, V log_p, V log_odds_beta) {
 template <typename T>
 FASTKD_HD T jsd_from_sums(const JsdConstants<T>& c, T eq_sp, T ep_sp) {
   return c.binary_entropy - c.beta * ep_sp - c.one_minus_beta * eq_sp;
+}
+
+// ---- tvd, skew_kl, skew_reverse_kl: the divergences whose gradient is q (h - E_q[h]), h the
+// partial derivative dD / dq with q a free vector (docs/design.md). Each is a sum of element
+// terms; pass 2 sums them and the centering sums below, pass 3 writes q (h - E_q[h]) (the top
+// logit rewritten, as for reverse_kl and jsd: the formula cancels there when q is near one-hot).
+//   tvd              0.5 |p - q|                           h = 0.5 sign(q - p), sign(0) = 0
+//   skew_kl          p log(p / m), m = a q + (1 - a) p     h = -a p / m
+//   skew_reverse_kl  q log(q / m), m = a p + (1 - a) q     h = log(q / m) - (1 - a) q / m
+// with a = alpha in (0, 1) (alpha = 1 runs plain KL / reverse KL). log m is the log-add-exp of
+// (log a + log o, log(1 - a) + log w) for KL(w || m) with the other distribution o, written as
+//   log(w / m) = -log(1 - a) - softplus(z),  z = log(a / (1 - a)) + log o - log w,
+// from the shifted log-probabilities. For skew_reverse_kl, (1 - a) q / m = sigmoid(-z), so
+// h = -log(1 - a) - 1 - phi(z) with phi = softplus - sigmoid; the constant cancels in h - E_q[h],
+// which is E_q[phi] - phi(z): where q and p are apart (z -> -inf) phi ~ e^{2z} / 2 is tiny and
+// log(q / m) - (1 - a) q / m would lose it to the rounding of two O(1) numbers.
+// alpha's constants are computed in double: in float, log(1 - alpha) loses alpha near 1.
+FASTKD_HD bool has_score_gradient(int divergence) { return divergence >= TVD; }
+
+template <typename T>
+struct SkewConstants {
+  T alpha, log_one_minus_alpha, log_odds_alpha;
+};
+
+template <typename T>
+FASTKD_HD SkewConstants<T> skew_constants(double alpha) {
+  if (!(alpha > 0 && alpha < 1)) return {T(alpha), T(0), T(0)};  // not read (not a skew row)
+  const double log_rest = log1p(-alpha);
+  return {T(alpha), T(log_rest), T(log(alpha) - log_rest)};
+}
+
+// phi(z) = softplus(z) - sigmoid(z) = log(1 + u) - u / (1 + u), u = e^z. For z > -2 the
+// difference (it cancels at most 16-fold); below, with t = u / (2 + u) (log(1 + u) = 2 atanh t,
+// u / (1 + u) = 2t / (1 + t)), phi = 2t^2 / (1 + t) + 2t^3 (1/3 + t^2/5 + t^4/7 + ...), whose
+// terms fall by t^2 < 0.004 each: seven are exact in double. One exp, e = e^{-|z|} (= u below 0).
+template <typename M, typename V>
+FASTKD_HD V skew_phi(V z) {
+  V e = M::exp(V(0) - M::abs(z)), w = V(1) + e;
+  V direct = M::max(z, V(0)) + M::log1p(e) - M::select_gt(z, V(0), V(1), e) / w;
+  V t = e / (V(1) + w), t2 = t * t;
+  V series = V(1.0 / 15);
+  series = series * t2 + V(1.0 / 13);
+  series = series * t2 + V(1.0 / 11);
+  series = series * t2 + V(1.0 / 9);
+  series = series * t2 + V(1.0 / 7);
+  series = series * t2 + V(1.0 / 5);
+  series = series * t2 + V(1.0 / 3);
+  return M::select_gt(z, V(-2), direct, V(2) * t2 * (V(1) / (V(1) + t) + t * series));
+}
+
+template <typename V>
+struct ScoreTerm {
+  V term, h;  // the element's term of the divergence and its h (up to a constant)
+};
+
+template <typename M, typename V, typename T>
+FASTKD_HD ScoreTerm<V> score_term(int divergence, V log_q, V log_p, const SkewConstants<T>& c) {
+  if (divergence == TVD) {
+    V difference = M::exp(log_q) - M::exp(log_p);
+    return {V(0.5) * M::abs(difference), V(0.5) * M::sign(difference)};
+  }
+  const bool forward = divergence == SKEW_KL;
+  V own = forward ? log_p : log_q, other = forward ? log_q : log_p;  // KL(own || m)
+  V z = V(c.log_odds_alpha) + other - own;
+  V log_ratio = V(0) - V(c.log_one_minus_alpha) - softplus<M>(z);  // log(own / m)
+  V term = M::xlogy(M::exp(own), log_ratio);
+  if (forward) return {term, V(-c.alpha) * M::exp(log_ratio)};
+  return {term, V(0) - skew_phi<M>(z)};
+}
+
+// Pass 2's q-weighted sums a, b for pass 3's h - E_q[h]. The skew divergences: a = E_q[h].
+// tvd's h takes only the values 0 and +-0.5, and near one-hot q puts E_q[h] within a tiny mass
+// of +-0.5, so it sums a = E_q[0.5 - h] and b = E_q[0.5 + h] (the q-mass where q < p, and where
+// q > p, each with half of where q = p): h - E_q[h] = (0.5 + h) a - (0.5 - h) b, no cancelling.
+template <typename M, typename V>
+FASTKD_HD V center_sum_a(int divergence, V q, V h) {
+  return M::xlogy(q, divergence == TVD ? V(0.5) - h : h);
+}
+
+template <typename V>
+FASTKD_HD V center_sum_b(int divergence, V q, V h) {
+  return divergence == TVD ? q * (V(0.5) + h) : V(0);
+}
+
+// d D / d s at one element: q (h - E_q[h]).
+template <typename M, typename V, typename T>
+FASTKD_HD V score_grad(int divergence, V log_q, V log_p, const SkewConstants<T>& c, V a, V b) {
+  V h = score_term<M>(divergence, log_q, log_p, c).h;
+  V centered = divergence == TVD ? (V(0.5) + h) * a - (V(0.5) - h) * b : h - a;
+  return M::xlogy(M::exp(log_q), centered);
 }
 
 // ---- pass 3: d divergence / d s at one element (the caller multiplies by soft_weight / T).

@@ -32,6 +32,8 @@ struct Vec {
   static V abs(V x) { return x.abs(); }
   static V max(V a, V b) { return at::vec::maximum(a, b); }
   static V xlogy(V w, V x) { return V::blendv(w * x, V(T(0)), w == V(T(0))); }
+  static V sign(V x) { return x.gt(V(T(0))) - x.lt(V(T(0))); }  // 1.0 / 0.0 per comparison
+  static V select_gt(V x, V c, V a, V b) { return V::blendv(b, a, x > c); }
   static V expm1(V x) { return x.expm1(); }
   static V reciprocal(V d) { return d.reciprocal(); }
   static V copysign(V x, V sign) { return x.copysign(sign); }
@@ -134,7 +136,7 @@ int64_t first_index_of(const T* z, int64_t n, T m) {
 
 struct KDOptions {
   int divergence;
-  double beta, temperature, soft_weight, hard_weight;
+  double beta, temperature, soft_weight, hard_weight, alpha;
 };
 
 // The hard CE term's untempered log-softmax: m_z = max z and log l_z, l_z = sum e^{z - m_z}.
@@ -217,7 +219,8 @@ T kd_row(const T* z, const T* zt, int64_t n, int64_t label, const KDOptions& o, 
       V e_s = M::exp(ds), e_t = M::exp(dt);
       l_s.add(e_s);
       l_t.add(e_t);
-      if (o.divergence != JSD) a.add(divergence_term<M>(o.divergence, ds, dt, e_s, e_t));
+      if (o.divergence == KL || o.divergence == REVERSE_KL)
+        a.add(divergence_term<M>(o.divergence, ds, dt, e_s, e_t));
       if (raw_sum) l_z.add(M::exp(zj - V(shift_z)));
       if (keep_exps) {  // z_j, zt_j were read above
         L::store(g + start + j, e_s);
@@ -240,8 +243,10 @@ T kd_row(const T* z, const T* zt, int64_t n, int64_t label, const KDOptions& o, 
   const T log_l_s = log_(l_s.total()), log_l_t = log_(l_t.total());
   const T mean_ds_dt = a.total() / l_s.total();  // reverse_kl: E_q[ds - dt]
   const JsdConstants<T> jsd = jsd_constants<T>(o.beta);
+  const SkewConstants<T> skew = skew_constants<T>(o.alpha);
+  const bool score = has_score_gradient(o.divergence);
 
-  T divergence, eq_sp = 0;
+  T divergence, eq_sp = 0, center_a = 0, center_b = 0;
   if (o.divergence == JSD) {  // pass 2b: E_q[softplus(x)], E_p[softplus(-x)]
     Sum<T> eq, ep;
     sweep<T>(n, [&](auto lane, int64_t j) {
@@ -256,6 +261,22 @@ T kd_row(const T* z, const T* zt, int64_t n, int64_t label, const KDOptions& o, 
     });
     eq_sp = eq.total();
     divergence = jsd_from_sums(jsd, eq_sp, ep.total());
+  } else if (score) {  // pass 2b: the sum of the element terms, and the centering sums
+    Sum<T> terms, sum_a, sum_b;
+    sweep<T>(n, [&](auto lane, int64_t j) {
+      using L = decltype(lane);
+      using M = typename L::M;
+      using V = typename L::V;
+      auto [ds, dt] = shifted(lane, j);
+      V log_q = ds - V(log_l_s), q = M::exp(log_q);
+      ScoreTerm<V> e = score_term<M>(o.divergence, log_q, dt - V(log_l_t), skew);
+      terms.add(e.term);
+      sum_a.add(center_sum_a<M>(o.divergence, q, e.h));
+      sum_b.add(center_sum_b(o.divergence, q, e.h));
+    });
+    divergence = terms.total();
+    center_a = sum_a.total();
+    center_b = sum_b.total();
   } else {
     divergence = one_pass_divergence(o.divergence, a.total(), l_s.total(), l_t.total());
   }
@@ -286,9 +307,12 @@ T kd_row(const T* z, const T* zt, int64_t n, int64_t label, const KDOptions& o, 
     using M = typename L::M;
     using V = typename L::V;
     auto [ds, dt] = shifted(lane, j);
-    V grad = V(coef) * divergence_grad<M>(o.divergence, ds - V(log_l_s), dt - V(log_l_t), ds,
-                                          dt, V(mean_ds_dt), V(jsd.one_minus_beta),
-                                          V(jsd.log_odds_beta), V(eq_sp));
+    V log_q = ds - V(log_l_s), log_p = dt - V(log_l_t);
+    V grad = V(coef) * (score ? score_grad<M>(o.divergence, log_q, log_p, skew, V(center_a),
+                                            V(center_b))
+                              : divergence_grad<M>(o.divergence, log_q, log_p, ds, dt,
+                                                   V(mean_ds_dt), V(jsd.one_minus_beta),
+                                                   V(jsd.log_odds_beta), V(eq_sp)));
     if (hard_weight > 0) grad = grad + V(hard_weight) * hard_grad<M>(L::load(z + j), V(lse.m),
                                                                       V(lse.log_l));
     L::store(g + j, grad);
@@ -677,14 +701,14 @@ at::Tensor kd_rows_cpu(const at::Tensor& student_logits, const at::Tensor& teach
                        const std::optional<at::Tensor>& labels,
                        const std::optional<at::Tensor>& grad_out, c10::string_view divergence,
                        double beta, double temperature, double soft_weight, double hard_weight,
-                       int64_t ignore_index, double student_softcap, double student_scale,
-                       double teacher_softcap, double teacher_scale) {
+                       int64_t ignore_index, double alpha, double student_softcap,
+                       double student_scale, double teacher_softcap, double teacher_scale) {
   check_kd_rows(student_logits, teacher_logits, grad_out);
   check_transform("kd_rows", "the student", student_softcap, student_scale);
   check_transform("kd_rows", "the teacher", teacher_softcap, teacher_scale);
   const int64_t rows = student_logits.size(0), vocab = student_logits.size(1);
-  const KDOptions options{divergence_id(divergence), beta, temperature, soft_weight,
-                          hard_weight};
+  const KDOptions options{divergence_id(divergence, alpha), beta, temperature, soft_weight,
+                          hard_weight, alpha};
   const auto label = row_labels(labels, rows, vocab, ignore_index, hard_weight > 0, "kd_rows");
   const at::ScalarType math = math_dtype(student_logits);
   const at::Tensor z = math_logits(student_logits, math), zt = math_logits(teacher_logits, math);

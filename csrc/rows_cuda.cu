@@ -109,7 +109,7 @@ __device__ __forceinline__ LogitTransform<T> transform_or_identity(const LogitTr
 
 struct KDArgs {
   int64_t vocab, stride_s, stride_t, stride_g, ignore_index;
-  double beta, temperature, soft_weight, hard_weight;
+  double beta, temperature, soft_weight, hard_weight, alpha;
   int divergence;
   bool has_labels;
   LogitTransform<double> student, teacher;
@@ -157,7 +157,8 @@ kd_rows_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
     T e_s = M::exp(ds), e_t = M::exp(dt);
     l_s += e_s;
     l_t += e_t;
-    if (o.divergence != JSD) a += divergence_term<M>(o.divergence, ds, dt, e_s, e_t);
+    if (o.divergence == KL || o.divergence == REVERSE_KL)
+      a += divergence_term<M>(o.divergence, ds, dt, e_s, e_t);
     if (o.hard_weight > 0) l_z += M::exp(zj - m_z);
   }
   l_s = block_sum<THREADS>(l_s, shared);
@@ -166,8 +167,10 @@ kd_rows_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
   const T log_l_s = log_(l_s), log_l_t = log_(l_t);
   const T log_l_z = log_(block_sum<THREADS>(l_z, shared));
   const JsdConstants<T> jsd = jsd_constants<T>(o.beta);
+  const SkewConstants<T> skew = skew_constants<T>(o.alpha);
+  const bool score = has_score_gradient(o.divergence);
 
-  T divergence, eq_sp = 0;
+  T divergence, eq_sp = 0, center_a = 0, center_b = 0;
   if (o.divergence == JSD) {
     T eq = 0, ep = 0;
     for (int64_t j = threadIdx.x; j < V; j += THREADS) {
@@ -178,6 +181,19 @@ kd_rows_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
     }
     eq_sp = block_sum<THREADS>(eq, shared);
     divergence = jsd_from_sums(jsd, eq_sp, block_sum<THREADS>(ep, shared));
+  } else if (score) {  // tvd, skew_kl, skew_reverse_kl: the sum of the terms, centering sums
+    T terms = 0, sum_a = 0, sum_b = 0;
+    for (int64_t j = threadIdx.x; j < V; j += THREADS) {
+      T log_q = zs(j) * inv_t - m_s - log_l_s, log_p = zt_(j) * inv_t - m_t - log_l_t;
+      T q = M::exp(log_q);
+      ScoreTerm<T> e = score_term<M>(o.divergence, log_q, log_p, skew);
+      terms += e.term;
+      sum_a += center_sum_a<M>(o.divergence, q, e.h);
+      sum_b += center_sum_b(o.divergence, q, e.h);
+    }
+    divergence = block_sum<THREADS>(terms, shared);
+    center_a = block_sum<THREADS>(sum_a, shared);
+    center_b = block_sum<THREADS>(sum_b, shared);
   } else {
     divergence = one_pass_divergence(o.divergence, a, l_s, l_t);
   }
@@ -204,9 +220,10 @@ kd_rows_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
   for (int64_t j = threadIdx.x; j < V; j += THREADS) {
     const T zj = zs(j);
     T ds = zj * inv_t - m_s, dt = zt_(j) * inv_t - m_t;
-    T value = coef * divergence_grad<M>(o.divergence, ds - log_l_s, dt - log_l_t, ds, dt,
-                                        mean_ds_dt, jsd.one_minus_beta, jsd.log_odds_beta,
-                                        eq_sp);
+    T log_q = ds - log_l_s, log_p = dt - log_l_t;
+    T value = coef * (score ? score_grad<M>(o.divergence, log_q, log_p, skew, center_a, center_b)
+                            : divergence_grad<M>(o.divergence, log_q, log_p, ds, dt, mean_ds_dt,
+                                                 jsd.one_minus_beta, jsd.log_odds_beta, eq_sp));
     if (o.hard_weight > 0)
       value += T(o.hard_weight) * (hard_grad<M>(zj, m_z, log_l_z) - (j == label ? T(1) : T(0)));
     if (j == top) continue;
@@ -544,8 +561,8 @@ at::Tensor kd_rows_cuda(const at::Tensor& student_logits, const at::Tensor& teac
                         const std::optional<at::Tensor>& labels,
                         const std::optional<at::Tensor>& grad_out, c10::string_view divergence,
                         double beta, double temperature, double soft_weight, double hard_weight,
-                        int64_t ignore_index, double student_softcap, double student_scale,
-                        double teacher_softcap, double teacher_scale) {
+                        int64_t ignore_index, double alpha, double student_softcap,
+                        double student_scale, double teacher_softcap, double teacher_scale) {
   check_kd_rows(student_logits, teacher_logits, grad_out);
   check_transform("kd_rows", "the student", student_softcap, student_scale);
   check_transform("kd_rows", "the teacher", teacher_softcap, teacher_scale);
@@ -557,8 +574,8 @@ at::Tensor kd_rows_cuda(const at::Tensor& student_logits, const at::Tensor& teac
   at::Tensor loss = at::empty({rows}, student_logits.options().dtype(math));
   if (rows == 0) return loss;
   KDArgs args{vocab, z.stride(0), zt.stride(0), grad_out.has_value() ? grad_out->stride(0) : 0,
-              ignore_index, beta, temperature, soft_weight, hard_weight,
-              divergence_id(divergence), label.has_value(),
+              ignore_index, beta, temperature, soft_weight, hard_weight, alpha,
+              divergence_id(divergence, alpha), label.has_value(),
               logit_transform<double>(student_softcap, student_scale),
               logit_transform<double>(teacher_softcap, teacher_scale)};
   const bool transform = student_softcap != 0 || student_scale != 1 || teacher_softcap != 0 ||

@@ -31,7 +31,7 @@ from fastkd.chunked import Linear
 from fastkd.logit_transforms import transform_options
 from fastkd.matmul import HALF
 from fastkd.ops import kd_arguments, row_op
-from fastkd.options import DIVERGENCES, KDOptions
+from fastkd.options import DIVERGENCES, SKEW_DIVERGENCES, KDOptions, plain_divergence
 from fastkd.plan import plan_chunks
 
 STUDENT_NAMES = ("student_hidden", "student_weight", "student_bias")
@@ -48,6 +48,7 @@ def fused_kd_loss(
     teacher_bias: torch.Tensor | None = None,
     divergence: str = "kl",
     beta: float = 0.5,
+    alpha: float = 0.9,
     temperature: float = 1.0,
     soft_weight: float = 1.0,
     hard_weight: float = 0.0,
@@ -67,13 +68,21 @@ def fused_kd_loss(
 
         loss = soft_weight * D(p, q) + hard_weight * CE(z_s, label)
 
-    where D is KL(p || q) ("kl"), KL(q || p) ("reverse_kl") or the generalized JSD
-    beta KL(p || M) + (1 - beta) KL(q || M), M = beta p + (1 - beta) q ("jsd"); CE is untempered.
+    where D is KL(p || q) ("kl"), KL(q || p) ("reverse_kl"), the generalized JSD
+    beta KL(p || M) + (1 - beta) KL(q || M), M = beta p + (1 - beta) q ("jsd"), the total
+    variation distance 0.5 sum_j |p_j - q_j| ("tvd"; 1 - TVD is the acceptance rate of a draft
+    model q in speculative decoding), or the skew divergences KL(p || alpha q + (1 - alpha) p)
+    ("skew_kl") and KL(q || alpha p + (1 - alpha) q) ("skew_reverse_kl"); CE is untempered.
 
     ``beta`` (jsd only) lies in [0, 1]; as TRL's GKD and Liger-Kernel do, beta = 0 is forward
     KL(p || q) and beta = 1 reverse KL(q || p). These are the limits of JSD / beta as
     beta -> 0 and of JSD / (1 - beta) as beta -> 1 (JSD = beta KL(p || q) + O(beta^2)); the
     JSD itself tends to 0 at both ends, so the loss jumps at beta = 0 and 1.
+
+    ``alpha`` (skew_kl and skew_reverse_kl only) lies in (0, 1]: the weight of the distribution
+    that the plain divergence compares against (alpha = 1 is plain KL(p || q) / KL(q || p));
+    DistiLLM's skew coefficient lambda is 1 - alpha, so its default 0.1 is alpha = 0.9. The
+    tvd gradient takes sign(0) = 0 where p_j = q_j (docs/design.md).
 
     Args:
         student_hidden: (*, Hs) student hidden states.
@@ -113,7 +122,8 @@ def fused_kd_loss(
         ("student_bias", student_bias), ("teacher_hidden", teacher_hidden),
         ("teacher_weight", teacher_weight), ("teacher_bias", teacher_bias), ("labels", labels),
     ])
-    options = _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_index)
+    options = _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_index,
+                          alpha)
     options = replace(options, **transform_options(student_softcap, student_logit_scale,
                                                    teacher_softcap, teacher_logit_scale))
     token_labels = flat_labels(labels, leading, vocab, options)
@@ -133,6 +143,7 @@ def kd_loss(
     *,
     divergence: str = "kl",
     beta: float = 0.5,
+    alpha: float = 0.9,
     temperature: float = 1.0,
     soft_weight: float = 1.0,
     hard_weight: float = 0.0,
@@ -166,7 +177,8 @@ def kd_loss(
                                 ("teacher_logits", teacher_logits), ("labels", labels)])
     leading = student_logits.shape[:-1]
     vocab = check_vocab("student_logits", student_logits.shape, -1)
-    options = _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_index)
+    options = _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_index,
+                          alpha)
     options = replace(options, **transform_options(student_softcap, student_logit_scale,
                                                    teacher_softcap, teacher_logit_scale))
     token_labels = flat_labels(labels, leading, vocab, options)
@@ -242,8 +254,13 @@ def check_teacher_matches(
         )
 
 
-def _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_index) -> KDOptions:
+def _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_index,
+                alpha) -> KDOptions:
     check_choice("divergence", divergence, DIVERGENCES)
+    alpha = check_real("alpha", alpha)
+    if not 0 < alpha <= 1:
+        raise ValueError(f"alpha must lie in (0, 1], got {alpha!r}")
+    divergence = plain_divergence(divergence, alpha)  # alpha = 1: kl / reverse_kl
     if divergence == "jsd":
         if not 0 <= check_real("beta", beta) <= 1:
             raise ValueError(f"beta must lie in [0, 1] for divergence='jsd', got {beta!r}")
@@ -254,6 +271,7 @@ def _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_
     return KDOptions(
         divergence=divergence,
         beta=float(beta) if divergence == "jsd" else 0.5,
+        alpha=alpha if divergence in SKEW_DIVERGENCES else 0.9,
         temperature=check_positive("temperature", temperature),
         soft_weight=soft_weight,
         hard_weight=hard_weight,

@@ -38,13 +38,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from fastkd.options import KDOptions, MultiTeacherOptions
+from fastkd.options import KDOptions, MultiTeacherOptions, plain_divergence
 
 KD_ROWS_SCHEMA = (
     "(Tensor student_logits, Tensor teacher_logits, Tensor? labels, Tensor(a!)? grad_out, "
     "str divergence, float beta, float temperature, float soft_weight, float hard_weight, "
-    "int ignore_index, float student_softcap, float student_scale, float teacher_softcap, "
-    "float teacher_scale) -> Tensor"
+    "int ignore_index, float alpha, float student_softcap, float student_scale, "
+    "float teacher_softcap, float teacher_scale) -> Tensor"
 )
 MULTI_TEACHER_ROWS_SCHEMA = (
     "(Tensor student_logits, Tensor teacher_logits, Tensor? labels, Tensor(a!)? grad_out, "
@@ -90,7 +90,7 @@ def kd_arguments(options: KDOptions) -> tuple:
     """The scalar arguments of a kd_rows op after (student, teacher, labels, grad_out)."""
     return (options.divergence, float(options.beta), float(options.temperature),
             float(options.soft_weight), float(options.hard_weight), int(options.ignore_index),
-            float(options.student_softcap), float(options.student_scale),
+            float(options.alpha), float(options.student_softcap), float(options.student_scale),
             float(options.teacher_softcap), float(options.teacher_scale))
 
 
@@ -114,8 +114,10 @@ def sparse_kd_arguments(tail: str, options: KDOptions) -> tuple:
 
 
 def _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_index,
-                student_softcap=0.0, student_scale=1.0, teacher_softcap=0.0, teacher_scale=1.0):
-    return KDOptions(divergence=divergence, beta=beta, temperature=temperature,
+                alpha=0.9, student_softcap=0.0, student_scale=1.0, teacher_softcap=0.0,
+                teacher_scale=1.0):
+    return KDOptions(divergence=plain_divergence(divergence, alpha), beta=beta, alpha=alpha,
+                     temperature=temperature,
                      soft_weight=soft_weight, hard_weight=hard_weight, ignore_index=ignore_index,
                      student_softcap=student_softcap, student_scale=student_scale,
                      teacher_softcap=teacher_softcap, teacher_scale=teacher_scale)
@@ -141,7 +143,7 @@ def _loss_dtype(student_logits: torch.Tensor) -> torch.dtype:
 
 
 def kd_rows_fake(student_logits, teacher_logits, labels, grad_out, divergence, beta,
-                 temperature, soft_weight, hard_weight, ignore_index, student_softcap,
+                 temperature, soft_weight, hard_weight, ignore_index, alpha, student_softcap,
                  student_scale, teacher_softcap, teacher_scale) -> torch.Tensor:
     """Per-token loss (C,) of student logits (C, V): fp32, fp64 for fp64 logits."""
     torch._check(student_logits.dim() == 2, lambda: "student_logits must be (C, V)")
@@ -206,11 +208,11 @@ def define_kd_rows(name: str, kernel: Callable[..., torch.Tensor]) -> None:
     ``kernel(student_logits, teacher_logits, labels, grad_out, options: KDOptions)``."""
 
     def impl(student_logits, teacher_logits, labels, grad_out, divergence, beta, temperature,
-             soft_weight, hard_weight, ignore_index, student_softcap, student_scale,
+             soft_weight, hard_weight, ignore_index, alpha, student_softcap, student_scale,
              teacher_softcap, teacher_scale):
         options = _kd_options(divergence, beta, temperature, soft_weight, hard_weight,
-                              ignore_index, student_softcap, student_scale, teacher_softcap,
-                              teacher_scale)
+                              ignore_index, alpha, student_softcap, student_scale,
+                              teacher_softcap, teacher_scale)
         loss = kernel(student_logits, teacher_logits, labels, grad_out, options)
         return loss.to(_loss_dtype(student_logits))
 
@@ -246,7 +248,8 @@ def define_sparse_kd_rows(name: str, kernel: Callable[..., torch.Tensor]) -> Non
              divergence, temperature, soft_weight, hard_weight, ignore_index, student_softcap,
              student_scale):
         options = _kd_options(divergence, 0.5, temperature, soft_weight, hard_weight,
-                              ignore_index, student_softcap, student_scale)
+                              ignore_index, student_softcap=student_softcap,
+                              student_scale=student_scale)
         loss = kernel(student_logits, teacher_ids, teacher_logits, teacher_lse, labels,
                       grad_out, tail, options)
         return loss.to(_loss_dtype(student_logits))

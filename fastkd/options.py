@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DIVERGENCES = ("kl", "reverse_kl", "jsd")
+DIVERGENCES = ("kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl")
+# read alpha, the weight of the student (skew_kl) or teacher (skew_reverse_kl) in the mixture
+SKEW_DIVERGENCES = ("skew_kl", "skew_reverse_kl")
+
+
+def plain_divergence(divergence: str, alpha: float) -> str:
+    """The divergence a row op runs: skew_kl / skew_reverse_kl at alpha = 1 mix in nothing of
+    the other distribution, so they are kl / reverse_kl, on those code paths."""
+    if alpha == 1 and divergence in SKEW_DIVERGENCES:
+        return {"skew_kl": "kl", "skew_reverse_kl": "reverse_kl"}[divergence]
+    return divergence
 
 
 @dataclass(frozen=True)
@@ -18,6 +28,7 @@ class KDOptions:
 
     divergence: str = "kl"
     beta: float = 0.5
+    alpha: float = 0.9
     temperature: float = 1.0
     soft_weight: float = 1.0
     hard_weight: float = 0.0

@@ -20,6 +20,7 @@ def _divergence_per_token(
     divergence: str,
     beta: float,
     temperature: float,
+    alpha: float = 0.9,
 ) -> torch.Tensor:
     """Per-token divergence between tempered softmaxes; logits (N, V) float64 -> (N,)."""
     log_q = F.log_softmax(student_logits / temperature, dim=-1)
@@ -37,6 +38,16 @@ def _divergence_per_token(
         kl_pm = (log_p.exp() * (log_p - log_m)).sum(-1)
         kl_qm = (log_q.exp() * (log_q - log_m)).sum(-1)
         return beta * kl_pm + (1 - beta) * kl_qm
+    if divergence == "tvd":  # 0.5 sum |p - q| (autograd: sign(0) = 0)
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    # log of the mixture m = alpha a + (1 - alpha) b; finite where a and b underflow
+    log_rest = math.log1p(-alpha) if alpha < 1 else -math.inf
+    if divergence == "skew_kl":  # KL(p || m), m = alpha q + (1 - alpha) p
+        log_m = torch.logaddexp(log_q + math.log(alpha), log_p + log_rest)
+        return (log_p.exp() * (log_p - log_m)).sum(-1)
+    if divergence == "skew_reverse_kl":  # KL(q || m), m = alpha p + (1 - alpha) q
+        log_m = torch.logaddexp(log_p + math.log(alpha), log_q + log_rest)
+        return (log_q.exp() * (log_q - log_m)).sum(-1)
     raise ValueError(f"unknown divergence {divergence!r}")
 
 
@@ -65,6 +76,7 @@ def kd_loss_reference(
     *,
     divergence: str = "kl",
     beta: float = 0.5,
+    alpha: float = 0.9,
     temperature: float = 1.0,
     soft_weight: float = 1.0,
     hard_weight: float = 0.0,
@@ -85,7 +97,7 @@ def kd_loss_reference(
                        student_softcap, student_logit_scale)
     z_t = model_logits(teacher_logits.reshape(-1, teacher_logits.shape[-1]).double(),
                        teacher_softcap, teacher_logit_scale)
-    loss = soft_weight * _divergence_per_token(z_s, z_t, divergence, beta, temperature)
+    loss = soft_weight * _divergence_per_token(z_s, z_t, divergence, beta, temperature, alpha)
     return _hard_ce_and_reduce(loss, z_s, labels, hard_weight, ignore_index, reduction, leading)
 
 

@@ -21,6 +21,9 @@ import torch.nn.functional as F
 from fastkd.logit_transforms import transformed_logits
 from fastkd.options import KDOptions, MultiTeacherOptions
 
+# the divergences whose gradient is q (h - E_q[h]) (_score_divergence)
+SCORE_DIVERGENCES = ("tvd", "skew_kl", "skew_reverse_kl")
+
 
 def kd_rows_torch(
     student_logits: torch.Tensor,
@@ -69,6 +72,8 @@ def tempered_divergence(
         divergence = _xlogy(q, log_ratio).sum(-1)
         if want_grad:
             grad = _xlogy(q, log_ratio.sub_(divergence[:, None]), out=log_ratio)
+    elif options.divergence in SCORE_DIVERGENCES:
+        divergence, grad = _score_divergence(log_p, log_q, options, want_grad)
     else:
         # generalized JSD with M = beta p + (1 - beta) q and x = log(beta p / ((1 - beta) q)):
         # log q - log M = -log(1 - beta) - softplus(x), log p - log M = -log beta - softplus(-x),
@@ -85,6 +90,61 @@ def tempered_divergence(
         if want_grad:
             grad = _xlogy(q, sp_x.neg_().add_(eq_sp[:, None]), out=sp_x).mul_(1 - beta)
     return divergence, grad
+
+
+def _score_divergence(
+    log_p: torch.Tensor, log_q: torch.Tensor, options: KDOptions, want_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The divergences whose gradient is q (h - E_q[h]), h = dD / dq the partial derivative
+    with q a free vector (docs/design.md; csrc/row_math.h has the same formulas):
+
+        tvd              0.5 sum |p - q|                     h = 0.5 sign(q - p)  (sign(0) = 0)
+        skew_kl          KL(p || m), m = a q + (1 - a) p     h = -a p / m
+        skew_reverse_kl  KL(q || m), m = a p + (1 - a) q     h = -phi(z) + constant
+
+    with a = alpha in (0, 1). For KL(w || m) against the other distribution o,
+    log(w / m) = -log(1 - a) - softplus(z), z = log(a / (1 - a)) + log o - log w (log m as a
+    log-add-exp). Returns the divergence (C,) and its gradient (C, V) in s or None.
+    """
+    q, p = log_q.exp(), log_p.exp()
+    if options.divergence == "tvd":
+        difference = q - p
+        divergence = 0.5 * difference.abs().sum(-1)
+        h = 0.5 * difference.sign_()
+    else:
+        alpha = options.alpha
+        log_rest = math.log1p(-alpha)  # log(1 - alpha)
+        forward = options.divergence == "skew_kl"
+        own, other = (log_p, log_q) if forward else (log_q, log_p)
+        z = (other - own).add_(math.log(alpha) - log_rest)
+        log_ratio = F.softplus(z).neg_().sub_(log_rest)  # log(own / m)
+        divergence = _xlogy(own.exp(), log_ratio).sum(-1)
+        h = log_ratio.exp_().mul_(-alpha) if forward else _skew_phi(z).neg_()
+    if not want_grad:
+        return divergence, None
+    if options.divergence == "tvd":
+        # h - E_q[h] = (0.5 + h) a - (0.5 - h) b with the q-masses a = E_q[0.5 - h] (below p)
+        # and b = E_q[0.5 + h] (above p), half of q = p in each: no difference of nearly equal
+        # numbers, where near one-hot q makes E_q[h] +-0.5 within a tiny mass
+        a = (q * (0.5 - h)).sum(-1, keepdim=True)
+        b = (q * (0.5 + h)).sum(-1, keepdim=True)
+        centered = (0.5 + h) * a - (0.5 - h) * b
+    else:
+        centered = h.sub_(_xlogy(q, h).sum(-1, keepdim=True))  # h - E_q[h]
+    return divergence, _xlogy(q, centered, out=centered)
+
+
+def _skew_phi(z: torch.Tensor) -> torch.Tensor:
+    """phi(z) = softplus(z) - sigmoid(z), accurate where it is tiny (z < -2: a series in
+    t = e^z / (2 + e^z), csrc/row_math.h skew_phi derives it)."""
+    u = z.exp()
+    t = u / (2 + u)
+    t2 = t * t
+    series = torch.full_like(z, 1 / 15)
+    for k in (13, 11, 9, 7, 5, 3):
+        series = series * t2 + 1 / k
+    small = 2 * t2 / (1 + t) + 2 * t2 * t * series
+    return torch.where(z > -2, F.softplus(z) - torch.sigmoid(z), small)
 
 
 def _xlogy(

@@ -55,7 +55,8 @@ from fastkd.kernels.row_common import (
 )
 from fastkd.options import KDOptions
 
-DIVERGENCE_IDS = {"kl": 0, "reverse_kl": 1, "jsd": 2}
+DIVERGENCE_IDS = {"kl": 0, "reverse_kl": 1, "jsd": 2, "tvd": 3, "skew_kl": 4,
+                  "skew_reverse_kl": 5}
 
 
 @triton.jit
@@ -73,6 +74,54 @@ def _jsd_x(s, t, m_s, m_t, log_l_s, log_l_t, log_odds_beta):
     # x = log(beta p / ((1 - beta) q)) = log(beta / (1 - beta)) + log p - log q, with
     # log p = (t - m_t) - log l_t and log q = (s - m_s) - log l_s
     return log_odds_beta + (((t - m_t) - log_l_t) - ((s - m_s) - log_l_s))
+
+
+@triton.jit
+def _skew_phi(z):
+    # phi(z) = softplus(z) - sigmoid(z); below z = -2, where the difference would cancel, the
+    # series 2t^2 / (1 + t) + 2t^3 (1/3 + t^2/5 + t^4/7 + t^6/9) in t = e^z / (2 + e^z)
+    # (csrc/row_math.h; t^2 < 0.004, so four terms are exact in fp32). One exp, e = e^{-|z|}:
+    # e^z below 0, and softplus(z) = max(z, 0) + log1p(e).
+    e = tl.exp(-tl.abs(z))
+    w = 1.0 + e
+    log1p_e = tl.where(w == 1.0, e, tl.log(w) * e / (w - 1.0))
+    direct = tl.maximum(z, 0.0) + log1p_e - tl.where(z >= 0.0, 1.0, e) / w
+    t = e / (2.0 + e)
+    t2 = t * t
+    series = ((t2 * (1.0 / 9) + 1.0 / 7) * t2 + 1.0 / 5) * t2 + 1.0 / 3
+    return tl.where(z > -2.0, direct, 2.0 * t2 / (1.0 + t) + 2.0 * t2 * t * series)
+
+
+@triton.jit
+def _score_terms(log_q, log_p, q, p, alpha, log_one_minus_alpha, log_odds_alpha,
+                 DIVERGENCE: tl.constexpr):
+    # The divergences with gradient q (h - E_q[h]), h = dD / dq (docs/design.md): this
+    # element's term of D and its h (up to a constant). KL(w || m) against the other
+    # distribution o: log(w / m) = -log(1 - alpha) - softplus(z), z = log(alpha / (1 - alpha))
+    # + log o - log w, the log-add-exp of (log alpha + log o, log(1 - alpha) + log w) rewritten.
+    if DIVERGENCE == 3:  # tvd: 0.5 |p - q|, h = 0.5 sign(q - p) (sign(0) = 0)
+        term = 0.5 * tl.abs(q - p)
+        h = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
+    elif DIVERGENCE == 4:  # skew_kl: p log(p / m), m = alpha q + (1 - alpha) p; h = -alpha p / m
+        log_ratio = -log_one_minus_alpha - _softplus(log_odds_alpha + log_q - log_p)
+        term = xlogy(p, log_ratio)
+        h = -alpha * tl.exp(log_ratio)
+    else:  # skew_reverse_kl: q log(q / m), m = alpha p + (1 - alpha) q; h = -phi(z) + const.
+        z = log_odds_alpha + log_p - log_q
+        term = xlogy(q, -log_one_minus_alpha - _softplus(z))
+        h = -_skew_phi(z)
+    return term, h
+
+
+@triton.jit
+def _centered(h, center_a, center_b, DIVERGENCE: tl.constexpr):
+    # h - E_q[h] from pass 2's sums: tvd (h in {0, +-0.5}) sums a = E_q[0.5 - h] and
+    # b = E_q[0.5 + h], so that near one-hot q (E_q[h] within a tiny mass of +-0.5) nothing
+    # cancels; the skew divergences sum a = E_q[h].
+    if DIVERGENCE == 3:
+        return (0.5 + h) * center_a - (0.5 - h) * center_b
+    else:
+        return h - center_a
 
 
 @triton.jit
@@ -97,9 +146,10 @@ def _kd_rows_kernel(
     s_ptr, t_ptr, grad_ptr, labels_ptr, loss_ptr,
     V, stride_s, stride_t, stride_g,
     temperature, beta, one_minus_beta, log_odds_beta, binary_entropy,
+    alpha, log_one_minus_alpha, log_odds_alpha,
     soft_weight, hard_weight, ignore_index,
     s_scale, s_cap, s_scale_over_cap, t_scale, t_cap, t_scale_over_cap,
-    DIVERGENCE: tl.constexpr,  # 0 kl, 1 reverse_kl, 2 jsd
+    DIVERGENCE: tl.constexpr,  # 0 kl, 1 reverse_kl, 2 jsd, 3 tvd, 4 skew_kl, 5 skew_reverse_kl
     HAS_LABELS: tl.constexpr,
     HAS_HARD: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
@@ -153,7 +203,7 @@ def _kd_rows_kernel(
         divergence = a / l_t - (m_t - m_s) - (log_l_t - log_l_s)  # KL(p || q)
     elif DIVERGENCE == 1:
         divergence = a / l_s - (m_s - m_t) - (log_l_s - log_l_t)  # KL(q || p)
-    else:
+    elif DIVERGENCE == 2:
         # ---- pass 2 (jsd): E_q[softplus(x)] and E_p[softplus(-x)]
         eq_sp = 0.0
         ep_sp = 0.0
@@ -166,6 +216,27 @@ def _kd_rows_kernel(
             eq_sp += tl.sum(xlogy(q, _softplus(x)), axis=0)
             ep_sp += tl.sum(xlogy(tl.exp((t - m_t) - log_l_t), _softplus(-x)), axis=0)
         divergence = binary_entropy - beta * ep_sp - one_minus_beta * eq_sp
+    else:
+        # ---- pass 2 (tvd, skew_kl, skew_reverse_kl): D = sum of the terms, and the sums
+        # that center h (_centered)
+        divergence = 0.0
+        center_a = 0.0
+        center_b = 0.0
+        for start in range(0, V, BLOCK_V):
+            cols, in_vocab, z, s, t, _ = _load_block(
+                s_row, t_row, start, V, inv_temperature, s_scale, s_cap, s_scale_over_cap,
+                t_scale, t_cap, t_scale_over_cap, STUDENT_TRANSFORM, TEACHER_TRANSFORM, BLOCK_V)
+            log_q = (s - m_s) - log_l_s
+            log_p = (t - m_t) - log_l_t
+            q = tl.exp(log_q)  # 0 past the end, as p: the terms there are 0 (xlogy)
+            term, h = _score_terms(log_q, log_p, q, tl.exp(log_p), alpha, log_one_minus_alpha,
+                                   log_odds_alpha, DIVERGENCE)
+            divergence += tl.sum(term, axis=0)
+            if DIVERGENCE == 3:
+                center_a += tl.sum(q * (0.5 - h), axis=0)
+                center_b += tl.sum(q * (0.5 + h), axis=0)
+            else:
+                center_a += tl.sum(xlogy(q, h), axis=0)
 
     loss = soft_weight * divergence
     if HAS_HARD:
@@ -194,10 +265,15 @@ def _kd_rows_kernel(
             elif DIVERGENCE == 1:
                 # reverse: q (log q - log p - KL(q||p)) = q ((s - t) - E_q[s - t])
                 g = xlogy(q, (s - t) - a / l_s)
-            else:
+            elif DIVERGENCE == 2:
                 # jsd: (1 - beta) q (log(q / M) - KL(q || M)) = (1 - beta) q (E_q[sp(x)] - sp(x))
                 x = _jsd_x(s, t, m_s, m_t, log_l_s, log_l_t, log_odds_beta)
                 g = one_minus_beta * xlogy(q, eq_sp - _softplus(x))
+            else:  # tvd, skew_kl, skew_reverse_kl: q (h - E_q[h])
+                log_p = (t - m_t) - log_l_t
+                _, h = _score_terms((s - m_s) - log_l_s, log_p, q, tl.exp(log_p), alpha,
+                                    log_one_minus_alpha, log_odds_alpha, DIVERGENCE)
+                g = xlogy(q, _centered(h, center_a, center_b, DIVERGENCE))
             g = g * (soft_weight * inv_temperature)
             if HAS_HARD:
                 g += hard_weight * cross_entropy_grad(z, lse_z, cols, label)
@@ -222,6 +298,14 @@ def _beta_constants(beta: float) -> tuple[float, float, float, float]:
     one_minus = 1.0 - beta
     entropy = -beta * math.log(beta) - one_minus * math.log1p(-beta)
     return beta, one_minus, math.log(beta) - math.log1p(-beta), entropy
+
+
+def _alpha_constants(alpha: float) -> tuple[float, float, float]:
+    """alpha, log(1 - alpha) and log(alpha / (1 - alpha)), in float64."""
+    if not 0 < alpha < 1:  # only the skew divergences read them, and they have 0 < alpha < 1
+        return alpha, 0.0, 0.0
+    log_rest = math.log1p(-alpha)
+    return alpha, log_rest, math.log(alpha) - log_rest
 
 
 def kd_rows(
@@ -251,6 +335,7 @@ def kd_rows(
         vocab, student_logits.stride(0), teacher_logits.stride(0),
         grad_out.stride(0) if grad_out is not None else 0,
         float(options.temperature), *_beta_constants(options.beta),
+        *_alpha_constants(options.alpha),
         float(options.soft_weight), float(options.hard_weight), int(options.ignore_index),
         *transform_arguments(options.student_softcap, options.student_scale),
         *transform_arguments(options.teacher_softcap, options.teacher_scale),

@@ -27,16 +27,18 @@ KD_ROWS_SIGNATURE = {
     "s_ptr": "*fp32", "t_ptr": "*bf16", "grad_ptr": "*bf16", "labels_ptr": "*i64",
     "loss_ptr": "*fp32", "V": "i32", "stride_s": "i64", "stride_t": "i64", "stride_g": "i64",
     "temperature": "fp32", "beta": "fp32", "one_minus_beta": "fp32", "log_odds_beta": "fp32",
-    "binary_entropy": "fp32", "soft_weight": "fp32", "hard_weight": "fp32",
+    "binary_entropy": "fp32", "alpha": "fp32", "log_one_minus_alpha": "fp32",
+    "log_odds_alpha": "fp32", "soft_weight": "fp32", "hard_weight": "fp32",
     "ignore_index": "i32", "s_scale": "fp32", "s_cap": "fp32", "s_scale_over_cap": "fp32",
     "t_scale": "fp32", "t_cap": "fp32", "t_scale_over_cap": "fp32",
 }
 
 
 def kd_rows_cases():
-    from fastkd.kernels.kd_rows import _kd_rows_kernel
+    from fastkd.kernels.kd_rows import DIVERGENCE_IDS, _kd_rows_kernel
 
-    for divergence, labels, grad in itertools.product(range(3), [False, True], [False, True]):
+    for divergence, labels, grad in itertools.product(sorted(DIVERGENCE_IDS.values()),
+                                                      [False, True], [False, True]):
         constexprs = dict(DIVERGENCE=divergence, HAS_LABELS=labels, HAS_HARD=labels,
                           COMPUTE_GRAD=grad, BLOCK_V=2048, STUDENT_TRANSFORM=0,
                           TEACHER_TRANSFORM=0)
@@ -47,10 +49,10 @@ def kd_rows_cases():
 def kd_rows_transform_cases():
     """The logit transforms' variants (STUDENT_TRANSFORM / TEACHER_TRANSFORM: 0 none, 1 scale,
     2 softcap), with labels and the gradient (the most live state)."""
-    from fastkd.kernels.kd_rows import _kd_rows_kernel
+    from fastkd.kernels.kd_rows import DIVERGENCE_IDS, _kd_rows_kernel
 
-    for divergence, (student, teacher) in itertools.product(range(3), [(2, 0), (0, 2), (2, 2),
-                                                                      (1, 1)]):
+    for divergence, (student, teacher) in itertools.product(sorted(DIVERGENCE_IDS.values()),
+                                                            [(2, 0), (0, 2), (2, 2), (1, 1)]):
         constexprs = dict(DIVERGENCE=divergence, HAS_LABELS=True, HAS_HARD=True,
                           COMPUTE_GRAD=True, BLOCK_V=2048, STUDENT_TRANSFORM=student,
                           TEACHER_TRANSFORM=teacher)

@@ -56,7 +56,8 @@ def tolerance(dtype):
     return 1e-12 if dtype == torch.float64 else 1e-5
 
 
-@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd", "tvd", "skew_kl",
+                                        "skew_reverse_kl"])
 @pytest.mark.parametrize("temperature", [1e-3, 1.0, 2.5, 1e3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("std", [3.0, 30.0])
@@ -64,18 +65,19 @@ def test_kd_rows_matches_oracle(divergence, temperature, dtype, std):
     rows, vocab = 7, 1031  # prime: no multiple of any vector width
     z, zt = logits((rows, vocab), std, dtype, 1), logits((rows, vocab), std, dtype, 2)
     labels = labels_with_ignored(rows, vocab, 3)
-    options = dict(divergence=divergence, beta=0.3, temperature=temperature, soft_weight=0.7,
-                   hard_weight=0.4)
+    options = dict(divergence=divergence, beta=0.3, alpha=0.6, temperature=temperature,
+                   soft_weight=0.7, hard_weight=0.4)
     ref_loss, ref_grad = kd_oracle(z, zt, labels, **options)
     grad = torch.empty_like(z)
     loss = torch.ops.fastkd.kd_rows(z, zt, labels, grad, divergence, 0.3, temperature, 0.7, 0.4,
-                                    -100)
+                                    -100, 0.6)
     assert loss.dtype == dtype
     assert rel_err(loss, ref_loss) < tolerance(dtype)
     assert rel_err(grad, ref_grad) < tolerance(dtype)
 
 
-@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd", "tvd", "skew_kl",
+                                        "skew_reverse_kl"])
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
 @pytest.mark.parametrize("masked_start", [False, True])
 def test_kd_rows_across_vocab_blocks(divergence, temperature, masked_start):
@@ -87,17 +89,18 @@ def test_kd_rows_across_vocab_blocks(divergence, temperature, masked_start):
     z = (logits((rows, vocab), 6.0, torch.float64, 19) + trend).float()
     zt = (logits((rows, vocab), 6.0, torch.float64, 20) + trend.flip(0) * 0.5 + trend).float()
     if masked_start:
-        z[:, :2048] = float("-inf") if divergence == "reverse_kl" else z[:, :2048]
+        z[:, :2048] = float("-inf") if "reverse_kl" in divergence else z[:, :2048]
         zt[:, :2048] = float("-inf")
     labels = labels_with_ignored(rows, vocab, 21)
     labels[labels >= 0] = vocab - 1 - labels[labels >= 0] % 100  # finite student logits
-    options = dict(divergence=divergence, beta=0.4, temperature=temperature, hard_weight=0.4)
+    options = dict(divergence=divergence, beta=0.4, alpha=0.8, temperature=temperature,
+                   hard_weight=0.4)
     # the oracle's 0 * log 0 at -inf logits is NaN: give it -1e4 there (exp underflows to 0)
     finite = lambda t: t.double().clamp(min=-1e4)  # noqa: E731
     ref_loss, ref_grad = kd_oracle(finite(z), finite(zt), labels, **options)
     grad = torch.empty_like(z)
     loss = torch.ops.fastkd.kd_rows(z, zt, labels, grad, divergence, 0.4, temperature, 1.0, 0.4,
-                                    -100)
+                                    -100, 0.8)
     assert rel_err(loss, ref_loss) < 1e-5
     assert rel_err(grad, ref_grad) < 1e-5
 
@@ -107,7 +110,7 @@ def test_jsd_at_extreme_beta(beta):
     z, zt = logits((5, 389), 10.0, torch.float32, 4), logits((5, 389), 10.0, torch.float32, 5)
     ref_loss, ref_grad = kd_oracle(z, zt, None, divergence="jsd", beta=beta)
     grad = torch.empty_like(z)
-    loss = torch.ops.fastkd.kd_rows(z, zt, None, grad, "jsd", beta, 1.0, 1.0, 0.0, -100)
+    loss = torch.ops.fastkd.kd_rows(z, zt, None, grad, "jsd", beta, 1.0, 1.0, 0.0, -100, 0.9)
     assert rel_err(loss, ref_loss) < 1e-5
     assert rel_err(grad, ref_grad) < 1e-5
 
@@ -118,7 +121,7 @@ def test_half_gradient_output(grad_dtype):
     z, zt = logits((6, 777), 8.0, torch.float32, 6), logits((6, 777), 8.0, torch.float32, 7)
     _, ref_grad = kd_oracle(z, zt, None, divergence="reverse_kl")
     grad = torch.empty(6, 777, dtype=grad_dtype)
-    torch.ops.fastkd.kd_rows(z, zt, None, grad, "reverse_kl", 0.5, 1.0, 1.0, 0.0, -100)
+    torch.ops.fastkd.kd_rows(z, zt, None, grad, "reverse_kl", 0.5, 1.0, 1.0, 0.0, -100, 0.9)
     assert rel_err(grad, ref_grad) < 2**-8
 
 
@@ -133,7 +136,7 @@ def test_gradient_in_place_of_the_logits_and_int32_labels(divergence, temperatur
                                    temperature=temperature)
     in_place = z.clone()
     loss = torch.ops.fastkd.kd_rows(in_place, zt, labels.int(), in_place, divergence, 0.5,
-                                    temperature, 1.0, 0.5, -100)
+                                    temperature, 1.0, 0.5, -100, 0.9)
     assert rel_err(loss, ref_loss) < 1e-5
     assert rel_err(in_place, ref_grad) < 1e-5
 
@@ -144,11 +147,11 @@ def test_ignored_rows_are_zero_even_when_not_finite():
     zt[2] = float("inf")
     labels = torch.tensor([3, -100, -100, 7])
     grad = torch.full_like(z, 123.0)
-    loss = torch.ops.fastkd.kd_rows(z, zt, labels, grad, "kl", 0.5, 1.0, 1.0, 0.3, -100)
+    loss = torch.ops.fastkd.kd_rows(z, zt, labels, grad, "kl", 0.5, 1.0, 1.0, 0.3, -100, 0.9)
     assert loss[1] == 0 and loss[2] == 0 and torch.isfinite(loss).all()
     assert (grad[1:3] == 0).all() and torch.isfinite(grad).all()
     z[0, 5] = float("nan")  # a counted row with NaN gives a NaN loss, never a finite one
-    loss = torch.ops.fastkd.kd_rows(z, zt, labels, None, "kl", 0.5, 1.0, 1.0, 0.3, -100)
+    loss = torch.ops.fastkd.kd_rows(z, zt, labels, None, "kl", 0.5, 1.0, 1.0, 0.3, -100, 0.9)
     assert torch.isnan(loss[0])
 
 

@@ -40,13 +40,14 @@ KD_TRANSFORMS = dict(student_softcap=30.0, student_scale=0.5, teacher_softcap=20
 @pytest.mark.parametrize("backend", ROW_BACKENDS)
 @pytest.mark.parametrize("with_labels", [False, True])
 @pytest.mark.parametrize("with_grad", [False, True])
-@pytest.mark.parametrize("transformed", [False, True])
-def test_kd_rows_opcheck(backend, with_labels, with_grad, transformed):
+@pytest.mark.parametrize("divergence,transformed",  # skew_reverse_kl reads alpha
+                         [("jsd", False), ("skew_reverse_kl", False), ("jsd", True)])
+def test_kd_rows_opcheck(backend, with_labels, with_grad, divergence, transformed):
     rows, vocab = 5, 37
     student, teacher = _logits(0, rows, vocab, std=3), _logits(1, rows, vocab, std=30)
     labels = _labels(2, rows, vocab) if with_labels else None
     grad = torch.empty(rows, vocab) if with_grad else None
-    options = KDOptions(divergence="jsd", beta=0.3, temperature=2.0,
+    options = KDOptions(divergence=divergence, beta=0.3, alpha=0.7, temperature=2.0,
                             hard_weight=0.5 if with_labels else 0.0,
                             **(KD_TRANSFORMS if transformed else {}))
     torch.library.opcheck(ops.row_op(backend, "kd_rows"),

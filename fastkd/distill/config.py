@@ -21,7 +21,7 @@ from .chat import FORMATS
 from .features.settings import FeatureSettings
 from .on_policy_settings import OnPolicySettings
 
-DIVERGENCES = ("kl", "reverse_kl", "jsd")
+DIVERGENCES = ("kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl")
 WEIGHTINGS = ("entropy", "static")
 FUSIONS = ("mixture", "weighted_kl")
 DEMO_SCALES = ("default", "tiny")
@@ -74,6 +74,8 @@ class DistillConfig:
     # loss
     divergence: str = _opt("kl", f"one of {DIVERGENCES} (one teacher)")
     beta: float = _opt(0.5, "JSD mixing coefficient in [0, 1] (0: forward KL, 1: reverse KL)")
+    alpha: float = _opt(0.9, "skew_kl / skew_reverse_kl mixing coefficient in (0, 1] (1: plain "
+                        "KL / reverse KL; DistiLLM's lambda is 1 - alpha)")
     temperature: float = _opt(1.0, "softmax temperature of the soft targets")
     soft_weight: float = _opt(1.0, "weight of the divergence to the teacher(s)")
     hard_weight: float = _opt(0.0, "weight of cross-entropy on the data labels")
@@ -206,6 +208,8 @@ class DistillConfig:
             )
         if self.divergence == "jsd" and not 0 <= self.beta <= 1:
             raise ValueError(f"beta must be in [0, 1] for divergence 'jsd', got {self.beta}")
+        if not 0 < self.alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
         if not self.teacher_signals:  # a folder of captures may hold several: checked on opening
             self.check_teacher_count(len(self.teachers))
         if self.teachers and self.teacher_signals:

@@ -32,6 +32,7 @@ class LogitKD:
 
     divergence: str = "kl"
     beta: float = 0.5
+    alpha: float = 0.9
     temperature: float = 1.0
     soft_weight: float = 1.0
     hard_weight: float = 0.0
@@ -48,9 +49,9 @@ class LogitKD:
     @classmethod
     def from_config(cls, cfg: DistillConfig) -> LogitKD:
         priors = None if cfg.teacher_priors is None else tuple(cfg.teacher_priors)
-        return cls(cfg.divergence, cfg.beta, cfg.temperature, cfg.soft_weight, cfg.hard_weight,
-                   cfg.weighting, cfg.entropy_tau, priors, cfg.fusion, cfg.backend,
-                   cfg.topk_tail)
+        return cls(cfg.divergence, cfg.beta, cfg.alpha, cfg.temperature, cfg.soft_weight,
+                   cfg.hard_weight, cfg.weighting, cfg.entropy_tau, priors, cfg.fusion,
+                   cfg.backend, cfg.topk_tail)
 
     def __call__(
         self,
@@ -83,7 +84,7 @@ class LogitKD:
                 student_hidden, weight, teacher_hiddens[0],
                 _as(teachers[0].weight, teacher_hiddens[0]), targets,
                 teacher_bias=teachers[0].bias, divergence=self.divergence, beta=self.beta,
-                **common,
+                alpha=self.alpha, **common,
             )
             return loss, None
         return multi_teacher_kd_loss(
