@@ -534,13 +534,24 @@ void dispatch(at::ScalarType math, const std::optional<at::Tensor>& grad_out, La
   else with_grad(float{});
 }
 
+// The CUDA C++ row ops take no logit transform yet (softcap 0, scale 1): backend="triton", the
+// default on CUDA, and the CPU ops apply them.
+void check_no_transform(const char* op, double softcap, double scale) {
+  TORCH_CHECK(softcap == 0 && scale == 1, op, ": the CUDA C++ row ops do not apply logit "
+              "softcaps or scales yet (got softcap ", softcap, ", scale ", scale,
+              "); use backend='triton' (the default on CUDA)");
+}
+
 at::Tensor kd_rows_cuda(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                         const std::optional<at::Tensor>& labels,
                         const std::optional<at::Tensor>& grad_out, c10::string_view divergence,
                         double beta, double temperature, double soft_weight, double hard_weight,
-                        int64_t ignore_index, double alpha,
+                        int64_t ignore_index, double alpha, double student_softcap,
+                        double student_scale, double teacher_softcap, double teacher_scale,
                         const std::optional<at::Tensor>& parts_out) {
   check_kd_rows(student_logits, teacher_logits, grad_out);
+  check_no_transform("kd_rows", student_softcap, student_scale);
+  check_no_transform("kd_rows", teacher_softcap, teacher_scale);
   c10::cuda::CUDAGuard guard(student_logits.device());
   const int64_t rows = student_logits.size(0), vocab = student_logits.size(1);
   const at::ScalarType math = math_dtype(student_logits);
@@ -574,10 +585,15 @@ at::Tensor multi_teacher_rows_cuda(const at::Tensor& student_logits,
                                    double temperature, c10::string_view weighting,
                                    double entropy_tau, c10::string_view fusion,
                                    double soft_weight, double hard_weight,
-                                   int64_t ignore_index,
+                                   int64_t ignore_index, double student_softcap,
+                                   double student_scale, at::ArrayRef<double> teacher_softcaps,
+                                   at::ArrayRef<double> teacher_scales,
                                    const std::optional<at::Tensor>& parts_out) {
   check_multi_teacher_rows(student_logits, teacher_logits, grad_out, weights_out, priors.size(),
                            weighting, fusion);
+  check_no_transform("multi_teacher_rows", student_softcap, student_scale);
+  for (size_t k = 0; k < teacher_softcaps.size(); ++k)
+    check_no_transform("multi_teacher_rows", teacher_softcaps[k], teacher_scales[k]);
   TORCH_CHECK(static_cast<int64_t>(priors.size()) <= kMaxTeachers,
               "multi_teacher_rows: the CUDA op takes at most ", kMaxTeachers, " teachers, got ",
               priors.size());
@@ -626,9 +642,11 @@ at::Tensor sparse_kd_rows_cuda(const at::Tensor& student_logits, const at::Tenso
                                const std::optional<at::Tensor>& grad_out, c10::string_view tail,
                                c10::string_view divergence, double temperature,
                                double soft_weight, double hard_weight, int64_t ignore_index,
+                               double student_softcap, double student_scale,
                                const std::optional<at::Tensor>& parts_out) {
   check_sparse_kd_rows(student_logits, teacher_ids, teacher_logits, teacher_lse, grad_out, tail,
                        divergence);
+  check_no_transform("sparse_kd_rows", student_softcap, student_scale);
   c10::cuda::CUDAGuard guard(student_logits.device());
   const int64_t rows = student_logits.size(0), vocab = student_logits.size(1);
   const at::ScalarType math = math_dtype(student_logits);

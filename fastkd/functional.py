@@ -7,6 +7,7 @@ teacher hidden sizes.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -33,6 +34,7 @@ from fastkd.autograd import (
     reduction_scale,
 )
 from fastkd.chunked import Linear, gemm_dtype
+from fastkd.logit_transforms import transform_options
 from fastkd.matmul import HALF
 from fastkd.ops import kd_arguments, row_op
 from fastkd.options import DIVERGENCES, SKEW_DIVERGENCES, KDOptions, plain_divergence
@@ -60,6 +62,10 @@ def fused_kd_loss(
     reduction: str = "mean",
     backend: str = "auto",
     chunk_size: int | None = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
     return_parts: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Distillation loss straight from hidden states and lm_head weights.
@@ -104,6 +110,13 @@ def fused_kd_loss(
             build), "triton", "torch", "cpp" (C++, CPU) or "cuda" (CUDA C++).
         chunk_size: tokens per chunk; by default the fastest plan within the
             ``FASTKD_CHUNK_MEMORY`` cap on the chunk's working set (fastkd/plan.py).
+        student_softcap, teacher_softcap: the models' final-logit softcap c (Gemma 2 / 3's
+            ``final_logit_softcapping``), or None: the model's logits are
+            f(z) = c tanh(a z / c) of the raw logits z, inside the row ops (never materialized);
+            T and the CE apply to f(z) and the gradient flows through f.
+        student_logit_scale, teacher_logit_scale: the models' logit scale a > 0 (applied before
+            the cap; without one, f(z) = a z): Cohere's ``logit_scale``, Granite's
+            ``1 / logits_scaling``.
         return_parts: also return the loss's two parts from the same pass (see Returns).
 
     Returns:
@@ -132,6 +145,8 @@ def fused_kd_loss(
     ])
     options = _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_index,
                           alpha)
+    options = replace(options, **transform_options(student_softcap, student_logit_scale,
+                                                   teacher_softcap, teacher_logit_scale))
     return_parts = check_bool("return_parts", return_parts)
     token_labels = flat_labels(labels, leading, vocab, options, return_parts)
     check_choice("reduction", reduction, REDUCTIONS)
@@ -158,13 +173,18 @@ def kd_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     backend: str = "auto",
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
     return_parts: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The loss of ``fused_kd_loss`` on logits that are already materialized.
 
     Args:
-        student_logits: (*, V) student logits; the gradient flows to them.
-        teacher_logits: (*, V) teacher logits (a constant).
+        student_logits: (*, V) raw student logits (before the softcap and scale, when those
+            are given); the gradient flows to them.
+        teacher_logits: (*, V) raw teacher logits (a constant).
         labels: (*) token ids or None; other arguments as in ``fused_kd_loss``.
 
     Returns:
@@ -184,6 +204,8 @@ def kd_loss(
     vocab = check_vocab("student_logits", student_logits.shape, -1)
     options = _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_index,
                           alpha)
+    options = replace(options, **transform_options(student_softcap, student_logit_scale,
+                                                   teacher_softcap, teacher_logit_scale))
     return_parts = check_bool("return_parts", return_parts)
     token_labels = flat_labels(labels, leading, vocab, options, return_parts)
     check_choice("reduction", reduction, REDUCTIONS)

@@ -6,6 +6,10 @@ returns the per-token loss (C,) in fp32 and, when ``grad_out`` is given, writes 
 each token's loss with respect to its raw student logits into it (it may alias the student
 logits); when ``parts_out`` (C, 2) is given, writes the unweighted divergence and CE(T = 1)
 into its columns (fastkd/ops.py). Math in fp32 (float64 stays float64, for gradcheck).
+
+With a logit transform in the options (fastkd/logit_transforms.py) every formula reads the
+model's logits f(z) in place of z, and the gradient d loss / d f is multiplied by f'(z) last,
+after the top-entry rewrite (which holds for d loss / d f, whose rows sum to zero).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastkd.logit_transforms import transformed_logits
 from fastkd.options import KDOptions, MultiTeacherOptions
 
 # the divergences whose gradient is q (h - E_q[h]) (_score_divergence)
@@ -32,10 +37,13 @@ def kd_rows_torch(
     """Per-token loss (C,) of logits (C, V); fills ``grad_out`` (C, V) with d loss / d z_s and
     ``parts_out`` (C, 2) with the divergence and the CE."""
     math_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-    z_s = student_logits.to(math_dtype)
+    z_s, slope = transformed_logits(student_logits.to(math_dtype), options.student_softcap,
+                                    options.student_scale, grad_out is not None)
+    z_t, _ = transformed_logits(teacher_logits.to(math_dtype), options.teacher_softcap,
+                                options.teacher_scale, False)
     T = options.temperature
     log_q = _tempered_log_softmax(z_s, T)  # student
-    log_p = _tempered_log_softmax(teacher_logits.to(math_dtype), T)  # teacher
+    log_p = _tempered_log_softmax(z_t, T)  # teacher
     divergence, grad = tempered_divergence(log_p, log_q, options, grad_out is not None)
     loss = options.soft_weight * divergence
     if grad is not None and options.soft_weight != T:
@@ -43,7 +51,7 @@ def kd_rows_torch(
     # q - p has no cancelling constant: only reverse KL and JSD need the top-logit rewrite
     top = z_s.argmax(dim=-1, keepdim=True) if options.divergence != "kl" else None
     return _finish(z_s, labels, loss, grad, grad_out, options, log_q if T == 1 else None, top,
-                   divergence, parts_out)
+                   divergence, parts_out, slope)
 
 
 def tempered_divergence(
@@ -167,12 +175,15 @@ def _finish(
     top: torch.Tensor | None = None,
     divergence: torch.Tensor | None = None,
     parts_out: torch.Tensor | None = None,
+    slope: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Add the hard CE term, zero ignored tokens, write the gradient; returns the loss (C,).
 
-    ``log_q1`` is log_softmax(z_s) when the caller has it already (T = 1); ``top``, when given,
-    rewrites the gradient at ``top`` (C, 1), the entries of the student's mode (below).
-    ``parts_out`` (C, 2), when given, receives the unweighted ``divergence`` (C,) and CE.
+    ``z_s`` are the student's (transformed) logits f(z). ``log_q1`` is log_softmax(z_s) when
+    the caller has it already (T = 1); ``top``, when given, rewrites the gradient at ``top``
+    (C, 1), the entries of the student's mode (below); ``slope``, f'(z) when the logits were
+    transformed, turns d loss / d f into d loss / d z (after the rewrite). ``parts_out``
+    (C, 2), when given, receives the unweighted ``divergence`` (C,) and CE.
     """
     counted = None
     cross_entropy = torch.zeros_like(loss) if parts_out is not None else None
@@ -200,6 +211,8 @@ def _finish(
             # formulas cancel when q is near one-hot, so that entry is -(sum of the others).
             grad.scatter_(1, top, 0.0)
             grad.scatter_(1, top, -grad.sum(dim=-1, keepdim=True))
+        if slope is not None:  # the chain rule through f
+            grad.mul_(slope)
         grad_out.copy_(grad)
     return loss
 
@@ -219,10 +232,15 @@ def multi_teacher_rows_torch(
     the divergence and CE into ``parts_out`` (C, 2).
     """
     math_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-    z_s = student_logits.to(math_dtype)
+    z_s, slope = transformed_logits(student_logits.to(math_dtype), options.student_softcap,
+                                    options.student_scale, grad_out is not None)
+    z_t = teacher_logits.to(math_dtype)
+    if options.teacher_softcaps:  # teacher k's own transform
+        z_t = torch.stack([transformed_logits(z_t[k], cap, scale, False)[0] for k, (cap, scale)
+                           in enumerate(zip(options.teacher_softcaps, options.teacher_scales))])
     T = options.temperature
     log_q = _tempered_log_softmax(z_s, T)
-    log_p = _tempered_log_softmax(teacher_logits.to(math_dtype), T)  # (K, C, V)
+    log_p = _tempered_log_softmax(z_t, T)  # (K, C, V)
     p = log_p.exp()
     log_prior = torch.tensor(options.priors, dtype=log_p.dtype, device=log_p.device)
     log_prior = log_prior.log()[:, None]  # (K, 1)
@@ -244,7 +262,7 @@ def multi_teacher_rows_torch(
         if options.soft_weight != T:
             grad.mul_(options.soft_weight / T)
     return _finish(z_s, labels, loss, grad, grad_out, options, log_q if T == 1 else None,
-                   divergence=divergence, parts_out=parts_out)
+                   divergence=divergence, parts_out=parts_out, slope=slope)
 
 
 # log of the smallest normal fp32: reverse KL floors the teacher's log-probabilities here, so a
@@ -273,11 +291,12 @@ def sparse_kd_rows_torch(
     docs/sparse.md derives the math.
     """
     math_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-    z_s = student_logits.to(math_dtype)
+    want_grad = grad_out is not None
+    z_s, slope = transformed_logits(student_logits.to(math_dtype), options.student_softcap,
+                                    options.student_scale, want_grad)
     T = options.temperature
     s = z_s if T == 1 else z_s / T
     ids = teacher_ids.long()
-    want_grad = grad_out is not None
     log_p_ids, log_tail = (x.to(math_dtype) for x in sparse_teacher_log_probs(
         teacher_logits, teacher_lse, T, tail, options.divergence))
     if tail == "bucket":
@@ -302,7 +321,8 @@ def sparse_kd_rows_torch(
     if grad is not None and options.soft_weight != T:
         grad.mul_(options.soft_weight / T)  # chain rule through s = z_s / T
     return _finish(z_s, labels, loss, grad, grad_out, options, log_q1,
-                   top if options.divergence == "reverse_kl" else None, divergence, parts_out)
+                   top if options.divergence == "reverse_kl" else None, divergence, parts_out,
+                   slope)
 
 
 def sparse_teacher_log_probs(
