@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .capture import final_hidden
 from .config import DistillConfig, check_writable_dir
 from .data import CausalCollator
-from .heads import Head, check_plain_logits, output_head, vocab_rows
+from .heads import Head, logit_transform, output_head, vocab_rows
 from .models import check_seq_len, existing, load_config, load_model
 from .run import token_blocks
 from .signals import (
@@ -85,7 +85,7 @@ def run_capture(cfg: DistillConfig) -> list[CaptureReport]:
     for k, path in enumerate(cfg.teachers):
         folder = out if len(cfg.teachers) == 1 else out / f"teacher{k}"
         teacher = load_model(path, "teacher", torch.bfloat16 if cfg.bf16 else None)
-        check_plain_logits(teacher, path)
+        softcap, scale = logit_transform(teacher, path)
         rows = teacher_rows(student_rows or vocab_rows(teacher), vocab_rows(teacher),
                             len(tokenizer), path)
         if kind == "topk" and not 1 <= cfg.capture_k <= rows:
@@ -103,6 +103,7 @@ def run_capture(cfg: DistillConfig) -> list[CaptureReport]:
             data_fingerprint=fingerprint, rows=len(blocks),
             tokens=sum(len(x) for x in blocks["input_ids"]),
             rows_per_shard=cfg.capture_rows_per_shard,
+            teacher_softcap=softcap, teacher_logit_scale=scale,
         )
         reports.append(write_capture(teacher, rows, blocks, meta, folder, cfg.batch_size,
                                      state))
@@ -226,8 +227,9 @@ def _capture_teacher(
 def _signals(hidden: torch.Tensor, head: Head, meta: CaptureMeta) -> dict[str, torch.Tensor]:
     """One batch's signals from its (n, H) final hidden states (real tokens only), on CPU.
 
-    topk: logits z = hidden @ W^T + b in fp32, a chunk of tokens at a time (never all n x V at
-    once); the k largest (ids, raw values) and logsumexp(z / T) over all V for each T served.
+    topk: the emitted logits z = f(hidden @ W^T + b) in fp32 (f the teacher's soft-cap and
+    logit scale, `Head.emitted`), a chunk of tokens at a time (never all n x V at once); the k
+    largest (ids, values) and logsumexp(z / T) over all V for each T served.
     """
     dtype = getattr(torch, meta.dtype)
     if meta.kind == "hidden":
@@ -240,6 +242,7 @@ def _signals(hidden: torch.Tensor, head: Head, meta: CaptureMeta) -> dict[str, t
         z = hidden[start:start + chunk].float() @ weight.T
         if bias is not None:
             z += bias
+        z = head.emitted(z)
         values, ids = z.topk(meta.k, dim=-1)
         out["ids"].append(ids.to(torch.int32).cpu())
         out["logits"].append(values.to(dtype).cpu())
