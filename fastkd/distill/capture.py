@@ -101,10 +101,10 @@ def loss_in_forward(
     def emit_loss(_module: nn.Module, _args: Any, out: Any) -> Any:
         if len(losses) != 1 or not _emits(store["head"], store["head_output"], _logits(out)):
             raise ValueError(
-                f"{type(inner).__name__}: its logits are not its lm_head's output as fastkd "
-                f"reads its logit transform (the lm_head ran {len(losses)} times, or the "
-                "forward changes its output: a multiplier, soft-capping or slicing fastkd does "
-                "not read); fastkd distils logits = f(lm_head(hidden)) exactly"
+                f"{type(inner).__name__}: its logits are not its lm_head's output (the lm_head "
+                f"ran {len(losses)} times, or the forward changes its output: a multiplier, "
+                "soft-capping or slicing other than the logit transform fastkd reads for it); "
+                "fastkd distils logits = f(lm_head(hidden)) exactly"
             )
         if isinstance(out, Mapping):
             out["logits"] = losses[0]

@@ -27,7 +27,7 @@ from .config import DistillConfig, check_writable_dir
 from .data import CausalCollator
 from .heads import Head, logit_transform, output_head, vocab_rows
 from .models import check_seq_len, existing, load_config, load_model
-from .run import token_blocks
+from .run import _teacher_dtype, model_sources, teacher_sources, token_blocks
 from .signals import (
     HEAD_FILE,
     CaptureMeta,
@@ -68,23 +68,27 @@ def run_capture(cfg: DistillConfig) -> list[CaptureReport]:
         raise ValueError("capture_temperatures is for kind topk; a hidden capture serves every "
                          "temperature")
     check_writable_dir(cfg.capture_out, "capture_out (--out)")
-    for role, path in [*(("teacher", t) for t in cfg.teachers), ("data", cfg.data),
-                       ("tokenizer", cfg.tokenizer), ("student", cfg.student)]:
+    sources = teacher_sources(cfg)
+    student = None if cfg.student is None else model_sources(cfg)[0]
+    for role, path in [*(("teacher", t.name) for t in sources), ("data", cfg.data),
+                       ("tokenizer", cfg.tokenizer),
+                       ("student", None if student is None else student.name)]:
         if path is not None:
             existing(path, role)
-    for path in cfg.teachers:
-        check_seq_len(load_config(path, "teacher"), cfg.seq_len, "teacher")
-    tokenizer, blocks, _ = token_blocks(cfg, cfg.tokenizer or cfg.student or cfg.teachers[0],
-                                        "student" if cfg.student else "teacher")
-    student_rows = None if cfg.student is None else \
-        load_config(cfg.student, "student").get_text_config().vocab_size
+    for source in sources:
+        check_seq_len(load_config(source, "teacher"), cfg.seq_len, "teacher")
+    tokenizer, blocks, _ = token_blocks(cfg, cfg.tokenizer or student or sources[0],
+                                        "student" if student else "teacher")
+    student_rows = None if student is None else \
+        load_config(student, "student").get_text_config().vocab_size
     identity, fingerprint = tokenizer_identity(tokenizer), data_fingerprint(blocks)
     state = process_state()
     out = Path(cfg.capture_out)
     reports = []
-    for k, path in enumerate(cfg.teachers):
-        folder = out if len(cfg.teachers) == 1 else out / f"teacher{k}"
-        teacher = load_model(path, "teacher", torch.bfloat16 if cfg.bf16 else None)
+    for k, (source, entry) in enumerate(zip(sources, cfg.teacher_entries, strict=True)):
+        folder = out if len(sources) == 1 else out / f"teacher{k}"
+        path = source.name
+        teacher = load_model(source, "teacher", _teacher_dtype(cfg, entry))
         softcap, scale = logit_transform(teacher, path)
         rows = teacher_rows(student_rows or vocab_rows(teacher), vocab_rows(teacher),
                             len(tokenizer), path)
