@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <optional>
 
 #include "row_math.h"
@@ -98,6 +99,25 @@ inline void check_sparse_kd_rows(const at::Tensor& student, const at::Tensor& id
   TORCH_CHECK(divergence == "kl" || divergence == "reverse_kl", op,
               ": divergence must be kl or reverse_kl, got ", divergence);
   check_grad_out(op, grad_out, student);
+}
+
+// A logit transform (row_math.h): softcap 0 (none) or finite > 0, scale finite > 0.
+inline void check_transform(const char* op, const char* who, double softcap, double scale) {
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, op, ": ", who,
+              " softcap must be 0 (none) or a finite number > 0, got ", softcap);
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, op, ": ", who,
+              " scale must be a finite number > 0, got ", scale);
+}
+
+// multi_teacher_rows' teacher transforms: none, or one softcap and one scale per teacher.
+inline void check_teacher_transforms(const char* op, at::ArrayRef<double> softcaps,
+                                     at::ArrayRef<double> scales, size_t teachers) {
+  TORCH_CHECK(softcaps.size() == scales.size() && (softcaps.empty() || softcaps.size() == teachers),
+              op, ": teacher_softcaps (", softcaps.size(), ") and teacher_scales (",
+              scales.size(), ") must both be empty or hold one value per teacher (", teachers,
+              ")");
+  for (size_t k = 0; k < softcaps.size(); ++k) check_transform(op, "a teacher", softcaps[k],
+                                                               scales[k]);
 }
 
 // fp64 logits keep fp64 math; every other dtype computes in fp32.

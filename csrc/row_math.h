@@ -35,6 +35,10 @@ FASTKD_HD float log_(float x) { return logf(x); }
 FASTKD_HD double log_(double x) { return log(x); }
 FASTKD_HD float log1p_(float x) { return log1pf(x); }
 FASTKD_HD double log1p_(double x) { return log1p(x); }
+FASTKD_HD float expm1_(float x) { return expm1f(x); }
+FASTKD_HD double expm1_(double x) { return expm1(x); }
+FASTKD_HD float copysign_(float x, float sign) { return copysignf(x, sign); }
+FASTKD_HD double copysign_(double x, double sign) { return copysign(x, sign); }
 
 // The primitives for one scalar of type T.
 template <typename T>
@@ -44,7 +48,55 @@ struct Scalar {
   static FASTKD_HD T abs(T x) { return x < T(0) ? -x : x; }
   static FASTKD_HD T max(T a, T b) { return a > b ? a : b; }
   static FASTKD_HD T xlogy(T w, T x) { return w == T(0) ? T(0) : w * x; }  // 0 * log 0 = 0
+  static FASTKD_HD T expm1(T x) { return expm1_(x); }
+  static FASTKD_HD T copysign(T x, T sign) { return copysign_(x, sign); }
+  static FASTKD_HD T if_below(T x, T limit, T then, T otherwise) {
+    return x < limit ? then : otherwise;
+  }
 };
+
+// ---- the model's logit transform, applied to the raw logits z as they are read:
+//   f(z) = c tanh(a z / c)   (a = scale, c = softcap; no cap, c = 0 here: f(z) = a z)
+// s = f(z_s) / T, t = f(z_t) / T, the hard CE on f(z_s), and the gradient by the chain rule,
+// d loss / d z = d loss / d f * f'(z) with f'(z) = a sech^2(a z / c) (docs/design.md). With
+// x = a z / c and e = e^{-2|x|}:
+//   tanh(x) = sign(x) (-expm1(-2|x|)) / (1 + e)    (1 - e would cancel at small |x|)
+//   sech^2(x) = 4 e / (1 + e)^2                    (1 - tanh^2 is 0 in fp32 once |x| > 9)
+// and at |x| < small_x, f(z) = a z: tanh(x) = x to within half an ulp there, so a huge cap is
+// no cap and an underflowing a / c (or a flushed denormal x) cannot zero the logits.
+template <typename T>
+struct LogitTransform {
+  T scale, softcap, scale_over_cap;
+  FASTKD_HD bool identity() const { return softcap == T(0) && scale == T(1); }
+};
+
+template <typename T>
+FASTKD_HD LogitTransform<T> logit_transform(double softcap, double scale) {
+  return {T(scale), T(softcap), T(softcap > 0 ? scale / softcap : 0.0)};
+}
+
+// tanh(x)^2 / x^2 = 1 - 2 x^2 / 3 + ...: x^2 / 3 below half an ulp (2^-24 fp32, 2^-53 fp64)
+template <typename T>
+FASTKD_HD T small_x() {
+  return sizeof(T) == 8 ? T(7.450580596923828125e-9) : T(2.44140625e-4);  // 2^-27, 2^-12
+}
+
+template <typename M, typename V, typename T>
+FASTKD_HD V transformed(const LogitTransform<T>& f, V z) {
+  if (f.softcap == T(0)) return f.scale == T(1) ? z : z * V(f.scale);
+  V x = z * V(f.scale_over_cap), abs_x = M::abs(x), minus_two_abs = V(T(-2)) * abs_x;
+  V tanh_abs = (V(T(0)) - M::expm1(minus_two_abs)) / (V(T(1)) + M::exp(minus_two_abs));
+  return M::if_below(abs_x, V(small_x<T>()), z * V(f.scale),
+                     M::copysign(V(f.softcap) * tanh_abs, x));
+}
+
+// f'(z): a sech^2(a z / c) = 4 a e / (1 + e)^2, or a without a cap.
+template <typename M, typename V, typename T>
+FASTKD_HD V transform_slope(const LogitTransform<T>& f, V z) {
+  if (f.softcap == T(0)) return V(f.scale);
+  V e = M::exp(V(T(-2)) * M::abs(z * V(f.scale_over_cap))), one_plus_e = V(T(1)) + e;
+  return V(T(4) * f.scale) * e / (one_plus_e * one_plus_e);
+}
 
 // log(1 + e^x), exact for every x: max(x, 0) + log1p(e^{-|x|}).
 template <typename M, typename V>

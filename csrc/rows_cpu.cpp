@@ -9,6 +9,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -31,6 +32,11 @@ struct Vec {
   static V abs(V x) { return x.abs(); }
   static V max(V a, V b) { return at::vec::maximum(a, b); }
   static V xlogy(V w, V x) { return V::blendv(w * x, V(T(0)), w == V(T(0))); }
+  static V expm1(V x) { return x.expm1(); }
+  static V copysign(V x, V sign) { return x.copysign(sign); }
+  static V if_below(V x, V limit, V then, V otherwise) {
+    return V::blendv(otherwise, then, x < limit);
+  }
 };
 
 template <typename T>
@@ -298,6 +304,65 @@ T kd_row(const T* z, const T* zt, int64_t n, int64_t label, const KDOptions& o, 
   return loss;
 }
 
+// ---- the model's logit transforms (row_math.h): a row op with a transform runs on f(z) in
+// per-thread scratch rows, then the chain rule multiplies its gradient, d loss / d f, by f'(z).
+// The row ops' top-entry rewrite (rows of d loss / d f sum to zero) thus comes before the
+// chain rule, as it must. Without a transform the row op reads the logits themselves.
+
+// f(z) of a row of n raw logits into out (n).
+template <typename T>
+void transform_into(const T* z, int64_t n, const LogitTransform<T>& f, T* out) {
+  sweep<T>(n, [&](auto lane, int64_t j) {
+    using L = decltype(lane);
+    L::store(out + j, transformed<typename L::M>(f, L::load(z + j)));
+  });
+}
+
+// f(z) of a row of n raw logits, in `out` (resized); z itself for the identity.
+template <typename T>
+const T* transformed_row(const T* z, int64_t n, const LogitTransform<T>& f, std::vector<T>& out) {
+  if (f.identity()) return z;
+  out.resize(n);
+  transform_into(z, n, f, out.data());
+  return out.data();
+}
+
+// f'(z) of a capped row into `out`, read before the gradient (which may alias z) is written.
+template <typename T>
+void save_slopes(const T* z, int64_t n, const LogitTransform<T>& f, std::vector<T>& out) {
+  if (f.softcap == T(0)) return;  // f' is the constant scale
+  out.resize(n);
+  sweep<T>(n, [&](auto lane, int64_t j) {
+    using L = decltype(lane);
+    L::store(out.data() + j, transform_slope<typename L::M>(f, L::load(z + j)));
+  });
+}
+
+// g (n) *= f'(z): `slopes` from save_slopes, or the scale without a cap.
+template <typename T>
+void chain_rule(T* g, int64_t n, const LogitTransform<T>& f, const std::vector<T>& slopes) {
+  if (f.identity()) return;
+  sweep<T>(n, [&](auto lane, int64_t j) {
+    using L = decltype(lane);
+    using V = typename L::V;
+    V slope = f.softcap == T(0) ? V(f.scale) : L::load(slopes.data() + j);
+    L::store(g + j, L::load(g + j) * slope);
+  });
+}
+
+// kd_row on the model's logits f_s(z), f_t(zt); d loss / d z into g.
+template <typename T>
+T transformed_kd_row(const T* z, const T* zt, int64_t n, int64_t label, const KDOptions& o,
+                     const LogitTransform<T>& fs, const LogitTransform<T>& ft, T* g, T* spare) {
+  if (fs.identity() && ft.identity()) return kd_row(z, zt, n, label, o, g, spare);
+  thread_local std::vector<T> student, teacher, slopes;
+  if (g != nullptr) save_slopes(z, n, fs, slopes);
+  const T loss = kd_row(transformed_row(z, n, fs, student), transformed_row(zt, n, ft, teacher),
+                        n, label, o, g, spare);
+  if (g != nullptr) chain_rule(g, n, fs, slopes);
+  return loss;
+}
+
 struct MultiTeacherOptions {
   std::vector<double> log_priors;
   double temperature, entropy_tau, soft_weight, hard_weight;
@@ -397,6 +462,32 @@ T multi_teacher_row(const T* z, const T* zt, int64_t teacher_stride, int64_t n, 
     L::store(g + j, grad);
   });
   if (hard_weight > 0) g[label] -= hard_weight;
+  return loss;
+}
+
+// multi_teacher_row on the model's logits: f_s(z) and teacher k's f_k(zt_k) (the K rows in
+// one scratch block of stride n when any teacher is transformed); ft holds K transforms.
+template <typename T>
+T transformed_multi_teacher_row(const T* z, const T* zt, int64_t teacher_stride, int64_t n,
+                                int64_t label, bool counted, const MultiTeacherOptions& o,
+                                const LogitTransform<T>& fs,
+                                const std::vector<LogitTransform<T>>& ft, float* w, T* g) {
+  const bool teachers_identity =
+      std::all_of(ft.begin(), ft.end(), [](const LogitTransform<T>& f) { return f.identity(); });
+  if (fs.identity() && teachers_identity)
+    return multi_teacher_row(z, zt, teacher_stride, n, label, counted, o, w, g);
+  thread_local std::vector<T> student, teachers, slopes;
+  if (!teachers_identity) {
+    teachers.resize(ft.size() * n);
+    for (size_t k = 0; k < ft.size(); ++k)
+      transform_into(zt + k * teacher_stride, n, ft[k], teachers.data() + k * n);
+  }
+  if (g != nullptr) save_slopes(z, n, fs, slopes);
+  const T loss = multi_teacher_row(transformed_row(z, n, fs, student),
+                                   teachers_identity ? zt : teachers.data(),
+                                   teachers_identity ? teacher_stride : n, n, label, counted, o,
+                                   w, g);
+  if (g != nullptr) chain_rule(g, n, fs, slopes);
   return loss;
 }
 
@@ -516,6 +607,20 @@ T sparse_row(const T* z, const int64_t* ids, const double* zt, double lse, int64
   return loss;
 }
 
+// sparse_row on the student's logits f_s(z) (a sparse teacher signal is already the teacher's
+// emitted logits).
+template <typename T>
+T transformed_sparse_row(const T* z, const int64_t* ids, const double* zt, double lse,
+                         int64_t n, int64_t k, int64_t label, const SparseOptions& o,
+                         const LogitTransform<T>& fs, T* g) {
+  if (fs.identity()) return sparse_row(z, ids, zt, lse, n, k, label, o, g);
+  thread_local std::vector<T> student, slopes;
+  if (g != nullptr) save_slopes(z, n, fs, slopes);
+  const T loss = sparse_row(transformed_row(z, n, fs, student), ids, zt, lse, n, k, label, o, g);
+  if (g != nullptr) chain_rule(g, n, fs, slopes);
+  return loss;
+}
+
 // ---- the ops: one row per task
 
 // A row whose label is ignore_index.
@@ -571,8 +676,11 @@ at::Tensor kd_rows_cpu(const at::Tensor& student_logits, const at::Tensor& teach
                        const std::optional<at::Tensor>& labels,
                        const std::optional<at::Tensor>& grad_out, c10::string_view divergence,
                        double beta, double temperature, double soft_weight, double hard_weight,
-                       int64_t ignore_index) {
+                       int64_t ignore_index, double student_softcap, double student_scale,
+                       double teacher_softcap, double teacher_scale) {
   check_kd_rows(student_logits, teacher_logits, grad_out);
+  check_transform("kd_rows", "the student", student_softcap, student_scale);
+  check_transform("kd_rows", "the teacher", teacher_softcap, teacher_scale);
   const int64_t rows = student_logits.size(0), vocab = student_logits.size(1);
   const KDOptions options{divergence_id(divergence), beta, temperature, soft_weight,
                           hard_weight};
@@ -582,12 +690,14 @@ at::Tensor kd_rows_cpu(const at::Tensor& student_logits, const at::Tensor& teach
   at::Tensor loss = at::empty({rows}, student_logits.options().dtype(math));
   AT_DISPATCH_FLOATING_TYPES(math, "fastkd_kd_rows", [&] {
     scalar_t* out = loss.data_ptr<scalar_t>();
+    const auto fs = logit_transform<scalar_t>(student_softcap, student_scale);
+    const auto ft = logit_transform<scalar_t>(teacher_softcap, teacher_scale);
     for_each_row<scalar_t>(rows, vocab, grad_out, [&](int64_t r, scalar_t* g, scalar_t* spare) {
       out[r] = 0;
       if (label[r] == IGNORED) return false;
-      out[r] = kd_row(z.data_ptr<scalar_t>() + r * z.stride(0),
-                      zt.data_ptr<scalar_t>() + r * zt.stride(0), vocab, label[r], options, g,
-                      spare);
+      out[r] = transformed_kd_row(z.data_ptr<scalar_t>() + r * z.stride(0),
+                                  zt.data_ptr<scalar_t>() + r * zt.stride(0), vocab, label[r],
+                                  options, fs, ft, g, spare);
       return true;
     });
   });
@@ -601,10 +711,15 @@ at::Tensor multi_teacher_rows_cpu(const at::Tensor& student_logits,
                                   const at::Tensor& weights_out, at::ArrayRef<double> priors,
                                   double temperature, c10::string_view weighting,
                                   double entropy_tau, c10::string_view fusion, double soft_weight,
-                                  double hard_weight, int64_t ignore_index) {
+                                  double hard_weight, int64_t ignore_index,
+                                  double student_softcap, double student_scale,
+                                  at::ArrayRef<double> teacher_softcaps,
+                                  at::ArrayRef<double> teacher_scales) {
   const char* op = "multi_teacher_rows";
   check_multi_teacher_rows(student_logits, teacher_logits, grad_out, weights_out, priors.size(),
                            weighting, fusion);
+  check_transform(op, "the student", student_softcap, student_scale);
+  check_teacher_transforms(op, teacher_softcaps, teacher_scales, priors.size());
   const int64_t rows = student_logits.size(0), vocab = student_logits.size(1);
   MultiTeacherOptions options{{}, temperature, entropy_tau, soft_weight, hard_weight,
                               weighting == "entropy" ? ENTROPY : STATIC,
@@ -618,12 +733,16 @@ at::Tensor multi_teacher_rows_cpu(const at::Tensor& student_logits,
   AT_DISPATCH_FLOATING_TYPES(math, "fastkd_multi_teacher_rows", [&] {
     scalar_t* out = loss.data_ptr<scalar_t>();
     float* weights = weights_out.data_ptr<float>();
+    const auto fs = logit_transform<scalar_t>(student_softcap, student_scale);
+    std::vector<LogitTransform<scalar_t>> ft;
+    for (size_t k = 0; k < teacher_softcaps.size(); ++k)
+      ft.push_back(logit_transform<scalar_t>(teacher_softcaps[k], teacher_scales[k]));
     for_each_row<scalar_t>(rows, vocab, grad_out, [&](int64_t r, scalar_t* g, scalar_t*) {
       const bool counted = label[r] != IGNORED;
-      out[r] = multi_teacher_row(z.data_ptr<scalar_t>() + r * z.stride(0),
-                                 zt.data_ptr<scalar_t>() + r * vocab, rows * vocab, vocab,
-                                 label[r], counted, options, weights + r * weights_out.stride(0),
-                                 counted ? g : nullptr);
+      out[r] = transformed_multi_teacher_row(
+          z.data_ptr<scalar_t>() + r * z.stride(0), zt.data_ptr<scalar_t>() + r * vocab,
+          rows * vocab, vocab, label[r], counted, options, fs, ft,
+          weights + r * weights_out.stride(0), counted ? g : nullptr);
       return counted;
     });
   });
@@ -635,10 +754,12 @@ at::Tensor sparse_kd_rows_cpu(const at::Tensor& student_logits, const at::Tensor
                               const std::optional<at::Tensor>& labels,
                               const std::optional<at::Tensor>& grad_out, c10::string_view tail,
                               c10::string_view divergence, double temperature,
-                              double soft_weight, double hard_weight, int64_t ignore_index) {
+                              double soft_weight, double hard_weight, int64_t ignore_index,
+                              double student_softcap, double student_scale) {
   const char* op = "sparse_kd_rows";
   check_sparse_kd_rows(student_logits, teacher_ids, teacher_logits, teacher_lse, grad_out, tail,
                        divergence);
+  check_transform(op, "the student", student_softcap, student_scale);
   const int64_t rows = student_logits.size(0), vocab = student_logits.size(1);
   const int64_t k = teacher_ids.size(1);
   const SparseOptions options{tail == "bucket", divergence == "reverse_kl", temperature,
@@ -652,12 +773,14 @@ at::Tensor sparse_kd_rows_cpu(const at::Tensor& student_logits, const at::Tensor
   at::Tensor loss = at::empty({rows}, student_logits.options().dtype(math));
   AT_DISPATCH_FLOATING_TYPES(math, "fastkd_sparse_kd_rows", [&] {
     scalar_t* out = loss.data_ptr<scalar_t>();
+    const auto fs = logit_transform<scalar_t>(student_softcap, student_scale);
     for_each_row<scalar_t>(rows, vocab, grad_out, [&](int64_t r, scalar_t* g, scalar_t*) {
       out[r] = 0;
       if (label[r] == IGNORED) return false;
-      out[r] = sparse_row(z.data_ptr<scalar_t>() + r * z.stride(0),
-                          ids.data_ptr<int64_t>() + r * k, zt.data_ptr<double>() + r * k,
-                          lse.data_ptr<double>()[r], vocab, k, label[r], options, g);
+      out[r] = transformed_sparse_row(z.data_ptr<scalar_t>() + r * z.stride(0),
+                                      ids.data_ptr<int64_t>() + r * k,
+                                      zt.data_ptr<double>() + r * k, lse.data_ptr<double>()[r],
+                                      vocab, k, label[r], options, fs, g);
       return true;
     });
   });

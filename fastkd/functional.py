@@ -7,6 +7,7 @@ teacher hidden sizes.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -27,6 +28,7 @@ from fastkd._checks import (
 )
 from fastkd.autograd import ChunkedKDFunction, KDLossFunction
 from fastkd.chunked import Linear
+from fastkd.logit_transforms import transform_options
 from fastkd.matmul import HALF
 from fastkd.ops import kd_arguments, row_op
 from fastkd.options import DIVERGENCES, KDOptions
@@ -53,6 +55,10 @@ def fused_kd_loss(
     reduction: str = "mean",
     backend: str = "auto",
     chunk_size: int | None = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
 ) -> torch.Tensor:
     """Distillation loss straight from hidden states and lm_head weights.
 
@@ -80,6 +86,13 @@ def fused_kd_loss(
             build), "triton", "torch", "cpp" (C++, CPU) or "cuda" (CUDA C++).
         chunk_size: tokens per chunk; by default the fastest plan within the
             ``FASTKD_CHUNK_MEMORY`` cap on the chunk's working set (fastkd/plan.py).
+        student_softcap, teacher_softcap: the models' final-logit softcap c (Gemma 2 / 3's
+            ``final_logit_softcapping``), or None: the model's logits are
+            f(z) = c tanh(a z / c) of the raw logits z, inside the row ops (never materialized);
+            T and the CE apply to f(z) and the gradient flows through f.
+        student_logit_scale, teacher_logit_scale: the models' logit scale a > 0 (applied before
+            the cap; without one, f(z) = a z): Cohere's ``logit_scale``, Granite's
+            ``1 / logits_scaling``.
 
     Returns:
         A scalar fp32 loss (fp64 for fp64 inputs), or (*) for ``reduction="none"``.
@@ -101,6 +114,8 @@ def fused_kd_loss(
         ("teacher_weight", teacher_weight), ("teacher_bias", teacher_bias), ("labels", labels),
     ])
     options = _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_index)
+    options = replace(options, **transform_options(student_softcap, student_logit_scale,
+                                                   teacher_softcap, teacher_logit_scale))
     token_labels = flat_labels(labels, leading, vocab, options)
     check_choice("reduction", reduction, REDUCTIONS)
     backend = resolve_backend(backend, device, native=True)
@@ -124,12 +139,17 @@ def kd_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     backend: str = "auto",
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
 ) -> torch.Tensor:
     """The loss of ``fused_kd_loss`` on logits that are already materialized.
 
     Args:
-        student_logits: (*, V) student logits; the gradient flows to them.
-        teacher_logits: (*, V) teacher logits (a constant).
+        student_logits: (*, V) raw student logits (before the softcap and scale, when those
+            are given); the gradient flows to them.
+        teacher_logits: (*, V) raw teacher logits (a constant).
         labels: (*) token ids or None; other arguments as in ``fused_kd_loss``.
 
     Returns:
@@ -147,6 +167,8 @@ def kd_loss(
     leading = student_logits.shape[:-1]
     vocab = check_vocab("student_logits", student_logits.shape, -1)
     options = _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_index)
+    options = replace(options, **transform_options(student_softcap, student_logit_scale,
+                                                   teacher_softcap, teacher_logit_scale))
     token_labels = flat_labels(labels, leading, vocab, options)
     check_choice("reduction", reduction, REDUCTIONS)
     backend = resolve_backend(backend, device, native=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -30,6 +31,7 @@ from fastkd.functional import (
     chunked_loss,
     flat_labels,
 )
+from fastkd.logit_transforms import check_logit_scale, check_softcap, check_teacher_transforms
 from fastkd.ops import multi_teacher_arguments, row_op
 from fastkd.options import FUSIONS, WEIGHTINGS, MultiTeacherOptions
 
@@ -55,6 +57,10 @@ def multi_teacher_kd_loss(
     backend: str = "auto",
     return_mixing: bool = False,
     chunk_size: int | None = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None | Sequence[float | None] = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float | Sequence[float] = 1.0,
 ):
     """Distill one student from K teachers that share its vocabulary.
 
@@ -76,6 +82,10 @@ def multi_teacher_kd_loss(
         labels: (*) token ids or None; reduction, ignore_index, backend, chunk_size as in
             ``fused_kd_loss``.
         return_mixing: also return the weights w, shaped (*, K).
+        student_softcap, student_logit_scale: the student's logit transform, as in
+            ``fused_kd_loss``.
+        teacher_softcap, teacher_logit_scale: the teachers' transforms: one value for every
+            teacher, or a sequence of K (teacher k's softcap or None, its scale).
 
     Returns:
         The loss (scalar, or (*) for ``reduction="none"``), or ``(loss, w)``.
@@ -108,6 +118,11 @@ def multi_teacher_kd_loss(
         hard_weight=hard_weight,
         ignore_index=check_int("ignore_index", ignore_index),
     )
+    teacher_softcaps, teacher_scales = check_teacher_transforms(
+        teacher_softcap, teacher_logit_scale, len(teachers))
+    options = replace(options, student_softcap=check_softcap("student_softcap", student_softcap),
+                      student_scale=check_logit_scale("student_logit_scale", student_logit_scale),
+                      teacher_softcaps=teacher_softcaps, teacher_scales=teacher_scales)
     labels = flat_labels(labels, leading, vocab, options)
     tokens = leading.numel()
     mixing = torch.empty(tokens, len(teachers), dtype=torch.float32, device=device)

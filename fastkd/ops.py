@@ -43,18 +43,21 @@ from fastkd.options import KDOptions, MultiTeacherOptions
 KD_ROWS_SCHEMA = (
     "(Tensor student_logits, Tensor teacher_logits, Tensor? labels, Tensor(a!)? grad_out, "
     "str divergence, float beta, float temperature, float soft_weight, float hard_weight, "
-    "int ignore_index) -> Tensor"
+    "int ignore_index, float student_softcap, float student_scale, float teacher_softcap, "
+    "float teacher_scale) -> Tensor"
 )
 MULTI_TEACHER_ROWS_SCHEMA = (
     "(Tensor student_logits, Tensor teacher_logits, Tensor? labels, Tensor(a!)? grad_out, "
     "Tensor(b!) weights_out, float[] priors, float temperature, str weighting, "
-    "float entropy_tau, str fusion, float soft_weight, float hard_weight, int ignore_index) "
-    "-> Tensor"
+    "float entropy_tau, str fusion, float soft_weight, float hard_weight, int ignore_index, "
+    "float student_softcap, float student_scale, float[] teacher_softcaps, "
+    "float[] teacher_scales) -> Tensor"
 )
 SPARSE_KD_ROWS_SCHEMA = (
     "(Tensor student_logits, Tensor teacher_ids, Tensor teacher_logits, Tensor teacher_lse, "
     "Tensor? labels, Tensor(a!)? grad_out, str tail, str divergence, float temperature, "
-    "float soft_weight, float hard_weight, int ignore_index) -> Tensor"
+    "float soft_weight, float hard_weight, int ignore_index, float student_softcap, "
+    "float student_scale) -> Tensor"
 )
 
 # backend -> {kind: op name in the fastkd namespace}; kinds: "kd_rows", "multi_teacher_rows",
@@ -86,7 +89,9 @@ def row_op(backend: str, kind: str) -> torch._ops.OpOverload:
 def kd_arguments(options: KDOptions) -> tuple:
     """The scalar arguments of a kd_rows op after (student, teacher, labels, grad_out)."""
     return (options.divergence, float(options.beta), float(options.temperature),
-            float(options.soft_weight), float(options.hard_weight), int(options.ignore_index))
+            float(options.soft_weight), float(options.hard_weight), int(options.ignore_index),
+            float(options.student_softcap), float(options.student_scale),
+            float(options.teacher_softcap), float(options.teacher_scale))
 
 
 def multi_teacher_arguments(options: MultiTeacherOptions) -> tuple:
@@ -94,27 +99,38 @@ def multi_teacher_arguments(options: MultiTeacherOptions) -> tuple:
     weights_out)."""
     return ([float(p) for p in options.priors], float(options.temperature), options.weighting,
             float(options.entropy_tau), options.fusion, float(options.soft_weight),
-            float(options.hard_weight), int(options.ignore_index))
+            float(options.hard_weight), int(options.ignore_index),
+            float(options.student_softcap), float(options.student_scale),
+            [float(c) for c in options.teacher_softcaps],
+            [float(a) for a in options.teacher_scales])
 
 
 def sparse_kd_arguments(tail: str, options: KDOptions) -> tuple:
     """The arguments of a sparse_kd_rows op after (student, ids, logits, lse, labels,
     grad_out)."""
     return (tail, options.divergence, float(options.temperature), float(options.soft_weight),
-            float(options.hard_weight), int(options.ignore_index))
+            float(options.hard_weight), int(options.ignore_index),
+            float(options.student_softcap), float(options.student_scale))
 
 
-def _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_index):
+def _kd_options(divergence, beta, temperature, soft_weight, hard_weight, ignore_index,
+                student_softcap=0.0, student_scale=1.0, teacher_softcap=0.0, teacher_scale=1.0):
     return KDOptions(divergence=divergence, beta=beta, temperature=temperature,
-                     soft_weight=soft_weight, hard_weight=hard_weight, ignore_index=ignore_index)
+                     soft_weight=soft_weight, hard_weight=hard_weight, ignore_index=ignore_index,
+                     student_softcap=student_softcap, student_scale=student_scale,
+                     teacher_softcap=teacher_softcap, teacher_scale=teacher_scale)
 
 
 def _multi_teacher_options(priors, temperature, weighting, entropy_tau, fusion, soft_weight,
-                           hard_weight, ignore_index):
+                           hard_weight, ignore_index, student_softcap, student_scale,
+                           teacher_softcaps, teacher_scales):
     return MultiTeacherOptions(priors=tuple(priors), temperature=temperature,
                                weighting=weighting, entropy_tau=entropy_tau, fusion=fusion,
                                soft_weight=soft_weight, hard_weight=hard_weight,
-                               ignore_index=ignore_index)
+                               ignore_index=ignore_index, student_softcap=student_softcap,
+                               student_scale=student_scale,
+                               teacher_softcaps=tuple(teacher_softcaps),
+                               teacher_scales=tuple(teacher_scales))
 
 
 def _loss_dtype(student_logits: torch.Tensor) -> torch.dtype:
@@ -125,7 +141,8 @@ def _loss_dtype(student_logits: torch.Tensor) -> torch.dtype:
 
 
 def kd_rows_fake(student_logits, teacher_logits, labels, grad_out, divergence, beta,
-                 temperature, soft_weight, hard_weight, ignore_index) -> torch.Tensor:
+                 temperature, soft_weight, hard_weight, ignore_index, student_softcap,
+                 student_scale, teacher_softcap, teacher_scale) -> torch.Tensor:
     """Per-token loss (C,) of student logits (C, V): fp32, fp64 for fp64 logits."""
     torch._check(student_logits.dim() == 2, lambda: "student_logits must be (C, V)")
     torch._check(teacher_logits.shape == student_logits.shape,
@@ -135,7 +152,8 @@ def kd_rows_fake(student_logits, teacher_logits, labels, grad_out, divergence, b
 
 def multi_teacher_rows_fake(student_logits, teacher_logits, labels, grad_out, weights_out,
                             priors, temperature, weighting, entropy_tau, fusion, soft_weight,
-                            hard_weight, ignore_index) -> torch.Tensor:
+                            hard_weight, ignore_index, student_softcap, student_scale,
+                            teacher_softcaps, teacher_scales) -> torch.Tensor:
     """Per-token loss (C,) of student logits (C, V) against teachers (K, C, V)."""
     torch._check(student_logits.dim() == 2, lambda: "student_logits must be (C, V)")
     torch._check(teacher_logits.dim() == 3 and teacher_logits.shape[1:] == student_logits.shape,
@@ -145,7 +163,7 @@ def multi_teacher_rows_fake(student_logits, teacher_logits, labels, grad_out, we
 
 def sparse_kd_rows_fake(student_logits, teacher_ids, teacher_logits, teacher_lse, labels,
                         grad_out, tail, divergence, temperature, soft_weight, hard_weight,
-                        ignore_index) -> torch.Tensor:
+                        ignore_index, student_softcap, student_scale) -> torch.Tensor:
     """Per-token loss (C,) of student logits (C, V) against ids and logits (C, k), lse (C,)."""
     torch._check(student_logits.dim() == 2, lambda: "student_logits must be (C, V)")
     torch._check(teacher_ids.dim() == 2 and teacher_ids.shape[0] == student_logits.shape[0]
@@ -188,9 +206,11 @@ def define_kd_rows(name: str, kernel: Callable[..., torch.Tensor]) -> None:
     ``kernel(student_logits, teacher_logits, labels, grad_out, options: KDOptions)``."""
 
     def impl(student_logits, teacher_logits, labels, grad_out, divergence, beta, temperature,
-             soft_weight, hard_weight, ignore_index):
+             soft_weight, hard_weight, ignore_index, student_softcap, student_scale,
+             teacher_softcap, teacher_scale):
         options = _kd_options(divergence, beta, temperature, soft_weight, hard_weight,
-                              ignore_index)
+                              ignore_index, student_softcap, student_scale, teacher_softcap,
+                              teacher_scale)
         loss = kernel(student_logits, teacher_logits, labels, grad_out, options)
         return loss.to(_loss_dtype(student_logits))
 
@@ -204,9 +224,12 @@ def define_multi_teacher_rows(name: str, kernel: Callable[..., torch.Tensor]) ->
     ``kernel(student_logits, teacher_logits, labels, grad_out, options, weights_out)``."""
 
     def impl(student_logits, teacher_logits, labels, grad_out, weights_out, priors, temperature,
-             weighting, entropy_tau, fusion, soft_weight, hard_weight, ignore_index):
+             weighting, entropy_tau, fusion, soft_weight, hard_weight, ignore_index,
+             student_softcap, student_scale, teacher_softcaps, teacher_scales):
         options = _multi_teacher_options(priors, temperature, weighting, entropy_tau, fusion,
-                                         soft_weight, hard_weight, ignore_index)
+                                         soft_weight, hard_weight, ignore_index,
+                                         student_softcap, student_scale, teacher_softcaps,
+                                         teacher_scales)
         loss = kernel(student_logits, teacher_logits, labels, grad_out, options, weights_out)
         return loss.to(_loss_dtype(student_logits))
 
@@ -220,9 +243,10 @@ def define_sparse_kd_rows(name: str, kernel: Callable[..., torch.Tensor]) -> Non
     ``kernel(student_logits, ids, logits, lse, labels, grad_out, tail, options: KDOptions)``."""
 
     def impl(student_logits, teacher_ids, teacher_logits, teacher_lse, labels, grad_out, tail,
-             divergence, temperature, soft_weight, hard_weight, ignore_index):
+             divergence, temperature, soft_weight, hard_weight, ignore_index, student_softcap,
+             student_scale):
         options = _kd_options(divergence, 0.5, temperature, soft_weight, hard_weight,
-                              ignore_index)
+                              ignore_index, student_softcap, student_scale)
         loss = kernel(student_logits, teacher_ids, teacher_logits, teacher_lse, labels,
                       grad_out, tail, options)
         return loss.to(_loss_dtype(student_logits))

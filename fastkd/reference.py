@@ -40,6 +40,14 @@ def _divergence_per_token(
     raise ValueError(f"unknown divergence {divergence!r}")
 
 
+def model_logits(logits: torch.Tensor, softcap: float | None, scale: float) -> torch.Tensor:
+    """The logits a model emits from raw float64 logits: softcap tanh(scale z / softcap), or
+    scale z without a cap (docs/design.md)."""
+    if softcap is None:
+        return logits * scale
+    return softcap * torch.tanh(logits * (scale / softcap))
+
+
 def _reduce(per_token: torch.Tensor, counted: torch.Tensor, reduction: str) -> torch.Tensor:
     per_token = torch.where(counted, per_token, torch.zeros_like(per_token))
     if reduction == "none":
@@ -62,14 +70,21 @@ def kd_loss_reference(
     hard_weight: float = 0.0,
     ignore_index: int = -100,
     reduction: str = "mean",
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Distillation loss on given logits (..., V), computed in float64.
+    """Distillation loss on given raw logits (..., V), computed in float64 on the model's
+    logits ``model_logits(z, softcap, logit_scale)`` of student and teacher.
 
     Returns a float64 scalar, or the per-token loss in the leading shape for ``"none"``.
     """
     leading = student_logits.shape[:-1]
-    z_s = student_logits.reshape(-1, student_logits.shape[-1]).double()
-    z_t = teacher_logits.reshape(-1, teacher_logits.shape[-1]).double()
+    z_s = model_logits(student_logits.reshape(-1, student_logits.shape[-1]).double(),
+                       student_softcap, student_logit_scale)
+    z_t = model_logits(teacher_logits.reshape(-1, teacher_logits.shape[-1]).double(),
+                       teacher_softcap, teacher_logit_scale)
     loss = soft_weight * _divergence_per_token(z_s, z_t, divergence, beta, temperature)
     return _hard_ce_and_reduce(loss, z_s, labels, hard_weight, ignore_index, reduction, leading)
 
@@ -139,19 +154,31 @@ def multi_teacher_kd_loss_reference(
     ignore_index: int = -100,
     reduction: str = "mean",
     return_mixing: bool = False,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None | list[float | None] = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float | list[float] = 1.0,
 ):
     """Multi-teacher distillation loss on materialized float64 logits.
 
     w_k = softmax_k(log pi_k - H(p_k) / tau) ("entropy") or pi_k ("static"); the target is
-    KL(sum_k w_k p_k || q) ("mixture") or sum_k w_k KL(p_k || q) ("weighted_kl").
+    KL(sum_k w_k p_k || q) ("mixture") or sum_k w_k KL(p_k || q) ("weighted_kl"). Every model's
+    logits are ``model_logits`` of its raw ones; teacher_softcap / teacher_logit_scale are one
+    value for all teachers or a list of K.
     """
     leading = student_hidden.shape[:-1]
     teachers = len(teacher_hiddens)
     biases = teacher_biases or [None] * teachers
-    log_q = F.log_softmax(_logits(student_hidden, student_weight, student_bias) / temperature, -1)
+    caps = teacher_softcap if isinstance(teacher_softcap, (list, tuple)) else [
+        teacher_softcap] * teachers
+    scales = teacher_logit_scale if isinstance(teacher_logit_scale, (list, tuple)) else [
+        teacher_logit_scale] * teachers
+    z_s = model_logits(_logits(student_hidden, student_weight, student_bias), student_softcap,
+                       student_logit_scale)
+    log_q = F.log_softmax(z_s / temperature, -1)
     log_p = torch.stack([
-        F.log_softmax(_logits(h, w, b) / temperature, -1)
-        for h, w, b in zip(teacher_hiddens, teacher_weights, biases)
+        F.log_softmax(model_logits(_logits(h, w, b), cap, scale) / temperature, -1)
+        for h, w, b, cap, scale in zip(teacher_hiddens, teacher_weights, biases, caps, scales)
     ])  # (K, N, V)
     p = log_p.exp()
     # float64 from the start: as_tensor of a list of Python floats would round them to fp32
@@ -168,7 +195,6 @@ def multi_teacher_kd_loss_reference(
         divergence = (torch.xlogy(mixture, mixture) - mixture * log_q).sum(-1)  # 0 log 0 = 0
     else:
         divergence = (weights * (p * (log_p - log_q)).sum(-1)).sum(0)
-    z_s = _logits(student_hidden, student_weight, student_bias)
     out = _hard_ce_and_reduce(soft_weight * divergence, z_s, labels, hard_weight, ignore_index,
                               reduction, leading)
     if return_mixing:
@@ -192,15 +218,19 @@ def sparse_kd_loss_reference(
     ignore_index: int = -100,
     reduction: str = "mean",
     tail: str = "bucket",
+    student_softcap: float | None = None,
+    student_logit_scale: float = 1.0,
 ) -> torch.Tensor:
     """``sparse_kd_loss`` on materialized float64 logits, bucket by bucket (docs/sparse.md).
 
     "bucket": the divergence over the k + 1 buckets (p_S, 1 - sum p_S) and (q_S, 1 - sum q_S),
     with q_tail summed over the off-support ids directly; "renormalize": over the k ids of
-    p_S / sum p_S and q_S / sum q_S. Reverse KL floors p at 2^-126, as the kernels do.
+    p_S / sum p_S and q_S / sum q_S. Reverse KL floors p at 2^-126, as the kernels do. The
+    student's logits are ``model_logits`` of its raw ones; the teacher's are as stored.
     """
     leading = student_hidden.shape[:-1]
-    z_s = _logits(student_hidden, student_weight, student_bias)
+    z_s = model_logits(_logits(student_hidden, student_weight, student_bias), student_softcap,
+                       student_logit_scale)
     k = teacher_ids.shape[-1]
     ids = teacher_ids.reshape(-1, k).long()
     t = teacher_logits.reshape(-1, k).double() / temperature

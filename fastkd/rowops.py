@@ -5,6 +5,10 @@ Same contracts as ``fastkd.kernels.kd_rows.kd_rows`` and
 returns the per-token loss (C,) in fp32 and, when ``grad_out`` is given, writes the gradient of
 each token's loss with respect to its raw student logits into it (it may alias the student
 logits). Math in fp32 (float64 stays float64, for gradcheck).
+
+With a logit transform in the options (fastkd/logit_transforms.py) every formula reads the
+model's logits f(z) in place of z, and the gradient d loss / d f is multiplied by f'(z) last,
+after the top-entry rewrite (which holds for d loss / d f, whose rows sum to zero).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastkd.logit_transforms import transformed_logits
 from fastkd.options import KDOptions, MultiTeacherOptions
 
 
@@ -26,17 +31,21 @@ def kd_rows_torch(
 ) -> torch.Tensor:
     """Per-token loss (C,) of logits (C, V); fills ``grad_out`` (C, V) with d loss / d z_s."""
     math_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-    z_s = student_logits.to(math_dtype)
+    z_s, slope = transformed_logits(student_logits.to(math_dtype), options.student_softcap,
+                                    options.student_scale, grad_out is not None)
+    z_t, _ = transformed_logits(teacher_logits.to(math_dtype), options.teacher_softcap,
+                                options.teacher_scale, False)
     T = options.temperature
     log_q = _tempered_log_softmax(z_s, T)  # student
-    log_p = _tempered_log_softmax(teacher_logits.to(math_dtype), T)  # teacher
+    log_p = _tempered_log_softmax(z_t, T)  # teacher
     divergence, grad = tempered_divergence(log_p, log_q, options, grad_out is not None)
     loss = options.soft_weight * divergence
     if grad is not None and options.soft_weight != T:
         grad.mul_(options.soft_weight / T)  # chain rule through s = z_s / T
     # q - p has no cancelling constant: only reverse KL and JSD need the top-logit rewrite
     top = z_s.argmax(dim=-1, keepdim=True) if options.divergence != "kl" else None
-    return _finish(z_s, labels, loss, grad, grad_out, options, log_q if T == 1 else None, top)
+    return _finish(z_s, labels, loss, grad, grad_out, options, log_q if T == 1 else None, top,
+                   slope)
 
 
 def tempered_divergence(
@@ -101,11 +110,14 @@ def _finish(
     options: KDOptions | MultiTeacherOptions,
     log_q1: torch.Tensor | None = None,
     top: torch.Tensor | None = None,
+    slope: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Add the hard CE term, zero ignored tokens, write the gradient; returns the loss (C,).
 
-    ``log_q1`` is log_softmax(z_s) when the caller has it already (T = 1); ``top``, when given,
-    rewrites the gradient at ``top`` (C, 1), the entries of the student's mode (below).
+    ``z_s`` are the student's (transformed) logits f(z). ``log_q1`` is log_softmax(z_s) when
+    the caller has it already (T = 1); ``top``, when given, rewrites the gradient at ``top``
+    (C, 1), the entries of the student's mode (below); ``slope``, f'(z) when the logits were
+    transformed, turns d loss / d f into d loss / d z (after the rewrite).
     """
     counted = None
     if labels is not None:
@@ -126,6 +138,8 @@ def _finish(
             # formulas cancel when q is near one-hot, so that entry is -(sum of the others).
             grad.scatter_(1, top, 0.0)
             grad.scatter_(1, top, -grad.sum(dim=-1, keepdim=True))
+        if slope is not None:  # the chain rule through f
+            grad.mul_(slope)
         grad_out.copy_(grad)
     return loss
 
@@ -143,10 +157,15 @@ def multi_teacher_rows_torch(
     Writes the mixing weights (C, K) into ``weights_out`` and d loss / d z_s into ``grad_out``.
     """
     math_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-    z_s = student_logits.to(math_dtype)
+    z_s, slope = transformed_logits(student_logits.to(math_dtype), options.student_softcap,
+                                    options.student_scale, grad_out is not None)
+    z_t = teacher_logits.to(math_dtype)
+    if options.teacher_softcaps:  # teacher k's own transform
+        z_t = torch.stack([transformed_logits(z_t[k], cap, scale, False)[0] for k, (cap, scale)
+                           in enumerate(zip(options.teacher_softcaps, options.teacher_scales))])
     T = options.temperature
     log_q = _tempered_log_softmax(z_s, T)
-    log_p = _tempered_log_softmax(teacher_logits.to(math_dtype), T)  # (K, C, V)
+    log_p = _tempered_log_softmax(z_t, T)  # (K, C, V)
     p = log_p.exp()
     log_prior = torch.tensor(options.priors, dtype=log_p.dtype, device=log_p.device)
     log_prior = log_prior.log()[:, None]  # (K, 1)
@@ -167,7 +186,8 @@ def multi_teacher_rows_torch(
         grad = log_q.exp().sub_(mixture)
         if options.soft_weight != T:
             grad.mul_(options.soft_weight / T)
-    return _finish(z_s, labels, loss, grad, grad_out, options, log_q if T == 1 else None)
+    return _finish(z_s, labels, loss, grad, grad_out, options, log_q if T == 1 else None,
+                   slope=slope)
 
 
 # log of the smallest normal fp32: reverse KL floors the teacher's log-probabilities here, so a
@@ -194,11 +214,12 @@ def sparse_kd_rows_torch(
     docs/sparse.md derives the math.
     """
     math_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-    z_s = student_logits.to(math_dtype)
+    want_grad = grad_out is not None
+    z_s, slope = transformed_logits(student_logits.to(math_dtype), options.student_softcap,
+                                    options.student_scale, want_grad)
     T = options.temperature
     s = z_s if T == 1 else z_s / T
     ids = teacher_ids.long()
-    want_grad = grad_out is not None
     log_p_ids, log_tail = (x.to(math_dtype) for x in sparse_teacher_log_probs(
         teacher_logits, teacher_lse, T, tail, options.divergence))
     if tail == "bucket":
@@ -223,7 +244,7 @@ def sparse_kd_rows_torch(
     if grad is not None and options.soft_weight != T:
         grad.mul_(options.soft_weight / T)  # chain rule through s = z_s / T
     return _finish(z_s, labels, loss, grad, grad_out, options, log_q1,
-                   top if options.divergence == "reverse_kl" else None)
+                   top if options.divergence == "reverse_kl" else None, slope)
 
 
 def sparse_teacher_log_probs(

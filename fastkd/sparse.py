@@ -26,6 +26,7 @@ from fastkd._checks import (
     resolve_backend,
 )
 from fastkd.functional import STUDENT_NAMES, check_linear, chunked_loss, flat_labels
+from fastkd.logit_transforms import check_logit_scale, check_softcap
 from fastkd.ops import row_op, sparse_kd_arguments
 from fastkd.options import KDOptions
 
@@ -51,6 +52,8 @@ def sparse_kd_loss(
     tail: str = "bucket",
     backend: str = "auto",
     chunk_size: int | None = None,
+    student_softcap: float | None = None,
+    student_logit_scale: float = 1.0,
 ) -> torch.Tensor:
     """Distillation loss against a sparse teacher: k logits per token plus its full LSE.
 
@@ -81,6 +84,9 @@ def sparse_kd_loss(
         backend: "auto" (Triton on CUDA; on CPU the C++ row op, or torch where it does not
             build), "triton", "torch", "cpp" (C++, CPU) or "cuda" (CUDA C++).
         chunk_size: tokens per chunk; by default the plan's choice (fastkd/plan.py).
+        student_softcap, student_logit_scale: the student's logit transform, as in
+            ``fused_kd_loss`` (z_s above is then f(z_s)). The teacher has none here: its stored
+            logits are what it emitted, its own cap and scale applied at capture.
 
     Returns:
         A scalar fp32 loss (fp64 for fp64 inputs), or (*) for ``reduction="none"``.
@@ -102,7 +108,10 @@ def sparse_kd_loss(
     options = KDOptions(divergence=divergence,
                         temperature=check_positive("temperature", temperature),
                         soft_weight=soft_weight, hard_weight=hard_weight,
-                        ignore_index=check_int("ignore_index", ignore_index))
+                        ignore_index=check_int("ignore_index", ignore_index),
+                        student_softcap=check_softcap("student_softcap", student_softcap),
+                        student_scale=check_logit_scale("student_logit_scale",
+                                                        student_logit_scale))
     token_labels = flat_labels(labels, leading, vocab, options)
     ids, logits, lse = check_sparse_teacher(teacher_ids, teacher_logits, teacher_lse, leading,
                                             vocab, options.temperature, tail, token_labels,

@@ -27,6 +27,11 @@ computed on the host in float64: in fp32, 1 - beta and log(1 - beta) lose beta n
 
 No softmax, log-softmax or probability tensor is ever stored; ignored tokens get loss 0 and a
 zero gradient row.
+
+A logit transform (STUDENT_TRANSFORM / TEACHER_TRANSFORM, kernels/row_common.py) replaces z by
+the model's logits f(z) as each block is loaded: every formula above then reads f(z), and the
+gradient pass multiplies d loss / d f by f'(z) as it stores, the top entry's -(sum of the others)
+taken over d loss / d f first (rows of d loss / d f sum to zero, those of d loss / d z do not).
 """
 
 from __future__ import annotations
@@ -37,7 +42,17 @@ import torch
 import triton
 import triton.language as tl
 
-from fastkd.kernels.row_common import cross_entropy_grad, raw_sum_update, row_label, xlogy
+from fastkd.kernels.row_common import (
+    chain_rule,
+    cross_entropy_grad,
+    model_logits,
+    model_slope,
+    raw_sum_update,
+    row_label,
+    transform_arguments,
+    transform_id,
+    xlogy,
+)
 from fastkd.options import KDOptions
 
 DIVERGENCE_IDS = {"kl": 0, "reverse_kl": 1, "jsd": 2}
@@ -61,13 +76,20 @@ def _jsd_x(s, t, m_s, m_t, log_l_s, log_l_t, log_odds_beta):
 
 
 @triton.jit
-def _load_block(s_row, t_row, start, V, inv_temperature, BLOCK_V: tl.constexpr):
-    # One vocabulary block: raw student logits z, tempered s = z / T and t = z_t / T, in fp32.
+def _load_block(s_row, t_row, start, V, inv_temperature,
+                s_scale, s_cap, s_scale_over_cap, t_scale, t_cap, t_scale_over_cap,
+                STUDENT_TRANSFORM: tl.constexpr, TEACHER_TRANSFORM: tl.constexpr,
+                BLOCK_V: tl.constexpr):
+    # One vocabulary block, in fp32: the student's logits z = f_s(z_s) (raw z_s without a
+    # transform), tempered s = z / T and t = f_t(z_t) / T, and f_s'(z_s) for the chain rule.
     cols = start + tl.arange(0, BLOCK_V)
     in_vocab = cols < V
-    z = tl.load(s_row + cols, mask=in_vocab, other=-float("inf")).to(tl.float32)
+    raw = tl.load(s_row + cols, mask=in_vocab, other=-float("inf")).to(tl.float32)
     t = tl.load(t_row + cols, mask=in_vocab, other=-float("inf")).to(tl.float32)
-    return cols, in_vocab, z, z * inv_temperature, t * inv_temperature
+    z = model_logits(raw, in_vocab, s_scale, s_cap, s_scale_over_cap, STUDENT_TRANSFORM)
+    t = model_logits(t, in_vocab, t_scale, t_cap, t_scale_over_cap, TEACHER_TRANSFORM)
+    slope = model_slope(raw, s_scale, s_scale_over_cap, STUDENT_TRANSFORM)
+    return cols, in_vocab, z, z * inv_temperature, t * inv_temperature, slope
 
 
 @triton.jit
@@ -76,11 +98,14 @@ def _kd_rows_kernel(
     V, stride_s, stride_t, stride_g,
     temperature, beta, one_minus_beta, log_odds_beta, binary_entropy,
     soft_weight, hard_weight, ignore_index,
+    s_scale, s_cap, s_scale_over_cap, t_scale, t_cap, t_scale_over_cap,
     DIVERGENCE: tl.constexpr,  # 0 kl, 1 reverse_kl, 2 jsd
     HAS_LABELS: tl.constexpr,
     HAS_HARD: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    STUDENT_TRANSFORM: tl.constexpr = 0,  # 0 none, 1 scale, 2 softcap (row_common.py)
+    TEACHER_TRANSFORM: tl.constexpr = 0,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_s
@@ -99,7 +124,9 @@ def _kd_rows_kernel(
     a = 0.0  # kl: sum e^{t - m_t}(t - s); reverse_kl: sum e^{s - m_s}(s - t)
     j_top = 0  # index of the largest student logit
     for start in range(0, V, BLOCK_V):
-        cols, in_vocab, z, s, t = _load_block(s_row, t_row, start, V, inv_temperature, BLOCK_V)
+        cols, in_vocab, z, s, t, _ = _load_block(
+            s_row, t_row, start, V, inv_temperature, s_scale, s_cap, s_scale_over_cap, t_scale,
+            t_cap, t_scale_over_cap, STUDENT_TRANSFORM, TEACHER_TRANSFORM, BLOCK_V)
         block_top = tl.max(s, axis=0)
         j_top = tl.where(block_top > m_s, start + tl.argmax(s, axis=0), j_top)
         m_s_new = tl.maximum(m_s, block_top)
@@ -131,7 +158,9 @@ def _kd_rows_kernel(
         eq_sp = 0.0
         ep_sp = 0.0
         for start in range(0, V, BLOCK_V):
-            cols, in_vocab, z, s, t = _load_block(s_row, t_row, start, V, inv_temperature, BLOCK_V)
+            cols, in_vocab, z, s, t, _ = _load_block(
+                s_row, t_row, start, V, inv_temperature, s_scale, s_cap, s_scale_over_cap, t_scale,
+                t_cap, t_scale_over_cap, STUDENT_TRANSFORM, TEACHER_TRANSFORM, BLOCK_V)
             x = _jsd_x(s, t, m_s, m_t, log_l_s, log_l_t, log_odds_beta)
             q = tl.exp((s - m_s) - log_l_s)  # 0 past the end
             eq_sp += tl.sum(xlogy(q, _softplus(x)), axis=0)
@@ -141,7 +170,8 @@ def _kd_rows_kernel(
     loss = soft_weight * divergence
     if HAS_HARD:
         lse_z = m_s * temperature + tl.log(l_z)
-        z_label = tl.load(s_row + label, mask=counted, other=0.0).to(tl.float32)
+        z_label = model_logits(tl.load(s_row + label, mask=counted, other=0.0).to(tl.float32),
+                               counted, s_scale, s_cap, s_scale_over_cap, STUDENT_TRANSFORM)
         loss += hard_weight * (lse_z - z_label)  # CE = LSE(z_s) - z_s[y]
     tl.store(loss_ptr + row, tl.where(counted, loss, 0.0))
 
@@ -150,8 +180,13 @@ def _kd_rows_kernel(
         #      = soft_weight / T * d div / d s + hard_weight * (softmax(z_s) - onehot(y))
         g_row = grad_ptr + row * stride_g
         g_others = 0.0  # sum of g_j over j != j_top
+        # f_s' at the top logit, read before the row (which g may alias) is overwritten
+        slope_top = model_slope(tl.load(s_row + j_top).to(tl.float32), s_scale,
+                                s_scale_over_cap, STUDENT_TRANSFORM)
         for start in range(0, V, BLOCK_V):
-            cols, in_vocab, z, s, t = _load_block(s_row, t_row, start, V, inv_temperature, BLOCK_V)
+            cols, in_vocab, z, s, t, slope = _load_block(
+                s_row, t_row, start, V, inv_temperature, s_scale, s_cap, s_scale_over_cap, t_scale,
+                t_cap, t_scale_over_cap, STUDENT_TRANSFORM, TEACHER_TRANSFORM, BLOCK_V)
             q = tl.exp((s - m_s) - log_l_s)
             if DIVERGENCE == 0:
                 g = q - tl.exp((t - m_t) - log_l_t)  # kl: q - p
@@ -165,15 +200,18 @@ def _kd_rows_kernel(
             g = g * (soft_weight * inv_temperature)
             if HAS_HARD:
                 g += hard_weight * cross_entropy_grad(z, lse_z, cols, label)
-            g = tl.where(counted, g, 0.0)
+            g = tl.where(counted, g, 0.0)  # d loss / d f; times f'(z) as it is stored
             if DIVERGENCE == 0:  # q - p: written as it is
-                tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=in_vocab)
+                tl.store(g_row + cols, chain_rule(g, slope, STUDENT_TRANSFORM).to(
+                    grad_ptr.dtype.element_ty), mask=in_vocab)
             else:
                 not_top = in_vocab & (cols != j_top)
                 g_others += tl.sum(tl.where(not_top, g, 0.0), axis=0)
-                tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=not_top)
-        if DIVERGENCE != 0:
-            tl.store(g_row + j_top, (-g_others).to(grad_ptr.dtype.element_ty))  # rows sum to 0
+                tl.store(g_row + cols, chain_rule(g, slope, STUDENT_TRANSFORM).to(
+                    grad_ptr.dtype.element_ty), mask=not_top)
+        if DIVERGENCE != 0:  # rows of d loss / d f sum to 0
+            g_top = chain_rule(-g_others, slope_top, STUDENT_TRANSFORM)
+            tl.store(g_row + j_top, g_top.to(grad_ptr.dtype.element_ty))
 
 
 def _beta_constants(beta: float) -> tuple[float, float, float, float]:
@@ -213,11 +251,15 @@ def kd_rows(
         grad_out.stride(0) if grad_out is not None else 0,
         float(options.temperature), *_beta_constants(options.beta),
         float(options.soft_weight), float(options.hard_weight), int(options.ignore_index),
+        *transform_arguments(options.student_softcap, options.student_scale),
+        *transform_arguments(options.teacher_softcap, options.teacher_scale),
         DIVERGENCE=DIVERGENCE_IDS[options.divergence],
         HAS_LABELS=labels is not None,
         HAS_HARD=has_hard,
         COMPUTE_GRAD=grad_out is not None,
         BLOCK_V=block_v,
+        STUDENT_TRANSFORM=transform_id(options.student_softcap, options.student_scale),
+        TEACHER_TRANSFORM=transform_id(options.teacher_softcap, options.teacher_scale),
         num_warps=8 if block_v >= 2048 else 4,
     )
     return loss

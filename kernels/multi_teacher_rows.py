@@ -20,6 +20,10 @@ p_k = softmax(t_k), everything in fp32:
           Either way the gradient is d loss / d z_s = soft_weight / T (q - P) (+ hard CE), so
           pass 2 runs for the mixture loss or for the gradient, and is skipped when neither
           is needed. No per-teacher probability is stored.
+
+Logit transforms (kernels/row_common.py): the student's by the STUDENT_TRANSFORM switch, the
+teachers' (TEACHER_TRANSFORM) by K scales, caps and ratios (cap 0: scale only), applied as each
+tile is loaded; the gradient q - P (+ CE) is d loss / d f_s, times f_s'(z_s) as it is stored.
 """
 
 from __future__ import annotations
@@ -28,23 +32,43 @@ import torch
 import triton
 import triton.language as tl
 
-from fastkd.kernels.row_common import cross_entropy_grad, raw_sum_update, row_label, xlogy
+from fastkd.kernels.row_common import (
+    SOFTCAP,
+    chain_rule,
+    cross_entropy_grad,
+    model_logits,
+    model_slope,
+    raw_sum_update,
+    row_label,
+    transform_arguments,
+    transform_id,
+    xlogy,
+)
 from fastkd.options import MultiTeacherOptions
 
 
 @triton.jit
 def _load_tiles(s_row, t_row, stride_k, start, V, K, inv_temperature,
+                s_scale, s_cap, s_scale_over_cap, t_scales, t_caps, t_ratios,
+                STUDENT_TRANSFORM: tl.constexpr, TEACHER_TRANSFORM: tl.constexpr,
                 K_PAD: tl.constexpr, BLOCK_V: tl.constexpr):
-    # Raw student logits z (BLOCK_V), tempered s, and tempered teacher tile t (K_PAD, BLOCK_V).
-    # Teacher rows k >= K are zeros (finite, and given weight 0).
+    # The student's logits z = f_s(z_s) (BLOCK_V), tempered s, f_s'(z_s), and the tempered
+    # teacher tile t = f_k(z_k) / T (K_PAD, BLOCK_V), teacher k's transform from its scale,
+    # cap and scale / cap (K_PAD,). Teacher rows k >= K are zeros (finite, and given weight 0).
     cols = start + tl.arange(0, BLOCK_V)
     in_vocab = cols < V
     k = tl.arange(0, K_PAD)
-    z = tl.load(s_row + cols, mask=in_vocab, other=-float("inf")).to(tl.float32)
+    raw = tl.load(s_row + cols, mask=in_vocab, other=-float("inf")).to(tl.float32)
+    z = model_logits(raw, in_vocab, s_scale, s_cap, s_scale_over_cap, STUDENT_TRANSFORM)
     t = tl.load(t_row + k[:, None] * stride_k + cols[None, :],
                 mask=(k[:, None] < K) & in_vocab[None, :], other=-float("inf")).to(tl.float32)
+    if TEACHER_TRANSFORM:
+        capped = model_logits(t, in_vocab[None, :], t_scales[:, None], t_caps[:, None],
+                              t_ratios[:, None], SOFTCAP)
+        t = tl.where(t_caps[:, None] == 0.0, t * t_scales[:, None], capped)
     t = tl.where(k[:, None] < K, t * inv_temperature, 0.0)
-    return cols, in_vocab, z, z * inv_temperature, t
+    slope = model_slope(raw, s_scale, s_scale_over_cap, STUDENT_TRANSFORM)
+    return cols, in_vocab, z, z * inv_temperature, t, slope
 
 
 @triton.jit
@@ -52,6 +76,7 @@ def _multi_teacher_rows_kernel(
     s_ptr, t_ptr, grad_ptr, labels_ptr, priors_ptr, loss_ptr, weights_ptr,
     V, K, stride_s, stride_tk, stride_t, stride_g,
     temperature, entropy_tau, soft_weight, hard_weight, ignore_index,
+    s_scale, s_cap, s_scale_over_cap, t_transforms_ptr,
     ENTROPY_WEIGHTING: tl.constexpr,
     MIXTURE: tl.constexpr,
     HAS_LABELS: tl.constexpr,
@@ -59,6 +84,8 @@ def _multi_teacher_rows_kernel(
     COMPUTE_GRAD: tl.constexpr,
     K_PAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    STUDENT_TRANSFORM: tl.constexpr = 0,  # 0 none, 1 scale, 2 softcap (row_common.py)
+    TEACHER_TRANSFORM: tl.constexpr = False,  # t_transforms_ptr: (3, K) scales, caps, ratios
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_s
@@ -68,6 +95,10 @@ def _multi_teacher_rows_kernel(
     is_teacher = k < K
 
     label, counted = row_label(labels_ptr, row, ignore_index, HAS_LABELS)
+    t_scales = tl.load(t_transforms_ptr + k, mask=is_teacher & TEACHER_TRANSFORM, other=1.0)
+    t_caps = tl.load(t_transforms_ptr + K + k, mask=is_teacher & TEACHER_TRANSFORM, other=0.0)
+    t_ratios = tl.load(t_transforms_ptr + 2 * K + k, mask=is_teacher & TEACHER_TRANSFORM,
+                       other=0.0)
 
     # ---- pass 1: per-teacher running max, sum, entropy and KL accumulators
     m_s = -float("inf")
@@ -78,8 +109,10 @@ def _multi_teacher_rows_kernel(
     b_k = tl.zeros((K_PAD,), tl.float32)
     a_k = tl.zeros((K_PAD,), tl.float32)
     for start in range(0, V, BLOCK_V):
-        cols, in_vocab, z, s, t = _load_tiles(s_row, t_row, stride_tk, start, V, K,
-                                              inv_temperature, K_PAD, BLOCK_V)
+        cols, in_vocab, z, s, t, _ = _load_tiles(
+            s_row, t_row, stride_tk, start, V, K, inv_temperature, s_scale, s_cap,
+            s_scale_over_cap, t_scales, t_caps, t_ratios, STUDENT_TRANSFORM, TEACHER_TRANSFORM,
+            K_PAD, BLOCK_V)
         m_s_new = tl.maximum(m_s, tl.max(s, axis=0))
         l_s = l_s * tl.exp(m_s - m_s_new) + tl.sum(tl.exp(s - m_s_new), axis=0)
         if HAS_HARD:
@@ -114,7 +147,9 @@ def _multi_teacher_rows_kernel(
 
     if HAS_HARD:  # CE = LSE(z_s) - z_s[y]; z_s[y] is read before pass 2 may overwrite it
         lse_z = m_s * temperature + tl.log(l_z)
-        cross_entropy = lse_z - tl.load(s_row + label, mask=counted, other=0.0).to(tl.float32)
+        z_label = tl.load(s_row + label, mask=counted, other=0.0).to(tl.float32)
+        cross_entropy = lse_z - model_logits(z_label, counted, s_scale, s_cap, s_scale_over_cap,
+                                             STUDENT_TRANSFORM)
 
     # ---- pass 2: per element, log P = logsumexp_k(log w_k + t_k - LSE_k)
     divergence = tl.sum(tl.where(is_teacher, w * (a_k / l_k - log_l_k + log_l_s), 0.0), axis=0)
@@ -122,8 +157,10 @@ def _multi_teacher_rows_kernel(
         g_row = grad_ptr + row * stride_g
         mixture_kl = 0.0
         for start in range(0, V, BLOCK_V):
-            cols, in_vocab, z, s, t = _load_tiles(s_row, t_row, stride_tk, start, V, K,
-                                                  inv_temperature, K_PAD, BLOCK_V)
+            cols, in_vocab, z, s, t, slope = _load_tiles(
+                s_row, t_row, stride_tk, start, V, K, inv_temperature, s_scale, s_cap,
+                s_scale_over_cap, t_scales, t_caps, t_ratios, STUDENT_TRANSFORM,
+                TEACHER_TRANSFORM, K_PAD, BLOCK_V)
             # log(w_k p_k), (K_PAD, BLOCK_V)
             log_wp = log_w[:, None] + ((t - m_k[:, None]) - log_l_k[:, None])
             top = tl.max(log_wp, axis=0)
@@ -137,7 +174,7 @@ def _multi_teacher_rows_kernel(
                 g = (tl.exp(log_q) - mix) * (soft_weight * inv_temperature)  # q - P
                 if HAS_HARD:
                     g += hard_weight * cross_entropy_grad(z, lse_z, cols, label)
-                g = tl.where(counted, g, 0.0)
+                g = chain_rule(tl.where(counted, g, 0.0), slope, STUDENT_TRANSFORM)
                 tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=in_vocab)
         if MIXTURE:
             divergence = mixture_kl
@@ -169,6 +206,11 @@ def multi_teacher_rows(
     k_pad = triton.next_power_of_2(teachers)
     block_v = min(max(16, block_v // k_pad), triton.next_power_of_2(vocab))
     has_hard = labels is not None and options.hard_weight > 0
+    teacher_transform = bool(options.teacher_softcaps)
+    transforms = torch.tensor(  # (3, K): scales, caps, scale / cap (0 without a cap)
+        [list(options.teacher_scales), list(options.teacher_softcaps),
+         [a / c if c else 0.0 for a, c in zip(options.teacher_scales, options.teacher_softcaps)]]
+        if teacher_transform else [[1.0]], dtype=torch.float32, device=student_logits.device)
     _multi_teacher_rows_kernel[(rows,)](
         student_logits, teacher_logits,
         grad_out if grad_out is not None else student_logits,
@@ -179,6 +221,7 @@ def multi_teacher_rows(
         teacher_logits.stride(1), grad_out.stride(0) if grad_out is not None else 0,
         float(options.temperature), float(options.entropy_tau),
         float(options.soft_weight), float(options.hard_weight), int(options.ignore_index),
+        *transform_arguments(options.student_softcap, options.student_scale), transforms,
         ENTROPY_WEIGHTING=options.weighting == "entropy",
         MIXTURE=options.fusion == "mixture",
         HAS_LABELS=labels is not None,
@@ -186,6 +229,8 @@ def multi_teacher_rows(
         COMPUTE_GRAD=grad_out is not None,
         K_PAD=k_pad,
         BLOCK_V=block_v,
+        STUDENT_TRANSFORM=transform_id(options.student_softcap, options.student_scale),
+        TEACHER_TRANSFORM=teacher_transform,
         num_warps=8,
     )
     return loss

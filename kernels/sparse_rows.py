@@ -22,6 +22,11 @@ per row), it computes in fp32 (docs/sparse.md):
           Reverse KL writes the entry of the student's mode (the top logit; for "renormalize"
           the top logit on S) last, as minus the sum of all the others (rows sum to zero), as
           the dense kernel does (kernels/kd_rows.py).
+
+A student logit transform (STUDENT_TRANSFORM, kernels/row_common.py) replaces z_s by f(z_s) as
+it is loaded; the gradient above is d loss / d f, multiplied by f'(z_s) as it is stored, after
+the reverse KL's top entry is taken as minus the sum of the others' d loss / d f. The teacher's
+stored logits are already its emitted ones.
 """
 
 from __future__ import annotations
@@ -30,7 +35,17 @@ import torch
 import triton
 import triton.language as tl
 
-from fastkd.kernels.row_common import cross_entropy_grad, raw_sum_update, row_label, xlogy
+from fastkd.kernels.row_common import (
+    chain_rule,
+    cross_entropy_grad,
+    model_logits,
+    model_slope,
+    raw_sum_update,
+    row_label,
+    transform_arguments,
+    transform_id,
+    xlogy,
+)
 from fastkd.options import KDOptions
 from fastkd.rowops import sparse_teacher_log_probs
 
@@ -43,14 +58,27 @@ def _in_support(bits_row, cols, in_vocab):
 
 
 @triton.jit
-def _load_ids(ids_row, s_row, logp_row, start, k, inv_temperature, BLOCK_K: tl.constexpr):
-    # One block of the row's ids: the ids, raw student logits z_i there, s_i, and log p_i.
+def _load_ids(ids_row, s_row, logp_row, start, k, inv_temperature, s_scale, s_cap,
+              s_scale_over_cap, STUDENT_TRANSFORM: tl.constexpr, BLOCK_K: tl.constexpr):
+    # One block of the row's ids: the ids, the student's logits z_i = f(z_s) there, s_i, log p_i
+    # and f'(z_s) at the ids.
     idx = start + tl.arange(0, BLOCK_K)
     valid = idx < k
     ids = tl.load(ids_row + idx, mask=valid, other=0)
-    z = tl.load(s_row + ids, mask=valid, other=0.0).to(tl.float32)
+    raw = tl.load(s_row + ids, mask=valid, other=0.0).to(tl.float32)
+    z = model_logits(raw, valid, s_scale, s_cap, s_scale_over_cap, STUDENT_TRANSFORM)
     log_p = tl.load(logp_row + idx, mask=valid, other=-float("inf"))
-    return valid, ids, z, z * inv_temperature, log_p
+    slope = model_slope(raw, s_scale, s_scale_over_cap, STUDENT_TRANSFORM)
+    return valid, ids, z, z * inv_temperature, log_p, slope
+
+
+@triton.jit
+def _load_student(s_row, cols, in_vocab, s_scale, s_cap, s_scale_over_cap,
+                  STUDENT_TRANSFORM: tl.constexpr):
+    # The student's logits f(z_s) of one vocabulary block, and f'(z_s).
+    raw = tl.load(s_row + cols, mask=in_vocab, other=-float("inf")).to(tl.float32)
+    return (model_logits(raw, in_vocab, s_scale, s_cap, s_scale_over_cap, STUDENT_TRANSFORM),
+            model_slope(raw, s_scale, s_scale_over_cap, STUDENT_TRANSFORM))
 
 
 @triton.jit
@@ -58,6 +86,7 @@ def _sparse_rows_kernel(
     s_ptr, bits_ptr, ids_ptr, logp_ptr, log_tail_ptr, grad_ptr, labels_ptr, loss_ptr,
     V, k, stride_s, stride_bits, stride_ids, stride_logp, stride_g,
     temperature, soft_weight, hard_weight, ignore_index,
+    s_scale, s_cap, s_scale_over_cap,
     BUCKET: tl.constexpr,  # tail="bucket" (else "renormalize")
     REVERSE: tl.constexpr,  # divergence="reverse_kl" (else "kl")
     HAS_LABELS: tl.constexpr,
@@ -65,6 +94,7 @@ def _sparse_rows_kernel(
     COMPUTE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    STUDENT_TRANSFORM: tl.constexpr = 0,  # 0 none, 1 scale, 2 softcap (row_common.py)
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_s
@@ -85,7 +115,8 @@ def _sparse_rows_kernel(
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         in_vocab = cols < V
-        z = tl.load(s_row + cols, mask=in_vocab, other=-float("inf")).to(tl.float32)
+        z, _ = _load_student(s_row, cols, in_vocab, s_scale, s_cap, s_scale_over_cap,
+                             STUDENT_TRANSFORM)
         s = z * inv_temperature
         block_top = tl.max(s, axis=0)
         j_top = tl.where(block_top > m_s, start + tl.argmax(s, axis=0), j_top)
@@ -113,8 +144,9 @@ def _sparse_rows_kernel(
         m_r = -float("inf")
         l_r = 0.0
         for start in range(0, k, BLOCK_K):
-            valid, ids, z_i, s_i, log_p = _load_ids(ids_row, s_row, logp_row, start, k,
-                                                    inv_temperature, BLOCK_K)
+            valid, ids, z_i, s_i, log_p, _ = _load_ids(
+                ids_row, s_row, logp_row, start, k, inv_temperature, s_scale, s_cap,
+                s_scale_over_cap, STUDENT_TRANSFORM, BLOCK_K)
             s_i = tl.where(valid, s_i, -float("inf"))
             block_top = tl.max(s_i, axis=0)
             best = tl.sum(tl.where(tl.arange(0, BLOCK_K) == tl.argmax(s_i, axis=0), ids, 0),
@@ -127,8 +159,9 @@ def _sparse_rows_kernel(
         log_q_tail = -float("inf")
     divergence = 0.0
     for start in range(0, k, BLOCK_K):
-        valid, ids, z_i, s_i, log_p = _load_ids(ids_row, s_row, logp_row, start, k,
-                                                inv_temperature, BLOCK_K)
+        valid, ids, z_i, s_i, log_p, _ = _load_ids(
+            ids_row, s_row, logp_row, start, k, inv_temperature, s_scale, s_cap,
+            s_scale_over_cap, STUDENT_TRANSFORM, BLOCK_K)
         log_q = s_i - shift
         if REVERSE:
             divergence += tl.sum(xlogy(tl.where(valid, tl.exp(log_q), 0.0), log_q - log_p),
@@ -145,19 +178,24 @@ def _sparse_rows_kernel(
     loss = soft_weight * divergence
     if HAS_HARD:
         lse_z = m_s * temperature + tl.log(l_z)
-        z_label = tl.load(s_row + label, mask=counted, other=0.0).to(tl.float32)
+        z_label = model_logits(tl.load(s_row + label, mask=counted, other=0.0).to(tl.float32),
+                               counted, s_scale, s_cap, s_scale_over_cap, STUDENT_TRANSFORM)
         loss += hard_weight * (lse_z - z_label)
     tl.store(loss_ptr + row, tl.where(counted, loss, 0.0))
 
     if COMPUTE_GRAD:
         g_row = grad_ptr + row * stride_g
         scale = soft_weight * inv_temperature
-        g_others = 0.0  # reverse: the sum of every entry but the top student logit's
+        g_others = 0.0  # reverse: the sum of every entry but the top student logit's (d / d f)
+        # f' at the top logit, read before the row (which g may alias) is overwritten
+        slope_top = model_slope(tl.load(s_row + j_top).to(tl.float32), s_scale,
+                                s_scale_over_cap, STUDENT_TRANSFORM)
         # ---- pass 2 over V: the entries off S
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             in_vocab = cols < V
-            z = tl.load(s_row + cols, mask=in_vocab, other=-float("inf")).to(tl.float32)
+            z, slope = _load_student(s_row, cols, in_vocab, s_scale, s_cap, s_scale_over_cap,
+                                     STUDENT_TRANSFORM)
             s = z * inv_temperature
             off = in_vocab & (~_in_support(bits_row, cols, in_vocab))
             if BUCKET:
@@ -175,11 +213,13 @@ def _sparse_rows_kernel(
             if REVERSE:
                 off = off & (cols != j_top)
                 g_others += tl.sum(tl.where(off, g, 0.0), axis=0)
-            tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=off)
+            tl.store(g_row + cols, chain_rule(g, slope, STUDENT_TRANSFORM).to(
+                grad_ptr.dtype.element_ty), mask=off)
         # ---- the entries on S, through the ids
         for start in range(0, k, BLOCK_K):
-            valid, ids, z_i, s_i, log_p = _load_ids(ids_row, s_row, logp_row, start, k,
-                                                    inv_temperature, BLOCK_K)
+            valid, ids, z_i, s_i, log_p, slope = _load_ids(
+                ids_row, s_row, logp_row, start, k, inv_temperature, s_scale, s_cap,
+                s_scale_over_cap, STUDENT_TRANSFORM, BLOCK_K)
             log_q = s_i - shift
             q = tl.exp(log_q)
             if REVERSE:
@@ -193,9 +233,11 @@ def _sparse_rows_kernel(
             if REVERSE:
                 valid = valid & (ids != j_top)
                 g_others += tl.sum(tl.where(valid, g, 0.0), axis=0)
-            tl.store(g_row + ids, g.to(grad_ptr.dtype.element_ty), mask=valid)
+            tl.store(g_row + ids, chain_rule(g, slope, STUDENT_TRANSFORM).to(
+                grad_ptr.dtype.element_ty), mask=valid)
         if REVERSE:
-            tl.store(g_row + j_top, (-g_others).to(grad_ptr.dtype.element_ty))
+            g_top = chain_rule(-g_others, slope_top, STUDENT_TRANSFORM)
+            tl.store(g_row + j_top, g_top.to(grad_ptr.dtype.element_ty))
 
 
 def support_bits(teacher_ids: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -249,6 +291,7 @@ def sparse_rows(
         grad_out.stride(0) if grad_out is not None else 0,
         float(options.temperature), float(options.soft_weight), float(options.hard_weight),
         int(options.ignore_index),
+        *transform_arguments(options.student_softcap, options.student_scale),
         BUCKET=tail == "bucket",
         REVERSE=options.divergence == "reverse_kl",
         HAS_LABELS=labels is not None,
@@ -256,6 +299,7 @@ def sparse_rows(
         COMPUTE_GRAD=grad_out is not None,
         BLOCK_V=block_v,
         BLOCK_K=block_k,
+        STUDENT_TRANSFORM=transform_id(options.student_softcap, options.student_scale),
         num_warps=8 if block_v >= 2048 else 4,
     )
     return loss
