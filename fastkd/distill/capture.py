@@ -126,9 +126,9 @@ def _emits(head: Head, head_output: torch.Tensor, logits: torch.Tensor) -> bool:
         return logits is head_output
     if logits.shape != head_output.shape:
         return False
-    expected = head.emitted(head_output.double())
+    expected = head.emitted(head_output.detach().double())
     tol = 8 * torch.finfo(logits.dtype).eps
-    return torch.allclose(logits.double(), expected, rtol=tol,
+    return torch.allclose(logits.detach().double(), expected, rtol=tol,
                           atol=tol * float(expected.abs().max()))
 
 
