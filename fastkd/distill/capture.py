@@ -82,9 +82,9 @@ def loss_in_forward(
     root module and FSDP gathers the root's parameters again before the backward runs through
     them). Autocast is off inside: logits are never rounded to the autocast dtype. The model's
     emitted logits (of the last position only, `logits_to_keep=1`) must be f(lm_head output)
-    for the head's transform f (the identical tensor for a plain head): a model whose forward
-    changes its logits otherwise (a multiplier fastkd does not read, slicing, or no lm_head
-    call) raises `ValueError`, since the loss would not be that of its logits.
+    for the head's transform f: a model whose forward changes its logits otherwise (a
+    multiplier fastkd does not read, slicing, or no lm_head call) raises `ValueError`, since
+    the loss would not be that of its logits.
     """
     inner = extract_model_from_parallel(model)
     store: dict[str, Any] = {}
@@ -119,15 +119,16 @@ def loss_in_forward(
 
 
 def _emits(head: Head, head_output: torch.Tensor, logits: torch.Tensor) -> bool:
-    """Whether `logits` (what the model returned) are head.emitted(head_output): the same
-    tensor for a plain head; else equal up to the rounding of the transform in the logits'
-    dtype (a few units in its last place: the model may divide where f multiplies)."""
-    if head.plain:
-        return logits is head_output
+    """Whether `logits` (what the model returned) are head.emitted(head_output), up to the
+    rounding of the transform in the coarser of the two dtypes (a few units in its last place:
+    the model may divide where f multiplies, and accelerate's mixed precision hands the logits
+    back converted to fp32)."""
+    if logits is head_output:
+        return head.plain
     if logits.shape != head_output.shape:
         return False
     expected = head.emitted(head_output.detach().double())
-    tol = 8 * torch.finfo(logits.dtype).eps
+    tol = 8 * max(torch.finfo(logits.dtype).eps, torch.finfo(head_output.dtype).eps)
     return torch.allclose(logits.detach().double(), expected, rtol=tol,
                           atol=tol * float(expected.abs().max()))
 
