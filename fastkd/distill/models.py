@@ -90,14 +90,19 @@ def load_config(source: ModelSource | str, role: str) -> PretrainedConfig:
 
 
 def load_model(
-    source: ModelSource | str, role: str, dtype: torch.dtype | None = None
+    source: ModelSource | str, role: str, dtype: torch.dtype | None = None,
+    quantization: tuple[Any, torch.device] | None = None,
 ) -> PreTrainedModel:
     """A `*ForCausalLM` from a local directory or hub id; `dtype` overrides the source's;
-    missing or unreadable -> a clear error."""
+    `quantization` (a transformers quantization config, the device to load onto) loads a
+    quantized model there; missing or unreadable -> a clear error."""
     source = ModelSource(source) if isinstance(source, str) else source
     kwargs = source.model_kwargs()
     if dtype is not None:
         kwargs["dtype"] = dtype
+    if quantization is not None:  # a quantized model is placed at load, not moved later
+        kwargs["quantization_config"], device = quantization
+        kwargs["device_map"] = {"": str(device)}
     try:
         return AutoModelForCausalLM.from_pretrained(resolvable(source.name, role), **kwargs)
     except (OSError, ValueError, ImportError) as err:

@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -104,11 +105,16 @@ def prepare(cfg: DistillConfig) -> PreparedRun | FinishedRun:
     kd = LogitKD.from_config(cfg)
     if captures:
         train = _check_captures(cfg, captures, kd, tokenizer, train)
-    student = load_model(student_source, "student")
+    lora = None
     if cfg.lora is not None:
         from .lora import LoraSettings
 
-        student = LoraSettings.from_dict(cfg.lora).apply(student, cfg.seed)
+        lora = LoraSettings.from_dict(cfg.lora)
+    quantization = lora.quantization_config(_compute_dtype(cfg)) if lora else None
+    student = load_model(student_source, "student",
+                         quantization=None if quantization is None else (quantization, args.device))
+    if lora is not None:
+        student = lora.apply(student, cfg.seed)
         trainable, total = student.get_nb_trainable_parameters()
         logger.info("LoRA student: %d of %d parameters train", trainable, total)
     teachers = [load_model(source, "teacher", _teacher_dtype(cfg, entry))
@@ -136,7 +142,8 @@ def prepare(cfg: DistillConfig) -> PreparedRun | FinishedRun:
         if trainer.is_world_process_zero():
             tokenizer.save_pretrained(str(out / "final"))
             if cfg.merge_lora:
-                student.merge_and_unload().save_pretrained(str(out / "merged"))
+                base = partial(load_model, student_source, "student")
+                lora.merged(student, base, out / "final").save_pretrained(str(out / "merged"))
                 tokenizer.save_pretrained(str(out / "merged"))
         if held_out is None:
             return {}
@@ -217,6 +224,11 @@ def _probes(texts: Dataset, data_format: str, text_field: str) -> list[str]:
     else:
         found = [str(t) for t in rows[text_field]]
     return found[:16]
+
+
+def _compute_dtype(cfg: DistillConfig) -> torch.dtype:
+    """The matmul dtype of a QLoRA student's 4-bit layers: bf16 under --bf16, else fp32."""
+    return torch.bfloat16 if cfg.bf16 else torch.float32
 
 
 def _teacher_dtype(cfg: DistillConfig, entry: ModelEntry | None = None) -> torch.dtype | None:
