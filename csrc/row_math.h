@@ -53,6 +53,20 @@ struct Scalar {
   static FASTKD_HD T if_below(T x, T limit, T then, T otherwise) {
     return x < limit ? then : otherwise;
   }
+  // 1 / d for d in [1, 2] (the transform's 1 + e^{-2|x|}; NaN stays NaN). On the GPU without a
+  // division, whose slow-path call makes the kernels spill registers: a float seed (error
+  // under 2 ulp of float) and Newton steps r + r (1 - d r), each squaring the relative error
+  // (one for float, two for double), exact to an ulp or so.
+  static FASTKD_HD T reciprocal(T d) {
+#ifdef __CUDA_ARCH__
+    T r = T(__fdividef(1.0f, static_cast<float>(d)));
+    r = fma(r, fma(-d, r, T(1)), r);
+    if (sizeof(T) == 8) r = fma(r, fma(-d, r, T(1)), r);
+    return r;
+#else
+    return T(1) / d;
+#endif
+  }
 };
 
 // ---- the model's logit transform, applied to the raw logits z as they are read:
@@ -85,7 +99,7 @@ template <typename M, typename V, typename T>
 FASTKD_HD V transformed(const LogitTransform<T>& f, V z) {
   if (f.softcap == T(0)) return f.scale == T(1) ? z : z * V(f.scale);
   V x = z * V(f.scale_over_cap), abs_x = M::abs(x), minus_two_abs = V(T(-2)) * abs_x;
-  V tanh_abs = (V(T(0)) - M::expm1(minus_two_abs)) / (V(T(1)) + M::exp(minus_two_abs));
+  V tanh_abs = (V(T(0)) - M::expm1(minus_two_abs)) * M::reciprocal(V(T(1)) + M::exp(minus_two_abs));
   return M::if_below(abs_x, V(small_x<T>()), z * V(f.scale),
                      M::copysign(V(f.softcap) * tanh_abs, x));
 }
@@ -94,8 +108,14 @@ FASTKD_HD V transformed(const LogitTransform<T>& f, V z) {
 template <typename M, typename V, typename T>
 FASTKD_HD V transform_slope(const LogitTransform<T>& f, V z) {
   if (f.softcap == T(0)) return V(f.scale);
-  V e = M::exp(V(T(-2)) * M::abs(z * V(f.scale_over_cap))), one_plus_e = V(T(1)) + e;
-  return V(T(4) * f.scale) * e / (one_plus_e * one_plus_e);
+  V e = M::exp(V(T(-2)) * M::abs(z * V(f.scale_over_cap))), r = M::reciprocal(V(T(1)) + e);
+  return V(T(4) * f.scale) * e * (r * r);
+}
+
+// d loss / d z = d loss / d f * f'(z) at raw logit z (the identity leaves the gradient as is).
+template <typename M, typename V, typename T>
+FASTKD_HD V grad_through(const LogitTransform<T>& f, V grad, V z) {
+  return f.identity() ? grad : grad * transform_slope<M>(f, z);
 }
 
 // log(1 + e^x), exact for every x: max(x, 0) + log1p(e^{-|x|}).

@@ -33,6 +33,7 @@ struct Vec {
   static V max(V a, V b) { return at::vec::maximum(a, b); }
   static V xlogy(V w, V x) { return V::blendv(w * x, V(T(0)), w == V(T(0))); }
   static V expm1(V x) { return x.expm1(); }
+  static V reciprocal(V d) { return d.reciprocal(); }
   static V copysign(V x, V sign) { return x.copysign(sign); }
   static V if_below(V x, V limit, V then, V otherwise) {
     return V::blendv(otherwise, then, x < limit);

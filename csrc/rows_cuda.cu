@@ -1,7 +1,10 @@
 // The CUDA row ops (TORCH_LIBRARY_IMPL(fastkd, CUDA)): one thread block per token row, each
 // thread striding over the vocabulary, block reductions between the passes of row_math.h.
-// Same contract as rows_cpu.cpp. Compiled with -DFASTKD_KERNELS_ONLY the file holds only the
-// kernels and needs no torch: the CPU machines compile it to an sm_90 cubin that way.
+// Same contract as rows_cpu.cpp. The logit transforms (row_math.h) apply as the raw logits are
+// read (zs(j), zt_(j) below: f(z)), and the gradient's store multiplies d loss / d f by f'(z);
+// the top entry's -(sum of the others) is of d loss / d f, before its own f'. Compiled with
+// -DFASTKD_KERNELS_ONLY the file holds only the kernels and needs no torch: the CPU machines
+// compile it to an sm_90 cubin that way.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -14,8 +17,10 @@ namespace fastkd {
 constexpr int kMaxTeachers = 8;
 // Threads per row: 512, and 256 for fp64 math, whose multi-teacher state (5 x kMaxTeachers
 // doubles) would spill at 512 threads' 128-register limit.
-template <typename T>
-constexpr int kThreads = sizeof(T) == 8 ? 256 : 512;
+// A kernel with logit transforms (TRANSFORM) runs half as many: the inlined tanh and sech^2
+// would spill at 512 threads' 128 registers (256 threads' 255 for fp64).
+template <typename T, bool TRANSFORM = false>
+constexpr int kThreads = sizeof(T) == 8 || TRANSFORM ? 256 : 512;
 
 template <typename T>
 __device__ __forceinline__ T neg_inf() {
@@ -92,21 +97,32 @@ __device__ __forceinline__ G store_value(T x) {
   else return to_grad<G>(static_cast<float>(x));
 }
 
+// The kernels' logit transform: the argument's (TRANSFORM), else the identity as a constant,
+// which folds every transform away. The kernels call this at every use (fs(), ft() below), and
+// the host computes scale / softcap: the fp64 kernels then read the fields from the parameters
+// instead of holding them in registers, which would spill.
+template <bool TRANSFORM, typename T>
+__device__ __forceinline__ LogitTransform<T> transform_or_identity(const LogitTransform<double>& f) {
+  if constexpr (TRANSFORM) return {T(f.scale), T(f.softcap), T(f.scale_over_cap)};
+  else return {T(1), T(0), T(0)};
+}
+
 struct KDArgs {
   int64_t vocab, stride_s, stride_t, stride_g, ignore_index;
   double beta, temperature, soft_weight, hard_weight;
   int divergence;
   bool has_labels;
+  LogitTransform<double> student, teacher;
 };
 
 // Loss of one row; g (stride_g) receives d loss / d z_s when given. T: the math (and logits)
 // dtype, G: the gradient's.
-template <typename T, typename G>
-__global__ void __launch_bounds__(kThreads<T>)
+template <typename T, typename G, bool TRANSFORM>
+__global__ void __launch_bounds__(kThreads<T, TRANSFORM>)
 kd_rows_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
                const int64_t* __restrict__ labels, G* grad, T* __restrict__ loss, KDArgs o) {
   using M = Scalar<T>;
-  constexpr int THREADS = kThreads<T>;
+  constexpr int THREADS = kThreads<T, TRANSFORM>;
   __shared__ T shared[THREADS / 32];
   __shared__ int64_t shared_index[THREADS / 32];
   const int64_t row = blockIdx.x, V = o.vocab;
@@ -121,22 +137,28 @@ kd_rows_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
     return;
   }
   const T inv_t = T(1) / T(o.temperature);
+  // the models' logits f(z) at j, from the raw ones
+  auto fs = [&] { return transform_or_identity<TRANSFORM, T>(o.student); };
+  auto ft = [&] { return transform_or_identity<TRANSFORM, T>(o.teacher); };
+  auto zs = [&](int64_t j) { return transformed<M>(fs(), z[j]); };
+  auto zt_ = [&](int64_t j) { return transformed<M>(ft(), zt[j]); };
   T max_z = neg_inf<T>(), max_t = neg_inf<T>();
   for (int64_t j = threadIdx.x; j < V; j += THREADS) {
-    max_z = nan_max(max_z, z[j]);
-    max_t = nan_max(max_t, zt[j]);
+    max_z = nan_max(max_z, zs(j));
+    max_t = nan_max(max_t, zt_(j));
   }
   const T m_z = block_max<THREADS>(max_z, shared), m_s = m_z * inv_t;
   const T m_t = block_max<THREADS>(max_t, shared) * inv_t;
 
   T l_s = 0, l_t = 0, l_z = 0, a = 0;
   for (int64_t j = threadIdx.x; j < V; j += THREADS) {
-    T ds = z[j] * inv_t - m_s, dt = zt[j] * inv_t - m_t;
+    const T zj = zs(j);
+    T ds = zj * inv_t - m_s, dt = zt_(j) * inv_t - m_t;
     T e_s = M::exp(ds), e_t = M::exp(dt);
     l_s += e_s;
     l_t += e_t;
     if (o.divergence != JSD) a += divergence_term<M>(o.divergence, ds, dt, e_s, e_t);
-    if (o.hard_weight > 0) l_z += M::exp(z[j] - m_z);
+    if (o.hard_weight > 0) l_z += M::exp(zj - m_z);
   }
   l_s = block_sum<THREADS>(l_s, shared);
   l_t = block_sum<THREADS>(l_t, shared);
@@ -149,7 +171,7 @@ kd_rows_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
   if (o.divergence == JSD) {
     T eq = 0, ep = 0;
     for (int64_t j = threadIdx.x; j < V; j += THREADS) {
-      T log_q = z[j] * inv_t - m_s - log_l_s, log_p = zt[j] * inv_t - m_t - log_l_t;
+      T log_q = zs(j) * inv_t - m_s - log_l_s, log_p = zt_(j) * inv_t - m_t - log_l_t;
       T x = jsd_x(log_q, log_p, jsd.log_odds_beta);
       eq += M::xlogy(M::exp(log_q), softplus<M>(x));
       ep += M::xlogy(M::exp(log_p), softplus<M>(-x));
@@ -161,7 +183,7 @@ kd_rows_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
   }
   if (threadIdx.x == 0) {
     T value = T(o.soft_weight) * divergence;
-    if (o.hard_weight > 0) value += T(o.hard_weight) * (log_l_z - (z[label] - m_z));
+    if (o.hard_weight > 0) value += T(o.hard_weight) * (log_l_z - (zs(label) - m_z));
     loss[row] = value;
   }
   if (g == nullptr) return;
@@ -172,24 +194,28 @@ kd_rows_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
   if (o.divergence != KL) {
     int64_t first = INT64_MAX;
     for (int64_t j = threadIdx.x; j < V; j += THREADS)
-      if (z[j] == m_z && j < first) first = j;
+      if (zs(j) == m_z && j < first) first = j;
     top = block_first_index<THREADS>(first, shared_index);
   }
+  // f' at the top logit, read before the row (which g may alias) is written
+  const T slope_top = top >= 0 && threadIdx.x == 0 ? grad_through<M>(fs(), T(1), z[top]) : T(1);
   const T coef = T(o.soft_weight) * inv_t, mean_ds_dt = a / l_s;
-  T others = 0;
+  T others = 0;  // of d loss / d f
   for (int64_t j = threadIdx.x; j < V; j += THREADS) {
-    T ds = z[j] * inv_t - m_s, dt = zt[j] * inv_t - m_t;
+    const T zj = zs(j);
+    T ds = zj * inv_t - m_s, dt = zt_(j) * inv_t - m_t;
     T value = coef * divergence_grad<M>(o.divergence, ds - log_l_s, dt - log_l_t, ds, dt,
                                         mean_ds_dt, jsd.one_minus_beta, jsd.log_odds_beta,
                                         eq_sp);
     if (o.hard_weight > 0)
-      value += T(o.hard_weight) * (hard_grad<M>(z[j], m_z, log_l_z) - (j == label ? T(1) : T(0)));
+      value += T(o.hard_weight) * (hard_grad<M>(zj, m_z, log_l_z) - (j == label ? T(1) : T(0)));
     if (j == top) continue;
     others += value;
-    g[j] = store_value<G>(value);  // z[j] was read above: g may alias the student logits
+    // z[j] is read before g[j] is written: g may alias the student logits
+    g[j] = store_value<G>(grad_through<M>(fs(), value, z[j]));
   }
   others = block_sum<THREADS>(others, shared);
-  if (top >= 0 && threadIdx.x == 0) g[top] = store_value<G>(-others);
+  if (top >= 0 && threadIdx.x == 0) g[top] = store_value<G>(-others * slope_top);
 }
 
 struct MultiTeacherArgs {
@@ -198,18 +224,19 @@ struct MultiTeacherArgs {
   double temperature, entropy_tau, soft_weight, hard_weight;
   int teachers, weighting, fusion;
   bool has_labels;
+  LogitTransform<double> student, teacher_transforms[kMaxTeachers];  // identities: none
 };
 
 // Loss of one row against K teachers (teacher + k * teacher_stride + row * vocab); writes the
 // mixing weights w (K) and d loss / d z_s.
-template <typename T, typename G>
-__global__ void __launch_bounds__(kThreads<T>)
+template <typename T, typename G, bool TRANSFORM>
+__global__ void __launch_bounds__(kThreads<T, TRANSFORM>)
 multi_teacher_rows_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
                           const int64_t* __restrict__ labels, G* grad, T* __restrict__ loss,
                           float* __restrict__ weights_out, int64_t stride_w,
                           MultiTeacherArgs o) {
   using M = Scalar<T>;
-  constexpr int THREADS = kThreads<T>;
+  constexpr int THREADS = kThreads<T, TRANSFORM>;
   __shared__ T shared[THREADS / 32];
   const int64_t row = blockIdx.x, V = o.vocab;
   const int K = o.teachers;
@@ -219,12 +246,19 @@ multi_teacher_rows_kernel(const T* __restrict__ student, const T* __restrict__ t
   const bool counted = !(o.has_labels && label == o.ignore_index);
   G* g = grad == nullptr ? nullptr : grad + row * o.stride_g;
   const T inv_t = T(1) / T(o.temperature);
+  // the models' logits f(z) at j: the student's, teacher k's
+  auto fs = [&] { return transform_or_identity<TRANSFORM, T>(o.student); };
+  auto zs = [&](int64_t j) { return transformed<M>(fs(), z[j]); };
+  auto zt_ = [&](int k, int64_t j) {
+    return transformed<M>(transform_or_identity<TRANSFORM, T>(o.teacher_transforms[k]),
+                          zt[k * o.teacher_stride + j]);
+  };
 
   T max_z = neg_inf<T>(), m_t[kMaxTeachers];
   for (int k = 0; k < K; ++k) m_t[k] = neg_inf<T>();
   for (int64_t j = threadIdx.x; j < V; j += THREADS) {
-    max_z = nan_max(max_z, z[j]);
-    for (int k = 0; k < K; ++k) m_t[k] = nan_max(m_t[k], zt[k * o.teacher_stride + j]);
+    max_z = nan_max(max_z, zs(j));
+    for (int k = 0; k < K; ++k) m_t[k] = nan_max(m_t[k], zt_(k, j));
   }
   const T m_z = block_max<THREADS>(max_z, shared), m_s = m_z * inv_t;
   for (int k = 0; k < K; ++k) m_t[k] = block_max<THREADS>(m_t[k], shared) * inv_t;
@@ -232,11 +266,12 @@ multi_teacher_rows_kernel(const T* __restrict__ student, const T* __restrict__ t
   T l_s = 0, l_z = 0, l_t[kMaxTeachers], b[kMaxTeachers], a[kMaxTeachers];
   for (int k = 0; k < K; ++k) l_t[k] = b[k] = a[k] = T(0);
   for (int64_t j = threadIdx.x; j < V; j += THREADS) {
-    T ds = z[j] * inv_t - m_s;
+    const T zj = zs(j);
+    T ds = zj * inv_t - m_s;
     l_s += M::exp(ds);
-    if (o.hard_weight > 0) l_z += M::exp(z[j] - m_z);
+    if (o.hard_weight > 0) l_z += M::exp(zj - m_z);
     for (int k = 0; k < K; ++k) {
-      T dt = zt[k * o.teacher_stride + j] * inv_t - m_t[k];
+      T dt = zt_(k, j) * inv_t - m_t[k];
       T e_t = M::exp(dt);
       l_t[k] += e_t;
       b[k] += M::xlogy(e_t, dt);
@@ -268,14 +303,14 @@ multi_teacher_rows_kernel(const T* __restrict__ student, const T* __restrict__ t
   auto mixture = [&](int64_t j) {  // P = sum_k w_k p_k
     T p = 0;
     for (int k = 0; k < K; ++k)
-      p += w[k] * M::exp(zt[k * o.teacher_stride + j] * inv_t - m_t[k] - log_l_t[k]);
+      p += w[k] * M::exp(zt_(k, j) * inv_t - m_t[k] - log_l_t[k]);
     return p;
   };
   T divergence = 0;
   if (o.fusion == MIXTURE) {
     for (int64_t j = threadIdx.x; j < V; j += THREADS) {
       T p = mixture(j);
-      divergence += M::xlogy(p, log_(p) - (z[j] * inv_t - m_s - log_l_s));
+      divergence += M::xlogy(p, log_(p) - (zs(j) * inv_t - m_s - log_l_s));
     }
     divergence = block_sum<THREADS>(divergence, shared);
   } else {
@@ -283,16 +318,17 @@ multi_teacher_rows_kernel(const T* __restrict__ student, const T* __restrict__ t
   }
   if (threadIdx.x == 0) {
     T value = T(o.soft_weight) * divergence;
-    if (o.hard_weight > 0) value += T(o.hard_weight) * (log_l_z - (z[label] - m_z));
+    if (o.hard_weight > 0) value += T(o.hard_weight) * (log_l_z - (zs(label) - m_z));
     loss[row] = value;
   }
   if (g == nullptr) return;
   const T coef = T(o.soft_weight) * inv_t;
   for (int64_t j = threadIdx.x; j < V; j += THREADS) {
-    T value = coef * (M::exp(z[j] * inv_t - m_s - log_l_s) - mixture(j));
+    const T zj = zs(j);
+    T value = coef * (M::exp(zj * inv_t - m_s - log_l_s) - mixture(j));
     if (o.hard_weight > 0)
-      value += T(o.hard_weight) * (hard_grad<M>(z[j], m_z, log_l_z) - (j == label ? T(1) : T(0)));
-    g[j] = store_value<G>(value);
+      value += T(o.hard_weight) * (hard_grad<M>(zj, m_z, log_l_z) - (j == label ? T(1) : T(0)));
+    g[j] = store_value<G>(grad_through<M>(fs(), value, z[j]));
   }
 }
 
@@ -300,19 +336,20 @@ struct SparseArgs {
   int64_t vocab, k, stride_s, stride_g, ignore_index;
   double temperature, soft_weight, hard_weight;
   bool bucket, reverse, has_labels;
+  LogitTransform<double> student;
 };
 
 // Loss of one row against a sparse teacher: ids and its raw logits zt (k, double), its full LSE;
 // g receives d loss / d z_s; log_p_scratch (C, k) holds the teacher's bucket log-probabilities.
 // The row's support is a bit mask in dynamic shared memory ((V + 31) / 32 words). Every formula from row_math.h, as rows_cpu.cpp's sparse_row.
-template <typename T, typename G>
-__global__ void __launch_bounds__(kThreads<T>, 1)
+template <typename T, typename G, bool TRANSFORM>
+__global__ void __launch_bounds__(kThreads<T, TRANSFORM>, 1)
 sparse_kd_rows_kernel(const T* __restrict__ student, const int64_t* __restrict__ teacher_ids,
                       const double* __restrict__ teacher, const double* __restrict__ teacher_lse,
                       const int64_t* __restrict__ labels, G* grad, T* __restrict__ loss,
                       T* __restrict__ log_p_scratch, SparseArgs o) {
   using M = Scalar<T>;
-  constexpr int THREADS = kThreads<T>;
+  constexpr int THREADS = kThreads<T, TRANSFORM>;
   extern __shared__ uint32_t support[];
   __shared__ T shared[THREADS / 32];
   __shared__ double shared_d[THREADS / 32];
@@ -354,22 +391,27 @@ sparse_kd_rows_kernel(const T* __restrict__ student, const int64_t* __restrict__
     log_p[i] = T(floored_log_p(zt[i] / o.temperature - lse_t - (o.bucket ? 0.0 : lse_x),
                                o.reverse));
 
-  // the student: maxima and sums of s off S, of s on S, of z (hard CE)
+  // the student (its logits f(z) at j: zs(j)): maxima and sums of s off S, of s on S, of z
+  // (hard CE)
   const T inv_t = T(1) / T(o.temperature);
+  auto fs = [&] { return transform_or_identity<TRANSFORM, T>(o.student); };
+  auto zs = [&](int64_t j) { return transformed<M>(fs(), z[j]); };
   T max_z = neg_inf<T>(), max_off = neg_inf<T>(), max_ids = neg_inf<T>();
   for (int64_t j = threadIdx.x; j < V; j += THREADS) {
-    max_z = nan_max(max_z, z[j]);
-    if (!in_support(j)) max_off = nan_max(max_off, z[j] * inv_t);
+    const T zj = zs(j);
+    max_z = nan_max(max_z, zj);
+    if (!in_support(j)) max_off = nan_max(max_off, zj * inv_t);
   }
-  for (int64_t i = threadIdx.x; i < K; i += THREADS) max_ids = nan_max(max_ids, z[ids[i]] * inv_t);
+  for (int64_t i = threadIdx.x; i < K; i += THREADS) max_ids = nan_max(max_ids, zs(ids[i]) * inv_t);
   const T m_z = block_max<THREADS>(max_z, shared), m_off = block_max<THREADS>(max_off, shared);
   const T m_ids = block_max<THREADS>(max_ids, shared);
   T l_off = 0, l_z = 0, l_ids = 0;
   for (int64_t j = threadIdx.x; j < V; j += THREADS) {
-    if (m_off > neg_inf<T>() && !in_support(j)) l_off += M::exp(z[j] * inv_t - m_off);
-    if (o.hard_weight > 0) l_z += M::exp(z[j] - m_z);
+    const T zj = zs(j);
+    if (m_off > neg_inf<T>() && !in_support(j)) l_off += M::exp(zj * inv_t - m_off);
+    if (o.hard_weight > 0) l_z += M::exp(zj - m_z);
   }
-  for (int64_t i = threadIdx.x; i < K; i += THREADS) l_ids += M::exp(z[ids[i]] * inv_t - m_ids);
+  for (int64_t i = threadIdx.x; i < K; i += THREADS) l_ids += M::exp(zs(ids[i]) * inv_t - m_ids);
   l_off = block_sum<THREADS>(l_off, shared);
   l_ids = block_sum<THREADS>(l_ids, shared);
   const T log_l_z = log_(block_sum<THREADS>(l_z, shared));
@@ -382,12 +424,12 @@ sparse_kd_rows_kernel(const T* __restrict__ student, const int64_t* __restrict__
 
   T divergence = 0;
   for (int64_t i = threadIdx.x; i < K; i += THREADS)
-    divergence += sparse_term<M>(o.reverse, log_p[i], z[ids[i]] * inv_t - shift);
+    divergence += sparse_term<M>(o.reverse, log_p[i], zs(ids[i]) * inv_t - shift);
   divergence = block_sum<THREADS>(divergence, shared);
   if (has_tail) divergence += sparse_term<M>(o.reverse, log_tail, log_q_tail);
   if (threadIdx.x == 0) {
     T value = T(o.soft_weight) * divergence;
-    if (o.hard_weight > 0) value += T(o.hard_weight) * (log_l_z - (z[label] - m_z));
+    if (o.hard_weight > 0) value += T(o.hard_weight) * (log_l_z - (zs(label) - m_z));
     loss[row] = value;
   }
   if (g == nullptr) return;
@@ -399,58 +441,64 @@ sparse_kd_rows_kernel(const T* __restrict__ student, const int64_t* __restrict__
     int64_t first = INT64_MAX;
     if (o.bucket) {
       for (int64_t j = threadIdx.x; j < V; j += THREADS)
-        if (z[j] == m_z && j < first) first = j;
+        if (zs(j) == m_z && j < first) first = j;
     } else {
       for (int64_t i = threadIdx.x; i < K; i += THREADS)
-        if (z[ids[i]] * inv_t == m_ids && i < first) first = i;
+        if (zs(ids[i]) * inv_t == m_ids && i < first) first = i;
     }
     top = block_first_index<THREADS>(first, shared_index);
     if (!o.bucket) top = ids[top];
   }
+  // f' at the top logit, read before the row (which g may alias) is written
+  const T slope_top = top >= 0 && threadIdx.x == 0 ? grad_through<M>(fs(), T(1), z[top]) : T(1);
   const T coef = T(o.soft_weight) * inv_t;
   auto hard = [&](T zj, int64_t j) {
     return o.hard_weight > 0
                ? T(o.hard_weight) * (hard_grad<M>(zj, m_z, log_l_z) - (j == label ? T(1) : T(0)))
                : T(0);
   };
-  T others = 0;
+  T others = 0;  // of d loss / d f
   for (int64_t j = threadIdx.x; j < V; j += THREADS) {  // off S (renormalize: 0 but hard CE)
     if (in_support(j) || j == top) continue;
-    T value = hard(z[j], j);
+    const T zj = zs(j);
+    T value = hard(zj, j);
     if (o.bucket) {
-      T s = z[j] * inv_t;
+      T s = zj * inv_t;
       value += coef * sparse_grad<M>(o.reverse, log_tail + (s - m_off) - log_l_off,
                                      s - m_s - log_l_s, divergence);
     }
     others += value;
-    g[j] = store_value<G>(value);  // z[j] was read above: g may alias the student logits
+    // z[j] is read before g[j] is written: g may alias the student logits
+    g[j] = store_value<G>(grad_through<M>(fs(), value, z[j]));
   }
   for (int64_t i = threadIdx.x; i < K; i += THREADS) {  // on S: no entry is written twice
     const int64_t j = ids[i];
     if (j == top) continue;
-    T value = coef * sparse_grad<M>(o.reverse, log_p[i], z[j] * inv_t - shift, divergence) +
-              hard(z[j], j);
+    const T zj = zs(j);
+    T value = coef * sparse_grad<M>(o.reverse, log_p[i], zj * inv_t - shift, divergence) +
+              hard(zj, j);
     others += value;
-    g[j] = store_value<G>(value);
+    g[j] = store_value<G>(grad_through<M>(fs(), value, z[j]));
   }
   others = block_sum<THREADS>(others, shared);
-  if (top >= 0 && threadIdx.x == 0) g[top] = store_value<G>(-others);
+  if (top >= 0 && threadIdx.x == 0) g[top] = store_value<G>(-others * slope_top);
 }
 
 #ifdef FASTKD_KERNELS_ONLY
 // The kernels-only build (the sm_90 compile test) instantiates every variant the ops launch.
-#define FASTKD_INSTANTIATE(T, G)                                                              \
-  template __global__ void kd_rows_kernel<T, G>(const T*, const T*, const int64_t*, G*, T*,    \
-                                                KDArgs);                                       \
-  template __global__ void multi_teacher_rows_kernel<T, G>(                                    \
+#define FASTKD_INSTANTIATE(T, G, X)                                                           \
+  template __global__ void kd_rows_kernel<T, G, X>(const T*, const T*, const int64_t*, G*, T*, \
+                                                   KDArgs);                                    \
+  template __global__ void multi_teacher_rows_kernel<T, G, X>(                                 \
       const T*, const T*, const int64_t*, G*, T*, float*, int64_t, MultiTeacherArgs);        \
-  template __global__ void sparse_kd_rows_kernel<T, G>(                                        \
+  template __global__ void sparse_kd_rows_kernel<T, G, X>(                                     \
       const T*, const int64_t*, const double*, const double*, const int64_t*, G*, T*, T*,      \
       SparseArgs);
-FASTKD_INSTANTIATE(float, float)
-FASTKD_INSTANTIATE(float, __nv_bfloat16)
-FASTKD_INSTANTIATE(float, __half)
-FASTKD_INSTANTIATE(double, double)
+#define FASTKD_INSTANTIATE_BOTH(T, G) FASTKD_INSTANTIATE(T, G, false) FASTKD_INSTANTIATE(T, G, true)
+FASTKD_INSTANTIATE_BOTH(float, float)
+FASTKD_INSTANTIATE_BOTH(float, __nv_bfloat16)
+FASTKD_INSTANTIATE_BOTH(float, __half)
+FASTKD_INSTANTIATE_BOTH(double, double)
 #endif
 
 }  // namespace fastkd
@@ -468,17 +516,23 @@ FASTKD_INSTANTIATE(double, double)
 namespace fastkd {
 namespace {
 
-// Calls launch(T{}, G{}) with T the math dtype of the logits and G the gradient's CUDA type.
+// Calls launch(T{}, G{}, std::bool_constant<transform>{}) with T the math dtype of the logits
+// and G the gradient's CUDA type.
 template <typename Launch>
-void dispatch(at::ScalarType math, const std::optional<at::Tensor>& grad_out, Launch&& launch) {
+void dispatch(at::ScalarType math, const std::optional<at::Tensor>& grad_out, bool transform,
+              Launch&& launch) {
   const at::ScalarType grad = grad_out.has_value() ? grad_out->scalar_type() : math;
+  auto with_transform = [&](auto t, auto g) {
+    if (transform) return launch(t, g, std::true_type{});
+    return launch(t, g, std::false_type{});
+  };
   auto with_grad = [&](auto t) {
     using T = decltype(t);
     switch (grad) {
-      case at::kFloat: return launch(T{}, float{});
-      case at::kDouble: return launch(T{}, double{});
-      case at::kBFloat16: return launch(T{}, __nv_bfloat16{});
-      case at::kHalf: return launch(T{}, __half{});
+      case at::kFloat: return with_transform(T{}, float{});
+      case at::kDouble: return with_transform(T{}, double{});
+      case at::kBFloat16: return with_transform(T{}, __nv_bfloat16{});
+      case at::kHalf: return with_transform(T{}, __half{});
       default: TORCH_CHECK(false, "fastkd row ops: grad_out dtype ", grad, " is not supported");
     }
   };
@@ -490,8 +544,11 @@ at::Tensor kd_rows_cuda(const at::Tensor& student_logits, const at::Tensor& teac
                         const std::optional<at::Tensor>& labels,
                         const std::optional<at::Tensor>& grad_out, c10::string_view divergence,
                         double beta, double temperature, double soft_weight, double hard_weight,
-                        int64_t ignore_index) {
+                        int64_t ignore_index, double student_softcap, double student_scale,
+                        double teacher_softcap, double teacher_scale) {
   check_kd_rows(student_logits, teacher_logits, grad_out);
+  check_transform("kd_rows", "the student", student_softcap, student_scale);
+  check_transform("kd_rows", "the teacher", teacher_softcap, teacher_scale);
   c10::cuda::CUDAGuard guard(student_logits.device());
   const int64_t rows = student_logits.size(0), vocab = student_logits.size(1);
   const at::ScalarType math = math_dtype(student_logits);
@@ -501,11 +558,16 @@ at::Tensor kd_rows_cuda(const at::Tensor& student_logits, const at::Tensor& teac
   if (rows == 0) return loss;
   KDArgs args{vocab, z.stride(0), zt.stride(0), grad_out.has_value() ? grad_out->stride(0) : 0,
               ignore_index, beta, temperature, soft_weight, hard_weight,
-              divergence_id(divergence), label.has_value()};
-  dispatch(math, grad_out, [&](auto t, auto g) {
+              divergence_id(divergence), label.has_value(),
+              logit_transform<double>(student_softcap, student_scale),
+              logit_transform<double>(teacher_softcap, teacher_scale)};
+  const bool transform = student_softcap != 0 || student_scale != 1 || teacher_softcap != 0 ||
+                         teacher_scale != 1;
+  dispatch(math, grad_out, transform, [&](auto t, auto g, auto x) {
     using T = decltype(t);
     using G = decltype(g);
-    kd_rows_kernel<T, G><<<rows, kThreads<T>, 0, at::cuda::getCurrentCUDAStream()>>>(
+    constexpr bool X = decltype(x)::value;
+    kd_rows_kernel<T, G, X><<<rows, kThreads<T, X>, 0, at::cuda::getCurrentCUDAStream()>>>(
         static_cast<const T*>(z.data_ptr()), static_cast<const T*>(zt.data_ptr()),
         label.has_value() ? label->data_ptr<int64_t>() : nullptr,
         grad_out.has_value() ? static_cast<G*>(grad_out->data_ptr()) : nullptr,
@@ -523,9 +585,14 @@ at::Tensor multi_teacher_rows_cuda(const at::Tensor& student_logits,
                                    double temperature, c10::string_view weighting,
                                    double entropy_tau, c10::string_view fusion,
                                    double soft_weight, double hard_weight,
-                                   int64_t ignore_index) {
+                                   int64_t ignore_index, double student_softcap,
+                                   double student_scale, at::ArrayRef<double> teacher_softcaps,
+                                   at::ArrayRef<double> teacher_scales) {
   check_multi_teacher_rows(student_logits, teacher_logits, grad_out, weights_out, priors.size(),
                            weighting, fusion);
+  check_transform("multi_teacher_rows", "the student", student_softcap, student_scale);
+  check_teacher_transforms("multi_teacher_rows", teacher_softcaps, teacher_scales,
+                           priors.size());
   TORCH_CHECK(static_cast<int64_t>(priors.size()) <= kMaxTeachers,
               "multi_teacher_rows: the CUDA op takes at most ", kMaxTeachers, " teachers, got ",
               priors.size());
@@ -552,10 +619,18 @@ at::Tensor multi_teacher_rows_cuda(const at::Tensor& student_logits,
   args.weighting = weighting == "entropy" ? ENTROPY : STATIC;
   args.fusion = fusion == "mixture" ? MIXTURE : WEIGHTED_KL;
   args.has_labels = label.has_value();
-  dispatch(math, grad_out, [&](auto t, auto g) {
+  args.student = logit_transform<double>(student_softcap, student_scale);
+  for (size_t k = 0; k < priors.size(); ++k)  // empty lists: no teacher is transformed
+    args.teacher_transforms[k] = teacher_softcaps.empty()
+                           ? logit_transform<double>(0.0, 1.0)
+                           : logit_transform<double>(teacher_softcaps[k], teacher_scales[k]);
+  const bool transform = student_softcap != 0 || student_scale != 1 || !teacher_softcaps.empty();
+  dispatch(math, grad_out, transform, [&](auto t, auto g, auto x) {
     using T = decltype(t);
     using G = decltype(g);
-    multi_teacher_rows_kernel<T, G><<<rows, kThreads<T>, 0, at::cuda::getCurrentCUDAStream()>>>(
+    constexpr bool X = decltype(x)::value;
+    multi_teacher_rows_kernel<T, G, X>
+        <<<rows, kThreads<T, X>, 0, at::cuda::getCurrentCUDAStream()>>>(
         static_cast<const T*>(z.data_ptr()), static_cast<const T*>(zt.data_ptr()),
         label.has_value() ? label->data_ptr<int64_t>() : nullptr,
         grad_out.has_value() ? static_cast<G*>(grad_out->data_ptr()) : nullptr,
@@ -571,9 +646,11 @@ at::Tensor sparse_kd_rows_cuda(const at::Tensor& student_logits, const at::Tenso
                                const std::optional<at::Tensor>& labels,
                                const std::optional<at::Tensor>& grad_out, c10::string_view tail,
                                c10::string_view divergence, double temperature,
-                               double soft_weight, double hard_weight, int64_t ignore_index) {
+                               double soft_weight, double hard_weight, int64_t ignore_index,
+                               double student_softcap, double student_scale) {
   check_sparse_kd_rows(student_logits, teacher_ids, teacher_logits, teacher_lse, grad_out, tail,
                        divergence);
+  check_transform("sparse_kd_rows", "the student", student_softcap, student_scale);
   c10::cuda::CUDAGuard guard(student_logits.device());
   const int64_t rows = student_logits.size(0), vocab = student_logits.size(1);
   const at::ScalarType math = math_dtype(student_logits);
@@ -588,16 +665,17 @@ at::Tensor sparse_kd_rows_cuda(const at::Tensor& student_logits, const at::Tenso
   SparseArgs args{vocab, ids.size(1), z.stride(0),
                   grad_out.has_value() ? grad_out->stride(0) : 0, ignore_index, temperature,
                   soft_weight, hard_weight, tail == "bucket", divergence == "reverse_kl",
-                  label.has_value()};
+                  label.has_value(), logit_transform<double>(student_softcap, student_scale)};
   const size_t mask_bytes = static_cast<size_t>((vocab + 31) / 32) * sizeof(uint32_t);
-  dispatch(math, grad_out, [&](auto t, auto g) {
+  dispatch(math, grad_out, student_softcap != 0 || student_scale != 1, [&](auto t, auto g, auto x) {
     using T = decltype(t);
     using G = decltype(g);
-    auto kernel = sparse_kd_rows_kernel<T, G>;
+    constexpr bool X = decltype(x)::value;
+    auto kernel = sparse_kd_rows_kernel<T, G, X>;
     if (mask_bytes > 48 * 1024)  // past the default dynamic shared memory: V > 393,216
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(mask_bytes)));
-    kernel<<<rows, kThreads<T>, mask_bytes, at::cuda::getCurrentCUDAStream()>>>(
+    kernel<<<rows, kThreads<T, X>, mask_bytes, at::cuda::getCurrentCUDAStream()>>>(
         static_cast<const T*>(z.data_ptr()), ids.data_ptr<int64_t>(), zt.data_ptr<double>(),
         lse.data_ptr<double>(), label.has_value() ? label->data_ptr<int64_t>() : nullptr,
         grad_out.has_value() ? static_cast<G*>(grad_out->data_ptr()) : nullptr,
