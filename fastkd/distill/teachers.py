@@ -13,7 +13,7 @@ import torch
 from transformers import PreTrainedModel
 
 from .capture import final_hidden
-from .heads import Head, logit_transform, output_head, vocab_rows
+from .heads import Head, output_head, vocab_rows
 from .loss import IGNORE_INDEX, LogitKD
 from .signals import CapturedSignals
 from .vocab import teacher_rows
@@ -35,9 +35,9 @@ class LiveTeachers:
         self.heads: list[Head] = []
         for k, teacher in enumerate(self.models):
             name = getattr(teacher, "name_or_path", "") or f"teacher {k}"
-            logit_transform(teacher, name)  # refuses a transform fastkd does not read
             teacher.to(device).eval().requires_grad_(False)
             used = teacher_rows(student_rows, vocab_rows(teacher), vocab_size, name)
+            # with the teacher's logit transform; one fastkd does not read is refused
             self.heads.append(output_head(teacher, used, name))
 
     @torch.no_grad()
