@@ -77,11 +77,6 @@ def _per_teacher(name: str, value: object, teachers: int) -> list:
     return [value] * teachers
 
 
-def is_identity(softcap: float, scale: float) -> bool:
-    """No transform: no cap and scale 1."""
-    return softcap == 0.0 and scale == 1.0
-
-
 def transformed_logits(
     z: torch.Tensor, softcap: float, scale: float, want_slope: bool
 ) -> tuple[torch.Tensor, torch.Tensor | float | None]:

@@ -104,8 +104,8 @@ def _kd_rows_kernel(
     HAS_HARD: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
-    STUDENT_TRANSFORM: tl.constexpr = 0,  # 0 none, 1 scale, 2 softcap (row_common.py)
-    TEACHER_TRANSFORM: tl.constexpr = 0,
+    STUDENT_TRANSFORM: tl.constexpr,  # 0 none, 1 scale, 2 softcap (row_common.py)
+    TEACHER_TRANSFORM: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_s
@@ -180,9 +180,10 @@ def _kd_rows_kernel(
         #      = soft_weight / T * d div / d s + hard_weight * (softmax(z_s) - onehot(y))
         g_row = grad_ptr + row * stride_g
         g_others = 0.0  # sum of g_j over j != j_top
-        # f_s' at the top logit, read before the row (which g may alias) is overwritten
-        slope_top = model_slope(tl.load(s_row + j_top).to(tl.float32), s_scale,
-                                s_scale_over_cap, STUDENT_TRANSFORM)
+        slope_top = 1.0  # f_s' at the top logit, read before the row (g may alias it) is written
+        if STUDENT_TRANSFORM != 0:
+            slope_top = model_slope(tl.load(s_row + j_top).to(tl.float32), s_scale,
+                                    s_scale_over_cap, STUDENT_TRANSFORM)
         for start in range(0, V, BLOCK_V):
             cols, in_vocab, z, s, t, slope = _load_block(
                 s_row, t_row, start, V, inv_temperature, s_scale, s_cap, s_scale_over_cap, t_scale,

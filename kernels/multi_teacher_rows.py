@@ -33,7 +33,6 @@ import triton
 import triton.language as tl
 
 from fastkd.kernels.row_common import (
-    SOFTCAP,
     chain_rule,
     cross_entropy_grad,
     model_logits,
@@ -64,7 +63,7 @@ def _load_tiles(s_row, t_row, stride_k, start, V, K, inv_temperature,
                 mask=(k[:, None] < K) & in_vocab[None, :], other=-float("inf")).to(tl.float32)
     if TEACHER_TRANSFORM:
         capped = model_logits(t, in_vocab[None, :], t_scales[:, None], t_caps[:, None],
-                              t_ratios[:, None], SOFTCAP)
+                              t_ratios[:, None], 2)  # row_common.SOFTCAP
         t = tl.where(t_caps[:, None] == 0.0, t * t_scales[:, None], capped)
     t = tl.where(k[:, None] < K, t * inv_temperature, 0.0)
     slope = model_slope(raw, s_scale, s_scale_over_cap, STUDENT_TRANSFORM)
@@ -84,8 +83,8 @@ def _multi_teacher_rows_kernel(
     COMPUTE_GRAD: tl.constexpr,
     K_PAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
-    STUDENT_TRANSFORM: tl.constexpr = 0,  # 0 none, 1 scale, 2 softcap (row_common.py)
-    TEACHER_TRANSFORM: tl.constexpr = False,  # t_transforms_ptr: (3, K) scales, caps, ratios
+    STUDENT_TRANSFORM: tl.constexpr,  # 0 none, 1 scale, 2 softcap (row_common.py)
+    TEACHER_TRANSFORM: tl.constexpr,  # t_transforms_ptr: (3, K) scales, caps, ratios
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_s
@@ -95,10 +94,14 @@ def _multi_teacher_rows_kernel(
     is_teacher = k < K
 
     label, counted = row_label(labels_ptr, row, ignore_index, HAS_LABELS)
-    t_scales = tl.load(t_transforms_ptr + k, mask=is_teacher & TEACHER_TRANSFORM, other=1.0)
-    t_caps = tl.load(t_transforms_ptr + K + k, mask=is_teacher & TEACHER_TRANSFORM, other=0.0)
-    t_ratios = tl.load(t_transforms_ptr + 2 * K + k, mask=is_teacher & TEACHER_TRANSFORM,
-                       other=0.0)
+    if TEACHER_TRANSFORM:
+        t_scales = tl.load(t_transforms_ptr + k, mask=is_teacher, other=1.0)
+        t_caps = tl.load(t_transforms_ptr + K + k, mask=is_teacher, other=0.0)
+        t_ratios = tl.load(t_transforms_ptr + 2 * K + k, mask=is_teacher, other=0.0)
+    else:  # unused
+        t_scales = tl.full((K_PAD,), 1.0, tl.float32)
+        t_caps = tl.zeros((K_PAD,), tl.float32)
+        t_ratios = tl.zeros((K_PAD,), tl.float32)
 
     # ---- pass 1: per-teacher running max, sum, entropy and KL accumulators
     m_s = -float("inf")
@@ -204,9 +207,11 @@ def multi_teacher_rows(
     if rows == 0:
         return loss
     k_pad = triton.next_power_of_2(teachers)
+    teacher_transform = bool(options.teacher_softcaps)
+    if teacher_transform:  # the transformed tile holds more registers: half the block
+        block_v //= 2  # (a (4, 256) tile would spill on sm_90, tests/hopper_compile.py)
     block_v = min(max(16, block_v // k_pad), triton.next_power_of_2(vocab))
     has_hard = labels is not None and options.hard_weight > 0
-    teacher_transform = bool(options.teacher_softcaps)
     transforms = torch.tensor(  # (3, K): scales, caps, scale / cap (0 without a cap)
         [list(options.teacher_scales), list(options.teacher_softcaps),
          [a / c if c else 0.0 for a, c in zip(options.teacher_scales, options.teacher_softcaps)]]

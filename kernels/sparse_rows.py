@@ -94,7 +94,7 @@ def _sparse_rows_kernel(
     COMPUTE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    STUDENT_TRANSFORM: tl.constexpr = 0,  # 0 none, 1 scale, 2 softcap (row_common.py)
+    STUDENT_TRANSFORM: tl.constexpr,  # 0 none, 1 scale, 2 softcap (row_common.py)
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_s
@@ -187,9 +187,10 @@ def _sparse_rows_kernel(
         g_row = grad_ptr + row * stride_g
         scale = soft_weight * inv_temperature
         g_others = 0.0  # reverse: the sum of every entry but the top student logit's (d / d f)
-        # f' at the top logit, read before the row (which g may alias) is overwritten
-        slope_top = model_slope(tl.load(s_row + j_top).to(tl.float32), s_scale,
-                                s_scale_over_cap, STUDENT_TRANSFORM)
+        slope_top = 1.0  # f' at the top logit, read before the row (g may alias it) is written
+        if STUDENT_TRANSFORM != 0:
+            slope_top = model_slope(tl.load(s_row + j_top).to(tl.float32), s_scale,
+                                    s_scale_over_cap, STUDENT_TRANSFORM)
         # ---- pass 2 over V: the entries off S
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)

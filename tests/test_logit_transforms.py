@@ -43,7 +43,8 @@ def test_fused_loss_matches_oracle(backend, divergence, dtype, device):
     """Loss and the gradients of hidden, weight and bias, each transform, T in {1, 2.5}, hard CE
     with ignored tokens, reductions mean and none, logits well past the cap."""
     tol = tolerance(dtype)
-    for case, transform in enumerate(TRANSFORMS):  # T and the reduction alternate
+    cases = list(enumerate(TRANSFORMS))
+    for case, transform in cases if dtype == torch.float32 else cases[::2]:  # T, reduction alternate
         temperature, reduction = [(1.0, "mean"), (2.5, "none")][(case + len(divergence)) % 2]
         loss, ref, ours, refs = run_both(
             (2, 3), 16, 24, 131, dtype, device, 7 * case + len(divergence), bias=True,
@@ -178,6 +179,24 @@ def test_sparse_with_a_student_cap(backend, tail, divergence, device):
         assert rel_err(loss, ref) < 1e-4, temperature
         for mine, theirs in zip(ours, refs):
             assert rel_err(mine.grad, theirs.grad) < 1e-4, temperature
+
+
+@pytest.mark.parametrize("backend,divergence", [("torch", "jsd"), (NATIVE_BACKEND, "reverse_kl")])
+def test_gradcheck_float64(backend, divergence, device):
+    """float64 end to end through a capped student and teacher: torch.autograd.gradcheck of the
+    hidden states, weight and bias (the chain rule through f, the top entry's rewrite)."""
+    gen = torch.Generator().manual_seed(17)
+    h, w, b = linear_inputs((3,), 3, 13, 8.0, torch.float64, device, gen, True)
+    h_t, w_t, _ = linear_inputs((3,), 5, 13, 8.0, torch.float64, device, gen)
+    labels = random_labels((3,), 13, gen, device)
+
+    def fn(h, w, b):
+        return fused_kd_loss(h, w, h_t, w_t, labels, student_bias=b, divergence=divergence,
+                             temperature=1.5, hard_weight=0.3, reduction="none", backend=backend,
+                             chunk_size=2, student_softcap=3.0, student_logit_scale=0.5,
+                             teacher_softcap=2.0)
+
+    assert torch.autograd.gradcheck(fn, [t.requires_grad_() for t in (h, w, b)])
 
 
 def test_modules_take_the_transform_options():

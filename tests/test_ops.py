@@ -32,16 +32,23 @@ def _labels(seed: int, rows: int, vocab: int) -> torch.Tensor:
     return labels
 
 
+# the logit transforms' arguments (fastkd/logit_transforms.py): softcaps and scales
+KD_TRANSFORMS = dict(student_softcap=30.0, student_scale=0.5, teacher_softcap=20.0,
+                     teacher_scale=0.125)
+
+
 @pytest.mark.parametrize("backend", ROW_BACKENDS)
 @pytest.mark.parametrize("with_labels", [False, True])
 @pytest.mark.parametrize("with_grad", [False, True])
-def test_kd_rows_opcheck(backend, with_labels, with_grad):
+@pytest.mark.parametrize("transformed", [False, True])
+def test_kd_rows_opcheck(backend, with_labels, with_grad, transformed):
     rows, vocab = 5, 37
     student, teacher = _logits(0, rows, vocab, std=3), _logits(1, rows, vocab, std=30)
     labels = _labels(2, rows, vocab) if with_labels else None
     grad = torch.empty(rows, vocab) if with_grad else None
     options = KDOptions(divergence="jsd", beta=0.3, temperature=2.0,
-                            hard_weight=0.5 if with_labels else 0.0)
+                            hard_weight=0.5 if with_labels else 0.0,
+                            **(KD_TRANSFORMS if transformed else {}))
     torch.library.opcheck(ops.row_op(backend, "kd_rows"),
                           (student, teacher, labels, grad, *ops.kd_arguments(options)))
 
@@ -49,13 +56,17 @@ def test_kd_rows_opcheck(backend, with_labels, with_grad):
 @pytest.mark.parametrize("backend", ROW_BACKENDS)
 @pytest.mark.parametrize("with_labels", [False, True])
 @pytest.mark.parametrize("with_grad", [False, True])
-def test_multi_teacher_rows_opcheck(backend, with_labels, with_grad):
+@pytest.mark.parametrize("transformed", [False, True])
+def test_multi_teacher_rows_opcheck(backend, with_labels, with_grad, transformed):
     rows, vocab, teachers = 4, 29, 3
     student, teacher = _logits(3, rows, vocab, std=5), _logits(4, teachers, rows, vocab, std=20)
     labels = _labels(5, rows, vocab) if with_labels else None
     grad = torch.empty(rows, vocab) if with_grad else None
+    transforms = dict(student_softcap=10.0, teacher_softcaps=(30.0, 0.0, 5.0),
+                      teacher_scales=(1.0, 0.125, 0.5))
     options = MultiTeacherOptions(priors=(0.5, 0.25, 0.25), temperature=1.5,
-                                      hard_weight=0.3 if with_labels else 0.0)
+                                      hard_weight=0.3 if with_labels else 0.0,
+                                      **(transforms if transformed else {}))
     torch.library.opcheck(
         ops.row_op(backend, "multi_teacher_rows"),
         (student, teacher, labels, grad, torch.empty(rows, teachers),
@@ -64,12 +75,15 @@ def test_multi_teacher_rows_opcheck(backend, with_labels, with_grad):
 
 
 @pytest.mark.parametrize("backend", ROW_BACKENDS)
-def test_kd_rows_gradient_in_place(backend):
-    """grad_out may be student_logits: the same loss and gradient as a separate buffer."""
+@pytest.mark.parametrize("transformed", [False, True])
+def test_kd_rows_gradient_in_place(backend, transformed):
+    """grad_out may be student_logits: the same loss and gradient as a separate buffer (with a
+    transform, f'(z) is read before z is overwritten)."""
     rows, vocab = 6, 41
     student, teacher = _logits(6, rows, vocab, std=10), _logits(7, rows, vocab, std=10)
     labels = _labels(8, rows, vocab)
-    arguments = ops.kd_arguments(KDOptions(divergence="reverse_kl", hard_weight=0.2))
+    arguments = ops.kd_arguments(KDOptions(divergence="reverse_kl", hard_weight=0.2,
+                                           **(KD_TRANSFORMS if transformed else {})))
     op = ops.row_op(backend, "kd_rows")
     grad = torch.empty_like(student)
     loss = op(student, teacher, labels, grad, *arguments)

@@ -286,30 +286,35 @@ def _row_inputs(rows, vocab, k, seed, device, std=8.0, temperature=1.0):
     return student, ids, logits, lse, labels
 
 
-def _arguments(tail, divergence, temperature=1.0, hard_weight=0.0):
+def _arguments(tail, divergence, temperature=1.0, hard_weight=0.0, transformed=False):
+    transform = dict(student_softcap=5.0, student_scale=0.5) if transformed else {}
     return sparse_kd_arguments(tail, KDOptions(divergence=divergence, temperature=temperature,
-                                               soft_weight=0.8, hard_weight=hard_weight))
+                                               soft_weight=0.8, hard_weight=hard_weight,
+                                               **transform))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("tail,divergence", [("bucket", "kl"), ("renormalize", "reverse_kl")])
-@pytest.mark.parametrize("with_labels,with_grad", [(False, False), (True, True)])
-def test_sparse_rows_opcheck(backend, tail, divergence, with_labels, with_grad, device):
+@pytest.mark.parametrize("with_labels,with_grad,transformed",
+                         [(False, False, False), (True, True, False), (True, True, True)])
+def test_sparse_rows_opcheck(backend, tail, divergence, with_labels, with_grad, transformed,
+                             device):
     student, ids, logits, lse, labels = _row_inputs(5, 37, 6, 2, device, temperature=2.0)
     grad = torch.empty_like(student) if with_grad else None
     torch.library.opcheck(
         row_op(backend, "sparse_kd_rows"),
         (student, ids, logits, lse, labels if with_labels else None, grad,
-         *_arguments(tail, divergence, 2.0, 0.5 if with_labels else 0.0)),
+         *_arguments(tail, divergence, 2.0, 0.5 if with_labels else 0.0, transformed)),
     )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_sparse_rows_gradient_in_place(backend, device):
+@pytest.mark.parametrize("transformed", [False, True])
+def test_sparse_rows_gradient_in_place(backend, transformed, device):
     """grad_out may be student_logits: the same loss and gradient as a separate buffer, eager
-    and compiled."""
+    and compiled (with a student softcap too: f'(z) is read before z is overwritten)."""
     student, ids, logits, lse, labels = _row_inputs(6, 41, 9, 4, device)
-    arguments = _arguments("bucket", "reverse_kl", hard_weight=0.2)
+    arguments = _arguments("bucket", "reverse_kl", hard_weight=0.2, transformed=transformed)
     op = row_op(backend, "sparse_kd_rows")
     grad = torch.empty_like(student)
     loss = op(student, ids, logits, lse, labels, grad, *arguments)
