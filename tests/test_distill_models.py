@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,3 +132,73 @@ def test_an_unknown_hub_id_fails_in_one_line_before_any_model_loads(offline_hub,
     err = capsys.readouterr().err
     assert "student 'fastkd-tests/absent' has no readable model config" in err
     assert err.count("\n") == 1, err
+
+
+def test_each_model_entry_sets_its_own_load_options():
+    from fastkd.distill.run import _teacher_dtype
+
+    cfg = DistillConfig.from_dict({
+        "student": {"path": "s", "dtype": "float16", "revision": "r"},
+        "teachers": ["a", {"path": "b", "revision": "v2", "attn_implementation": "eager",
+                           "torch_dtype": "bfloat16"}],
+        "dtype": "float32", "attn_implementation": "sdpa", "bf16": True})
+    student, teachers = model_sources(cfg)
+    assert student == ModelSource("s", "r", "float16", "sdpa")
+    # an option the entry leaves out is the global one
+    assert teachers == [ModelSource("a", None, "float32", "sdpa"),
+                        ModelSource("b", "v2", "bfloat16", "eager")]
+    # a teacher's own dtype wins over teacher_dtype / --bf16; the others get those
+    entries = cfg.teacher_entries
+    assert [_teacher_dtype(cfg, e) for e in entries] == [torch.bfloat16, None]
+    assert _teacher_dtype(DistillConfig(**{**cfg.to_dict(), "teacher_dtype": "fp16"}),
+                          entries[0]) == torch.float16
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"teachers": [{"path": "t", "dtype": "fp8"}]},
+     r"teachers\[0\]: unknown dtype 'fp8'; expected one of"),
+    ({"teachers": ["t", {"path": "u", "revison": "main"}]},
+     r"teachers\[1\]: unknown key 'revison' \(did you mean 'revision'\?\)"),
+    ({"teachers": [{"revision": "main"}]}, r"teachers\[0\]: a model mapping needs path"),
+    ({"student": {"path": "s", "dtype": 16}}, "student: dtype expects a string, got 16"),
+    ({"student": {"path": "s", "revision": "a"}, "revision": "b"},
+     "student sets its own revision and revision is given too"),
+    ({"teachers": [{"path": "t", "revision": "a"}], "teacher_revisions": ["b"]},
+     r"teachers\[0\] sets its own revision and teacher_revisions gives one too"),
+    ({"teachers": [{"path": "t", "dtype": "float16", "torch_dtype": "float16"}]},
+     r"teachers\[0\]: give dtype or torch_dtype"),
+])
+def test_bad_model_entries_are_one_line_errors_before_any_model_loads(
+        values, message, tmp_path, capsys, monkeypatch):
+    import fastkd.distill.run as run
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(run, "load_model", no_model)
+    data = write_texts(tmp_path / "train.jsonl", 4)
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({"student": "s", "teachers": ["t"], "data": str(data),
+                                  "output_dir": str(tmp_path / "run"), **values}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill", "--config", str(config)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastkd distill: error: ") and err.count("\n") == 1, err
+    assert re.search(message, err), err
+
+
+def test_per_model_revision_and_dtype_reach_the_loaded_models(offline_hub, tmp_path):
+    from fastkd.distill.run import prepare
+
+    cfg = DistillConfig.from_dict({
+        "student": {"path": STUDENT + "-v", "revision": "v2"},
+        "teachers": [{"path": TEACHER, "dtype": "bfloat16", "attn_implementation": "eager"}],
+        "dtype": "float32", "data": str(write_texts(tmp_path / "train.jsonl", 8)),
+        "seq_len": 16, "steps": 1, "batch_size": 2, "output_dir": str(tmp_path / "run")})
+    job = prepare(cfg)
+    student, (teacher,) = job.trainer.model, job.trainer.teachers
+    expected = llama(width=16, tied=True, layers=1, seed=5).model.embed_tokens.weight
+    assert torch.equal(student.model.embed_tokens.weight, expected)  # the v2 branch
+    assert student.dtype == torch.float32 and teacher.dtype == torch.bfloat16
+    assert teacher.config._attn_implementation == "eager"

@@ -159,3 +159,32 @@ def test_trl_training_steps_run_with_fastkd_and_on_policy_generation(tmp_path):
     for (prompt_width, generated), seen in zip(run.generated, run.seen, strict=True):
         assert seen is generated and prompt_width < seen.shape[1] <= prompt_width + 3
     assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+
+
+def test_fused_gkd_loss_and_gradients_equal_trls_for_soft_capped_gemma2(tmp_path):
+    """Gemma 2 student and teacher with small caps (TRL's loss reads their capped logits;
+    FusedGKDTrainer passes each model's cap to the fused loss). The conversations have one
+    length: Gemma 2's eager attention softmaxes in fp32, where a float64 padding mask is -inf,
+    so the float64 oracle would give NaN at left-padded positions."""
+    from tests.test_distill_families import gemma2
+
+    student, teacher = gemma2(cap=3.0, width=16, layers=1, seed=5), gemma2(cap=2.0)
+    ours = trainer(FusedGKDTrainer, copy.deepcopy(student), copy.deepcopy(teacher),
+                   tmp_path / "ours", beta=0.5)
+    oracle = trainer(trl_gkd.GKDTrainer, copy.deepcopy(student).double(),
+                     copy.deepcopy(teacher).double(), tmp_path / "f64", beta=0.5)
+    g = torch.Generator().manual_seed(3)
+
+    def words(k: int) -> str:
+        return " ".join(f"w{int(w)}" for w in torch.randint(3, h.VOCAB, (k,), generator=g))
+
+    batch = ours.data_collator([{"messages": [{"role": "user", "content": words(4)},
+                                              {"role": "assistant", "content": words(3)}]}
+                                for _ in range(4)])
+    assert bool(batch["attention_mask"].all())  # no padding
+    loss, grads = loss_and_grads(ours, batch, 37)
+    ref_loss, ref_grads = loss_and_grads(oracle, batch, 37)
+    # the precision argument of the test above; tanh adds one fp32 rounding per logit
+    assert torch.isfinite(loss) and rel(loss, ref_loss) < 1e-5
+    for name, ref in ref_grads.items():
+        assert rel(grads[name], ref) < 3e-5, (name, rel(grads[name], ref))

@@ -74,39 +74,63 @@ def loss_in_forward(
 ) -> torch.Tensor:
     """``loss_fn(hidden, head)`` computed inside `model`'s forward, returned as its output.
 
-    hidden is the (B, T, H) final hidden state and head the first `rows` rows of the lm_head.
-    The loss is computed when the lm_head runs and replaces its output, so it leaves the model
-    as the output "logits". Under FSDP the lm_head weight is whole there (outside the forward it
-    may be in shards), and the loss being an output of the sharded root module makes FSDP gather
-    the root's parameters again before the backward runs through them. Autocast is off inside:
-    logits are never rounded to the autocast dtype. A model whose output is not exactly its
-    lm_head's (a logit multiplier, soft-capping, slicing, or no lm_head call) raises
-    `ValueError`: the loss would be changed with it.
+    hidden is the (B, T, H) final hidden state and head the first `rows` rows of the lm_head,
+    with the model's logit transform (`heads.logit_transform`). The loss is computed when the
+    lm_head runs, where the lm_head weight is whole even under FSDP (outside the forward it may
+    be in shards), and replaces the model's output "logits" as the model returns (a forward
+    hook on the model that runs before FSDP's own, so that the loss is an output of the sharded
+    root module and FSDP gathers the root's parameters again before the backward runs through
+    them). Autocast is off inside: logits are never rounded to the autocast dtype. The model's
+    emitted logits (of the last position only, `logits_to_keep=1`) must be f(lm_head output)
+    for the head's transform f: a model whose forward changes its logits otherwise (a
+    multiplier fastkd does not read, slicing, or no lm_head call) raises `ValueError`, since
+    the loss would not be that of its logits.
     """
     inner = extract_model_from_parallel(model)
     store: dict[str, Any] = {}
     losses: list[torch.Tensor] = []
 
     @torch.compiler.disable  # Python-side bookkeeping; the loss runs its own kernels
-    def head_hook(_module: nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
+    def head_hook(_module: nn.Module, _args: Any, output: torch.Tensor) -> None:
+        store["head"] = head = output_head(inner, rows)
+        store["head_output"] = output
         with torch.autocast(output.device.type, enabled=False):
-            losses.append(loss_fn(store["hidden"], output_head(inner, rows)))
-        return losses[-1]
+            losses.append(loss_fn(store["hidden"], head))
 
     @torch.compiler.disable
-    def check_output(_module: nn.Module, _args: Any, out: Any) -> None:
-        if len(losses) != 1 or _logits(out) is not losses[0]:
+    def emit_loss(_module: nn.Module, _args: Any, out: Any) -> Any:
+        if len(losses) != 1 or not _emits(store["head"], store["head_output"], _logits(out)):
             raise ValueError(
                 f"{type(inner).__name__}: its logits are not its lm_head's output (the lm_head "
                 f"ran {len(losses)} times, or the forward changes its output: a multiplier, "
-                "soft-capping or slicing); fastkd distils logits = lm_head(hidden) exactly"
+                "soft-capping or slicing other than the logit transform fastkd reads for it); "
+                "fastkd distils logits = f(lm_head(hidden)) exactly"
             )
+        if isinstance(out, Mapping):
+            out["logits"] = losses[0]
+            return out
+        return (losses[0], *out[1:])
 
     with record_output(_decoder(inner), store, "hidden"), \
             forward_hook(inner.get_output_embeddings(), head_hook), \
-            forward_hook(inner, check_output):
+            forward_hook(inner, emit_loss):
         out = model(**_forward_kwargs(inner, input_ids, attention_mask, position_ids))
     return _logits(out)
+
+
+def _emits(head: Head, head_output: torch.Tensor, logits: torch.Tensor) -> bool:
+    """Whether `logits` (what the model returned) are head.emitted(head_output), up to the
+    rounding of the transform in the coarser of the two dtypes (a few units in its last place:
+    the model may divide where f multiplies, and accelerate's mixed precision hands the logits
+    back converted to fp32)."""
+    if logits is head_output:
+        return head.plain
+    if logits.shape != head_output.shape:
+        return False
+    expected = head.emitted(head_output.detach().double())
+    tol = 8 * max(torch.finfo(logits.dtype).eps, torch.finfo(head_output.dtype).eps)
+    return torch.allclose(logits.detach().double(), expected, rtol=tol,
+                          atol=tol * float(expected.abs().max()))
 
 
 def _logits(out: Any) -> torch.Tensor:

@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 from .capture import final_hidden
 from .config import DistillConfig, check_writable_dir
 from .data import CausalCollator
-from .heads import Head, check_plain_logits, output_head, vocab_rows
+from .heads import Head, logit_transform, output_head, vocab_rows
 from .models import check_seq_len, existing, load_config, load_model
-from .run import token_blocks
+from .run import _teacher_dtype, model_sources, teacher_sources, token_blocks
 from .signals import (
     HEAD_FILE,
     CaptureMeta,
@@ -68,24 +68,28 @@ def run_capture(cfg: DistillConfig) -> list[CaptureReport]:
         raise ValueError("capture_temperatures is for kind topk; a hidden capture serves every "
                          "temperature")
     check_writable_dir(cfg.capture_out, "capture_out (--out)")
-    for role, path in [*(("teacher", t) for t in cfg.teachers), ("data", cfg.data),
-                       ("tokenizer", cfg.tokenizer), ("student", cfg.student)]:
+    sources = teacher_sources(cfg)
+    student = None if cfg.student is None else model_sources(cfg)[0]
+    for role, path in [*(("teacher", t.name) for t in sources), ("data", cfg.data),
+                       ("tokenizer", cfg.tokenizer),
+                       ("student", None if student is None else student.name)]:
         if path is not None:
             existing(path, role)
-    for path in cfg.teachers:
-        check_seq_len(load_config(path, "teacher"), cfg.seq_len, "teacher")
-    tokenizer, blocks, _ = token_blocks(cfg, cfg.tokenizer or cfg.student or cfg.teachers[0],
-                                        "student" if cfg.student else "teacher")
-    student_rows = None if cfg.student is None else \
-        load_config(cfg.student, "student").get_text_config().vocab_size
+    for source in sources:
+        check_seq_len(load_config(source, "teacher"), cfg.seq_len, "teacher")
+    tokenizer, blocks, _ = token_blocks(cfg, cfg.tokenizer or student or sources[0],
+                                        "student" if student else "teacher")
+    student_rows = None if student is None else \
+        load_config(student, "student").get_text_config().vocab_size
     identity, fingerprint = tokenizer_identity(tokenizer), data_fingerprint(blocks)
     state = process_state()
     out = Path(cfg.capture_out)
     reports = []
-    for k, path in enumerate(cfg.teachers):
-        folder = out if len(cfg.teachers) == 1 else out / f"teacher{k}"
-        teacher = load_model(path, "teacher", torch.bfloat16 if cfg.bf16 else None)
-        check_plain_logits(teacher, path)
+    for k, (source, entry) in enumerate(zip(sources, cfg.teacher_entries, strict=True)):
+        folder = out if len(sources) == 1 else out / f"teacher{k}"
+        path = source.name
+        teacher = load_model(source, "teacher", _teacher_dtype(cfg, entry))
+        softcap, scale = logit_transform(teacher, path)
         rows = teacher_rows(student_rows or vocab_rows(teacher), vocab_rows(teacher),
                             len(tokenizer), path)
         if kind == "topk" and not 1 <= cfg.capture_k <= rows:
@@ -103,6 +107,7 @@ def run_capture(cfg: DistillConfig) -> list[CaptureReport]:
             data_fingerprint=fingerprint, rows=len(blocks),
             tokens=sum(len(x) for x in blocks["input_ids"]),
             rows_per_shard=cfg.capture_rows_per_shard,
+            teacher_softcap=softcap, teacher_logit_scale=scale,
         )
         reports.append(write_capture(teacher, rows, blocks, meta, folder, cfg.batch_size,
                                      state))
@@ -226,8 +231,9 @@ def _capture_teacher(
 def _signals(hidden: torch.Tensor, head: Head, meta: CaptureMeta) -> dict[str, torch.Tensor]:
     """One batch's signals from its (n, H) final hidden states (real tokens only), on CPU.
 
-    topk: logits z = hidden @ W^T + b in fp32, a chunk of tokens at a time (never all n x V at
-    once); the k largest (ids, raw values) and logsumexp(z / T) over all V for each T served.
+    topk: the emitted logits z = f(hidden @ W^T + b) in fp32 (f the teacher's soft-cap and
+    logit scale, `Head.emitted`), a chunk of tokens at a time (never all n x V at once); the k
+    largest (ids, values) and logsumexp(z / T) over all V for each T served.
     """
     dtype = getattr(torch, meta.dtype)
     if meta.kind == "hidden":
@@ -240,6 +246,7 @@ def _signals(hidden: torch.Tensor, head: Head, meta: CaptureMeta) -> dict[str, t
         z = hidden[start:start + chunk].float() @ weight.T
         if bias is not None:
             z += bias
+        z = head.emitted(z)
         values, ids = z.topk(meta.k, dim=-1)
         out["ids"].append(ids.to(torch.int32).cpu())
         out["logits"].append(values.to(dtype).cpu())

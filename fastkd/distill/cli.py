@@ -32,7 +32,10 @@ def _flag_options(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
     if hint is bool:
         return {**options, "action": argparse.BooleanOptionalAction}
     if typing.get_origin(hint) is list:
-        return {**options, "nargs": "+", "action": "extend", "type": typing.get_args(hint)[0]}
+        # an item that may also be a mapping (teachers) is a string on the command line
+        (item,) = typing.get_args(hint)
+        kinds = [a for a in typing.get_args(item) or (item,) if typing.get_origin(a) is not dict]
+        return {**options, "nargs": "+", "action": "extend", "type": kinds[0]}
     extra = {k: v for k, v in f.metadata.items() if k not in ("help", "capture")}
     return {**options, "type": hint, **extra}
 

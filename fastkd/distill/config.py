@@ -19,6 +19,7 @@ from typing import Any
 
 from .chat import FORMATS
 from .features.settings import FeatureSettings
+from .model_entries import MODEL_DTYPES, ModelEntry
 from .on_policy_settings import OnPolicySettings
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl")
@@ -28,7 +29,6 @@ DEMO_SCALES = ("default", "tiny")
 TAILS = ("bucket", "renormalize")
 CAPTURE_KINDS = ("topk", "hidden")  # fastkd.distill.signals.KINDS, without its torch import
 CAPTURE_DTYPES = ("float32", "bfloat16", "float16")
-MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 TEACHER_DTYPES = ("bf16", "fp16", "fp32")
 TEACHER_SHARDINGS = ("none", "fsdp")
 BEST_METRICS = ("eval_kd_loss", "eval_perplexity")
@@ -48,16 +48,21 @@ class DistillConfig:
     embedded synthetic demo (see `fastkd.distill.demo`)."""
 
     # models and data
-    student: str | None = _opt(None, "student model directory or hub id (Hugging Face format)")
-    teachers: list[str] = _opt([], "teacher model directories or hub ids; several -> "
-                               "multi-teacher")
+    student: str | dict[str, Any] | None = _opt(
+        None, "student model directory or hub id (Hugging Face format); in a file also a "
+        "mapping {path, revision, dtype, attn_implementation} of its own load options")
+    teachers: list[str | dict[str, Any]] = _opt(
+        [], "teacher model directories or hub ids; several -> multi-teacher; in a file each "
+        "also a mapping {path, revision, dtype, attn_implementation}")
     tokenizer: str | None = _opt(None, "tokenizer directory or hub id (default: the student's)")
     revision: str | None = _opt(None, "the student's hub revision (branch, tag or commit)")
     teacher_revisions: list[str] | None = _opt(None, "hub revision of each teacher", nargs="+")
     dtype: str | None = _opt(None, f"weights dtype of the loaded models, one of {MODEL_DTYPES} "
-                             "(default: transformers'); torch_dtype is another name for it")
+                             "(default: transformers'; a model entry's own dtype wins); "
+                             "torch_dtype is another name for it")
     attn_implementation: str | None = _opt(None, "attention of every model: eager, sdpa, "
-                                           "flash_attention_2... (default: transformers')")
+                                           "flash_attention_2... (default: transformers'; a "
+                                           "model entry's own wins)")
     data: str | None = _opt(None, "training data: a text / JSON lines / parquet file or folder")
     eval_data: str | None = _opt(None, "held-out data (same formats) for perplexity at the end")
     text_field: str = _opt("text", "column holding the text")
@@ -173,6 +178,7 @@ class DistillConfig:
         ):
             raise ValueError(f"teacher_revisions has {len(self.teacher_revisions)} entries for "
                              f"{len(self.teachers)} teachers")
+        self._check_model_entries()
         _check_choice("topk_tail", self.topk_tail, TAILS)
         _check_choice("capture_kind", self.capture_kind, CAPTURE_KINDS)
         if self.capture_dtype is not None:
@@ -251,6 +257,30 @@ class DistillConfig:
             raise ValueError(
                 f"teacher_priors has {len(self.teacher_priors)} entries for {count} teachers"
             )
+
+    @property
+    def student_entry(self) -> ModelEntry | None:
+        """The student's path and own load options (None: no student named)."""
+        return None if self.student is None else ModelEntry.parse(self.student, "student")
+
+    @property
+    def teacher_entries(self) -> list[ModelEntry]:
+        """Each teacher's path and own load options."""
+        return [ModelEntry.parse(t, f"teachers[{k}]") for k, t in enumerate(self.teachers)]
+
+    def _check_model_entries(self) -> None:
+        """Every model entry parses, and no revision is given twice (the entry's and a global
+        one)."""
+        student = self.student_entry
+        if student is not None and student.revision is not None and self.revision is not None:
+            raise ValueError("student sets its own revision and revision is given too; name "
+                             "the student's revision in one place")
+        for k, (entry, global_revision) in enumerate(zip(
+                self.teacher_entries, self.teacher_revisions or [None] * len(self.teachers),
+                strict=True)):
+            if entry.revision is not None and global_revision is not None:
+                raise ValueError(f"teachers[{k}] sets its own revision and teacher_revisions "
+                                 "gives one too; name its revision in one place")
 
     def _check_training_extras(self) -> None:
         """LoRA, teacher memory, evaluation and reporting settings."""

@@ -141,7 +141,8 @@ class HeldOutEvaluation(TrainerCallback):
     def _cross_entropy_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
         """Next-token cross-entropy of `model` summed over the batch's counted tokens, from
         its hidden states and lm_head (all its rows) by the fused loss: no tokens x vocab
-        logits. The model is its own teacher with soft_weight 0, so only the CE term counts."""
+        logits (soft-capped or scaled as the model emits them: the head's transform). The model
+        is its own teacher with soft_weight 0, so only the CE term counts."""
         targets = shift_labels(batch["labels"])
         backend = self.trainer.kd.backend
 
@@ -149,7 +150,10 @@ class HeldOutEvaluation(TrainerCallback):
             weight = head.weight.to(hidden.dtype)
             return fused_kd_loss(hidden, weight, hidden, weight, targets,
                                  student_bias=head.bias, teacher_bias=head.bias,
-                                 soft_weight=0.0, hard_weight=1.0, ignore_index=IGNORE_INDEX,
+                                 student_softcap=head.softcap, teacher_softcap=head.softcap,
+                                 student_logit_scale=head.scale,
+                                 teacher_logit_scale=head.scale, soft_weight=0.0,
+                                 hard_weight=1.0, ignore_index=IGNORE_INDEX,
                                  reduction="sum", backend=backend)
 
         return float(loss_in_forward(model, batch["input_ids"], batch.get("attention_mask"),

@@ -66,9 +66,10 @@ class LogitKD:
 
         Args:
             student_hidden: (B, T, Hs) final hidden states of the student.
-            student: its head, weight (V, Hs).
+            student: its head, weight (V, Hs), with the student's logit transform.
             teacher_hiddens: K tensors (B, T, Ht_k).
-            teachers: K heads, weight (V, Ht_k), sliced to the student's V.
+            teachers: K heads, weight (V, Ht_k), sliced to the student's V, each with its
+                teacher's logit transform.
             targets: (B, T) shifted labels, IGNORE_INDEX where nothing is predicted.
             return_parts: also return the parts of the loss from the same call.
 
@@ -83,7 +84,8 @@ class LogitKD:
                 student_hidden, weight, teacher_hiddens[0],
                 _as(teachers[0].weight, teacher_hiddens[0]), targets,
                 teacher_bias=teachers[0].bias, divergence=self.divergence, beta=self.beta,
-                alpha=self.alpha, **common,
+                alpha=self.alpha, teacher_softcap=teachers[0].softcap,
+                teacher_logit_scale=teachers[0].scale, **common,
             )
             return _with_parts(out, None, return_parts)
         *out, mixing = multi_teacher_kd_loss(
@@ -91,7 +93,9 @@ class LogitKD:
             [_as(t.weight, h) for t, h in zip(teachers, teacher_hiddens, strict=True)], targets,
             teacher_biases=[t.bias for t in teachers], weighting=self.weighting,
             entropy_tau=self.entropy_tau, teacher_priors=self.teacher_priors,
-            fusion=self.fusion, return_mixing=True, **common,
+            fusion=self.fusion, return_mixing=True,
+            teacher_softcap=[t.softcap for t in teachers],
+            teacher_logit_scale=[t.scale for t in teachers], **common,
         )
         return _with_parts(tuple(out) if return_parts else out[0], mixing, return_parts)
 
@@ -110,8 +114,9 @@ class LogitKD:
 
         Args:
             student_hidden: (N, Hs); student: its head, weight (V, Hs).
-            teacher_ids, teacher_logits: (N, k) the teacher's k largest raw logits and ids.
-            teacher_lse: (N,) the teacher's logsumexp(z / temperature) over all V.
+            teacher_ids, teacher_logits: (N, k) the teacher's k largest emitted logits (its
+                soft-cap / logit scale applied at capture) and their ids.
+            teacher_lse: (N,) the teacher's logsumexp(logits / temperature) over all V.
             targets: (N,) labels, IGNORE_INDEX where nothing is predicted.
         """
         out = sparse_kd_loss(
@@ -122,9 +127,12 @@ class LogitKD:
         return (out[0], LogitParts(*out[1:])) if return_parts else out
 
     def _common(self, student: Head, return_parts: bool) -> dict:
-        """The keyword arguments every loss call shares."""
+        """The keyword arguments every loss call shares (the student's logit transform
+        included; teachers' transforms are per call: a topk capture holds emitted logits)."""
         return dict(
             student_bias=student.bias,
+            student_softcap=student.softcap,
+            student_logit_scale=student.scale,
             temperature=self.temperature,
             soft_weight=self.soft_weight,
             hard_weight=self.hard_weight,

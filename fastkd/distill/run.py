@@ -20,6 +20,7 @@ from .evaluate import HeldOutEvaluation, perplexity
 from .features import FeatureSettings
 from .loss import LogitKD
 from .metrics import JsonlLogger
+from .model_entries import ModelEntry
 from .models import (
     ModelSource,
     check_seq_len,
@@ -116,7 +117,8 @@ def prepare(cfg: DistillConfig) -> PreparedRun | FinishedRun:
         student = lora.apply(student, cfg.seed)
         trainable, total = student.get_nb_trainable_parameters()
         logger.info("LoRA student: %d of %d parameters train", trainable, total)
-    teachers = [load_model(source, "teacher", _teacher_dtype(cfg)) for source in teacher_sources]
+    teachers = [load_model(source, "teacher", _teacher_dtype(cfg, entry))
+                for source, entry in zip(teacher_sources, cfg.teacher_entries, strict=True)]
     if cfg.teacher_sharding == "fsdp":
         teachers = [shard_teacher(t, args.device) for t in teachers]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -156,7 +158,7 @@ def _check_captures(cfg: DistillConfig, captures: list[CapturedSignals], kd: Log
                     tokenizer: Any, train: Dataset) -> Dataset:
     """Refuse captures of another tokenizer, data, seq_len, vocabulary or temperature (no
     model loaded yet); returns the training blocks with their row_index column."""
-    rows = load_config(cfg.student, "student").get_text_config().vocab_size
+    rows = load_config(model_sources(cfg)[0], "student").get_text_config().vocab_size
     identity, fingerprint = tokenizer_identity(tokenizer), data_fingerprint(train)
     for capture in captures:
         check_capture(capture, tokenizer=identity, fingerprint=fingerprint,
@@ -193,16 +195,22 @@ def token_blocks(
 
 def model_sources(cfg: DistillConfig) -> tuple[ModelSource, list[ModelSource]]:
     """The student's and the teachers' names with their `from_pretrained` options."""
-    assert cfg.student is not None
-    common = dict(dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
-    return ModelSource(cfg.student, cfg.revision, **common), teacher_sources(cfg)
+    student = cfg.student_entry
+    assert student is not None
+    return _source(cfg, student, cfg.revision), teacher_sources(cfg)
 
 
 def teacher_sources(cfg: DistillConfig) -> list[ModelSource]:
     """The teachers' names with their `from_pretrained` options."""
-    common = dict(dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
     revisions = cfg.teacher_revisions or [None] * len(cfg.teachers)
-    return [ModelSource(t, r, **common) for t, r in zip(cfg.teachers, revisions, strict=True)]
+    return [_source(cfg, entry, revision)
+            for entry, revision in zip(cfg.teacher_entries, revisions, strict=True)]
+
+
+def _source(cfg: DistillConfig, entry: ModelEntry, revision: str | None) -> ModelSource:
+    """An entry's options, each falling back to the run's global one where it sets none."""
+    return ModelSource(entry.path, entry.revision or revision, entry.dtype or cfg.dtype,
+                       entry.attn_implementation or cfg.attn_implementation)
 
 
 def _probes(texts: Dataset, data_format: str, text_field: str) -> list[str]:
@@ -223,9 +231,12 @@ def _compute_dtype(cfg: DistillConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.bf16 else torch.float32
 
 
-def _teacher_dtype(cfg: DistillConfig) -> torch.dtype | None:
-    """The teachers' weight dtype: teacher_dtype, else bf16 under --bf16, else the
-    checkpoint's."""
+def _teacher_dtype(cfg: DistillConfig, entry: ModelEntry | None = None) -> torch.dtype | None:
+    """The dtype a teacher loads in over its source's: None when its entry sets its own dtype
+    (the source has it); else teacher_dtype, else bf16 under --bf16, else None (the source's:
+    the global dtype, or the checkpoint's)."""
+    if entry is not None and entry.dtype is not None:
+        return None
     if cfg.teacher_dtype is not None:
         return {"bf16": torch.bfloat16, "fp16": torch.float16,
                 "fp32": torch.float32}[cfg.teacher_dtype]

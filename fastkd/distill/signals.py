@@ -8,11 +8,14 @@ back:
 
 - `offsets` (R + 1,) int64: row j's tokens are [offsets[j], offsets[j + 1]).
 - `input_ids` (n,) int32: the tokens themselves (every batch read is checked against them).
-- kind `topk`: `ids` (n, k) int32 and `logits` (n, k) (raw, untempered, `dtype`) of the k
+- kind `topk`: `ids` (n, k) int32 and `logits` (n, k) (untempered, `dtype`) of the k
   largest teacher logits, and `lse` (n, len(temperatures)) float32, the teacher's logsumexp of
-  z / T over its full vocabulary at each temperature served.
+  z / T over its full vocabulary at each temperature served. z are the logits the teacher
+  emits: its soft-cap and logit scale (Gemma 2/3, Granite, Cohere) applied, so a student trains
+  on them without knowing the teacher's transform.
 - kind `hidden`: `hidden` (n, H) in `dtype`, the teacher's final hidden states; the capture's
-  `head.safetensors` holds one copy of the lm_head (`weight` (V, H), `bias` (V,) if any).
+  `head.safetensors` holds one copy of the lm_head (`weight` (V, H), `bias` (V,) if any), and
+  capture.json the teacher's logit transform (`teacher_softcap`, `teacher_logit_scale`).
 
 Shards are written to a temporary name and renamed, so a shard file that exists is complete;
 a resumed capture skips them. safetensors files are memory-mapped on read: a batch reads only
@@ -87,6 +90,9 @@ class CaptureMeta:
         seq_len, packing, text_field: the data pipeline's settings.
         data_fingerprint: `data_fingerprint` of the token blocks; rows, tokens: their counts.
         rows_per_shard: token blocks per shard file.
+        teacher_softcap, teacher_logit_scale: the teacher's logit transform (None and 1.0:
+            none), applied to the stored top-k logits and lse; with the head of a hidden
+            capture.
     """
 
     kind: str
@@ -105,6 +111,8 @@ class CaptureMeta:
     rows: int
     tokens: int
     rows_per_shard: int
+    teacher_softcap: float | None = None
+    teacher_logit_scale: float = 1.0
     format: int = FORMAT_VERSION
 
     @property
@@ -193,12 +201,12 @@ class CapturedSignals:
         self._offsets: dict[int, torch.Tensor] = {}
 
     def head(self) -> Head:
-        """The stored lm_head (kind hidden)."""
+        """The stored lm_head (kind hidden), with the teacher's logit transform."""
         with safe_open(str(self.folder / HEAD_FILE), framework="pt") as f:
             names = set(f.keys())
             weight = f.get_tensor("weight")
             bias = f.get_tensor("bias") if "bias" in names else None
-        return Head(weight, bias)
+        return Head(weight, bias, self.meta.teacher_softcap, self.meta.teacher_logit_scale)
 
     def _shard(self, index: int) -> Any:
         if index not in self._open:

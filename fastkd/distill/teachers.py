@@ -5,6 +5,7 @@ trainer a batch's teacher signals and the logit loss against them; the trainer i
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 from transformers import PreTrainedModel
 
 from .capture import final_hidden
-from .heads import Head, check_plain_logits, output_head, vocab_rows
+from .heads import Head, output_head, vocab_rows
 from .loss import IGNORE_INDEX, LogitKD
 from .signals import CapturedSignals
 from .vocab import teacher_rows
@@ -22,7 +23,8 @@ class LiveTeachers:
     """Frozen teacher models, run under no_grad on each batch to their final hidden states.
 
     Args:
-        models: causal LMs sharing the student's tokenizer (lm_heads may have padding rows).
+        models: causal LMs sharing the student's tokenizer (lm_heads may have padding rows;
+            each head keeps its model's logit transform, `heads.logit_transform`).
         student_rows: rows V of the student's lm_head; vocab_size: the tokenizer's length or
             None. device: where the teachers run.
     """
@@ -33,10 +35,10 @@ class LiveTeachers:
         self.heads: list[Head] = []
         for k, teacher in enumerate(self.models):
             name = getattr(teacher, "name_or_path", "") or f"teacher {k}"
-            check_plain_logits(teacher, name)
             teacher.to(device).eval().requires_grad_(False)
             used = teacher_rows(student_rows, vocab_rows(teacher), vocab_size, name)
-            self.heads.append(output_head(teacher, used))
+            # with the teacher's logit transform; one fastkd does not read is refused
+            self.heads.append(output_head(teacher, used, name))
 
     @torch.no_grad()
     def batch(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -166,4 +168,5 @@ class CapturedTeachers:
 
 
 def _to(head: Head, device: torch.device) -> Head:
-    return Head(head.weight.to(device), None if head.bias is None else head.bias.to(device))
+    return dataclasses.replace(head, weight=head.weight.to(device),
+                               bias=None if head.bias is None else head.bias.to(device))

@@ -24,7 +24,7 @@ from transformers import PreTrainedModel, Trainer
 from .capture import loss_in_forward
 from .features import FeatureAlignment, Features, FeatureSettings
 from .features.projection_updates import ProjectionUpdates
-from .heads import Head, check_plain_logits, vocab_rows
+from .heads import Head, logit_transform, vocab_rows
 from .loss import IGNORE_INDEX, LogitKD, LogitParts, shift_labels
 from .metrics import StepMeter
 from .on_policy import OnPolicyRollouts
@@ -74,7 +74,7 @@ class DistillationTrainer(Trainer):
         if bool(teachers) == bool(teacher_signals):
             raise ValueError("DistillationTrainer needs teachers or teacher_signals (one of "
                              "them)")
-        check_plain_logits(self.model, "student")
+        logit_transform(self.model, "student")  # refuses a transform fastkd does not read
         self.kd = kd
         self.student_rows = rows = vocab_rows(self.model)
         self.source = LiveTeachers(teachers, rows, vocab_size, self.args.device) if teachers \

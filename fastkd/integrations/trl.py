@@ -30,7 +30,7 @@ from torch import nn
 
 from fastkd import fused_kd_loss
 from fastkd.distill.capture import final_hidden, loss_in_forward
-from fastkd.distill.heads import Head, check_plain_logits, output_head, vocab_rows
+from fastkd.distill.heads import Head, logit_transform, output_head, vocab_rows
 from fastkd.distill.loss import IGNORE_INDEX, shift_labels
 
 try:
@@ -56,6 +56,10 @@ def fused_generalized_jsd_loss(
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     backend: str = "auto",
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
 ) -> torch.Tensor:
     """TRL's `GKDTrainer.generalized_jsd_loss` (reduction "batchmean") from hidden states.
 
@@ -70,6 +74,9 @@ def fused_generalized_jsd_loss(
         temperature: divides both logits before the softmaxes.
         num_items_in_batch: when given, the loss is the sum over counted tokens divided by it
             (gradient-accumulation-correct); else the mean over counted tokens (0 if none).
+        student_softcap, teacher_softcap, student_logit_scale, teacher_logit_scale: each
+            model's logit transform, logits = cap tanh(scale z / cap) (`fastkd.fused_kd_loss`;
+            Gemma 2/3 soft-capping, Granite's and Cohere's logit scales).
 
     Returns:
         The scalar loss.
@@ -78,6 +85,8 @@ def fused_generalized_jsd_loss(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
         student_bias=student_bias, teacher_bias=teacher_bias, divergence="jsd", beta=beta,
         temperature=temperature, ignore_index=IGNORE_INDEX, reduction="sum", backend=backend,
+        student_softcap=student_softcap, teacher_softcap=teacher_softcap,
+        student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
     )
     return total / _denominator(labels, student_hidden, num_items_in_batch, total.device)
 
@@ -103,14 +112,15 @@ class FusedGKDTrainer(GKDTrainer):
 
     Takes exactly GKDTrainer's arguments, plus `fastkd_backend` (fastkd's backend: "auto",
     "torch", "triton", "cpp" or "cuda"). Student and teacher must compute their logits as
-    `lm_head(final hidden state)` exactly (no soft-capping or logit scaling), with the same
-    vocabulary size (GKDTrainer checks the config's vocab_size too).
+    `lm_head(final hidden state)`, soft-capped or scaled only as Gemma 2/3, Granite and Cohere
+    do (each model's transform is read from it, `fastkd.distill.heads.logit_transform`), with
+    the same vocabulary size (GKDTrainer checks the config's vocab_size too).
     """
 
     def __init__(self, *args: Any, fastkd_backend: str = "auto", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        check_plain_logits(self.model, "student")
-        check_plain_logits(self.teacher_model, "teacher")
+        logit_transform(self.model, "student")  # refuse transforms fastkd does not read
+        logit_transform(self.teacher_model, "teacher")
         self.fastkd_backend = fastkd_backend
         self.vocab_rows = vocab_rows(self.model)
         teacher_rows = vocab_rows(self.teacher_model)
@@ -131,7 +141,7 @@ class FusedGKDTrainer(GKDTrainer):
         self.teacher_model.eval()
         with torch.no_grad():
             teacher_hidden = final_hidden(self.teacher_model, ids, mask)
-        teacher = output_head(self.teacher_model, self.vocab_rows)
+        teacher = output_head(self.teacher_model, self.vocab_rows, "teacher")
 
         def loss_fn(student_hidden: torch.Tensor, student: Head) -> torch.Tensor:
             return fused_generalized_jsd_loss(
@@ -139,6 +149,8 @@ class FusedGKDTrainer(GKDTrainer):
                 teacher.weight.to(teacher_hidden.dtype), targets, beta=self.beta,
                 num_items_in_batch=num_items_in_batch, student_bias=student.bias,
                 teacher_bias=teacher.bias, backend=self.fastkd_backend,
+                student_softcap=student.softcap, teacher_softcap=teacher.softcap,
+                student_logit_scale=student.scale, teacher_logit_scale=teacher.scale,
             )
 
         loss = loss_in_forward(model, ids, mask, self.vocab_rows, loss_fn)
