@@ -102,7 +102,8 @@ __device__ __forceinline__ G store_value(T x) {
 // the host computes scale / softcap: the fp64 kernels then read the fields from the parameters
 // instead of holding them in registers, which would spill.
 template <bool TRANSFORM, typename T>
-__device__ __forceinline__ LogitTransform<T> transform_or_identity(const LogitTransform<double>& f) {
+__device__ __forceinline__ LogitTransform<T> transform_or_identity(
+    const LogitTransform<double>& f) {
   if constexpr (TRANSFORM) return {T(f.scale), T(f.softcap), T(f.scale_over_cap)};
   else return {T(1), T(0), T(0)};
 }
