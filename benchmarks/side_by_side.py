@@ -191,7 +191,7 @@ def rowop_case(rounds: int, quick: bool) -> dict:
     calls = {
         "torch row op": lambda: kd_rows_torch(z, zt, None, grad, options),
         "C++ row op": lambda: torch.ops.fastkd.kd_rows(z, zt, None, grad, "kl", 0.5, 1.0, 1.0,
-                                                        0.0, -100, 0.9),
+                                                        0.0, -100, 0.9, 0.0, 1.0, 0.0, 1.0),
     }
     timed = alternate(calls, rounds)
     wall, cpu = timed["wall_s"], timed["cpu_s"]

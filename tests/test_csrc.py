@@ -23,6 +23,9 @@ from fastkd._checks import resolve_backend
 from fastkd.reference import kd_loss_reference, multi_teacher_kd_loss_reference
 from tests.helpers import rel_err
 
+# the ops' logit-transform arguments for none: student softcap, scale, teacher softcap, scale
+NO_TRANSFORM = (0.0, 1.0, 0.0, 1.0)
+
 ROOT = Path(__file__).resolve().parent.parent
 cpu = torch.device("cpu")
 
@@ -70,7 +73,7 @@ def test_kd_rows_matches_oracle(divergence, temperature, dtype, std):
     ref_loss, ref_grad = kd_oracle(z, zt, labels, **options)
     grad = torch.empty_like(z)
     loss = torch.ops.fastkd.kd_rows(z, zt, labels, grad, divergence, 0.3, temperature, 0.7, 0.4,
-                                    -100, 0.6)
+                                    -100, 0.6, *NO_TRANSFORM)
     assert loss.dtype == dtype
     assert rel_err(loss, ref_loss) < tolerance(dtype)
     assert rel_err(grad, ref_grad) < tolerance(dtype)
@@ -100,7 +103,7 @@ def test_kd_rows_across_vocab_blocks(divergence, temperature, masked_start):
     ref_loss, ref_grad = kd_oracle(finite(z), finite(zt), labels, **options)
     grad = torch.empty_like(z)
     loss = torch.ops.fastkd.kd_rows(z, zt, labels, grad, divergence, 0.4, temperature, 1.0, 0.4,
-                                    -100, 0.8)
+                                    -100, 0.8, *NO_TRANSFORM)
     assert rel_err(loss, ref_loss) < 1e-5
     assert rel_err(grad, ref_grad) < 1e-5
 
@@ -110,7 +113,7 @@ def test_jsd_at_extreme_beta(beta):
     z, zt = logits((5, 389), 10.0, torch.float32, 4), logits((5, 389), 10.0, torch.float32, 5)
     ref_loss, ref_grad = kd_oracle(z, zt, None, divergence="jsd", beta=beta)
     grad = torch.empty_like(z)
-    loss = torch.ops.fastkd.kd_rows(z, zt, None, grad, "jsd", beta, 1.0, 1.0, 0.0, -100, 0.9)
+    loss = torch.ops.fastkd.kd_rows(z, zt, None, grad, "jsd", beta, 1.0, 1.0, 0.0, -100, 0.9, *NO_TRANSFORM)
     assert rel_err(loss, ref_loss) < 1e-5
     assert rel_err(grad, ref_grad) < 1e-5
 
@@ -121,7 +124,7 @@ def test_half_gradient_output(grad_dtype):
     z, zt = logits((6, 777), 8.0, torch.float32, 6), logits((6, 777), 8.0, torch.float32, 7)
     _, ref_grad = kd_oracle(z, zt, None, divergence="reverse_kl")
     grad = torch.empty(6, 777, dtype=grad_dtype)
-    torch.ops.fastkd.kd_rows(z, zt, None, grad, "reverse_kl", 0.5, 1.0, 1.0, 0.0, -100, 0.9)
+    torch.ops.fastkd.kd_rows(z, zt, None, grad, "reverse_kl", 0.5, 1.0, 1.0, 0.0, -100, 0.9, *NO_TRANSFORM)
     assert rel_err(grad, ref_grad) < 2**-8
 
 
@@ -136,7 +139,7 @@ def test_gradient_in_place_of_the_logits_and_int32_labels(divergence, temperatur
                                    temperature=temperature)
     in_place = z.clone()
     loss = torch.ops.fastkd.kd_rows(in_place, zt, labels.int(), in_place, divergence, 0.5,
-                                    temperature, 1.0, 0.5, -100, 0.9)
+                                    temperature, 1.0, 0.5, -100, 0.9, *NO_TRANSFORM)
     assert rel_err(loss, ref_loss) < 1e-5
     assert rel_err(in_place, ref_grad) < 1e-5
 
@@ -147,11 +150,11 @@ def test_ignored_rows_are_zero_even_when_not_finite():
     zt[2] = float("inf")
     labels = torch.tensor([3, -100, -100, 7])
     grad = torch.full_like(z, 123.0)
-    loss = torch.ops.fastkd.kd_rows(z, zt, labels, grad, "kl", 0.5, 1.0, 1.0, 0.3, -100, 0.9)
+    loss = torch.ops.fastkd.kd_rows(z, zt, labels, grad, "kl", 0.5, 1.0, 1.0, 0.3, -100, 0.9, *NO_TRANSFORM)
     assert loss[1] == 0 and loss[2] == 0 and torch.isfinite(loss).all()
     assert (grad[1:3] == 0).all() and torch.isfinite(grad).all()
     z[0, 5] = float("nan")  # a counted row with NaN gives a NaN loss, never a finite one
-    loss = torch.ops.fastkd.kd_rows(z, zt, labels, None, "kl", 0.5, 1.0, 1.0, 0.3, -100, 0.9)
+    loss = torch.ops.fastkd.kd_rows(z, zt, labels, None, "kl", 0.5, 1.0, 1.0, 0.3, -100, 0.9, *NO_TRANSFORM)
     assert torch.isnan(loss[0])
 
 
@@ -175,7 +178,8 @@ def test_multi_teacher_rows_matches_oracle(fusion, weighting, temperature, dtype
     ref.sum().backward()
     grad, weights = torch.empty_like(z), torch.empty(rows, teachers)
     loss = torch.ops.fastkd.multi_teacher_rows(z, zt, labels, grad, weights, priors, temperature,
-                                               weighting, 1.0, fusion, 0.8, 0.3, -100)
+                                               weighting, 1.0, fusion, 0.8, 0.3, -100,
+                                               0.0, 1.0, [], [])
     assert rel_err(loss, ref) < tolerance(dtype)
     assert rel_err(grad, z64.grad) < tolerance(dtype)
     assert rel_err(weights, ref_w) < 1e-6  # written as fp32
