@@ -52,6 +52,12 @@ def kd_oracle(z, zt, labels, **options):
     return loss.detach(), z64.grad
 
 
+# The ops' logit transforms, none: kd_rows' student softcap and scale, then the teacher's;
+# multi_teacher_rows' student pair, then the (empty) per-teacher lists.
+NO_TRANSFORMS = (0.0, 1.0, 0.0, 1.0)
+NO_MULTI_TEACHER_TRANSFORMS = (0.0, 1.0, [], [])
+
+
 def tolerance(dtype):
     return 1e-12 if dtype == torch.float64 else 1e-5
 
@@ -70,7 +76,7 @@ def test_kd_rows_matches_oracle(divergence, temperature, dtype, std):
     ref_loss, ref_grad = kd_oracle(z, zt, labels, **options)
     grad = torch.empty_like(z)
     loss = torch.ops.fastkd.kd_rows(z, zt, labels, grad, divergence, 0.3, temperature, 0.7, 0.4,
-                                    -100, 0.6)
+                                    -100, 0.6, *NO_TRANSFORMS)
     assert loss.dtype == dtype
     assert rel_err(loss, ref_loss) < tolerance(dtype)
     assert rel_err(grad, ref_grad) < tolerance(dtype)
@@ -100,7 +106,7 @@ def test_kd_rows_across_vocab_blocks(divergence, temperature, masked_start):
     ref_loss, ref_grad = kd_oracle(finite(z), finite(zt), labels, **options)
     grad = torch.empty_like(z)
     loss = torch.ops.fastkd.kd_rows(z, zt, labels, grad, divergence, 0.4, temperature, 1.0, 0.4,
-                                    -100, 0.8)
+                                    -100, 0.8, *NO_TRANSFORMS)
     assert rel_err(loss, ref_loss) < 1e-5
     assert rel_err(grad, ref_grad) < 1e-5
 
@@ -110,7 +116,8 @@ def test_jsd_at_extreme_beta(beta):
     z, zt = logits((5, 389), 10.0, torch.float32, 4), logits((5, 389), 10.0, torch.float32, 5)
     ref_loss, ref_grad = kd_oracle(z, zt, None, divergence="jsd", beta=beta)
     grad = torch.empty_like(z)
-    loss = torch.ops.fastkd.kd_rows(z, zt, None, grad, "jsd", beta, 1.0, 1.0, 0.0, -100, 0.9)
+    loss = torch.ops.fastkd.kd_rows(z, zt, None, grad, "jsd", beta, 1.0, 1.0, 0.0, -100, 0.9,
+                                    *NO_TRANSFORMS)
     assert rel_err(loss, ref_loss) < 1e-5
     assert rel_err(grad, ref_grad) < 1e-5
 
@@ -121,7 +128,8 @@ def test_half_gradient_output(grad_dtype):
     z, zt = logits((6, 777), 8.0, torch.float32, 6), logits((6, 777), 8.0, torch.float32, 7)
     _, ref_grad = kd_oracle(z, zt, None, divergence="reverse_kl")
     grad = torch.empty(6, 777, dtype=grad_dtype)
-    torch.ops.fastkd.kd_rows(z, zt, None, grad, "reverse_kl", 0.5, 1.0, 1.0, 0.0, -100, 0.9)
+    torch.ops.fastkd.kd_rows(z, zt, None, grad, "reverse_kl", 0.5, 1.0, 1.0, 0.0, -100, 0.9,
+                             *NO_TRANSFORMS)
     assert rel_err(grad, ref_grad) < 2**-8
 
 
@@ -136,7 +144,7 @@ def test_gradient_in_place_of_the_logits_and_int32_labels(divergence, temperatur
                                    temperature=temperature)
     in_place = z.clone()
     loss = torch.ops.fastkd.kd_rows(in_place, zt, labels.int(), in_place, divergence, 0.5,
-                                    temperature, 1.0, 0.5, -100, 0.9)
+                                    temperature, 1.0, 0.5, -100, 0.9, *NO_TRANSFORMS)
     assert rel_err(loss, ref_loss) < 1e-5
     assert rel_err(in_place, ref_grad) < 1e-5
 
@@ -147,11 +155,13 @@ def test_ignored_rows_are_zero_even_when_not_finite():
     zt[2] = float("inf")
     labels = torch.tensor([3, -100, -100, 7])
     grad = torch.full_like(z, 123.0)
-    loss = torch.ops.fastkd.kd_rows(z, zt, labels, grad, "kl", 0.5, 1.0, 1.0, 0.3, -100, 0.9)
+    loss = torch.ops.fastkd.kd_rows(z, zt, labels, grad, "kl", 0.5, 1.0, 1.0, 0.3, -100, 0.9,
+                                    *NO_TRANSFORMS)
     assert loss[1] == 0 and loss[2] == 0 and torch.isfinite(loss).all()
     assert (grad[1:3] == 0).all() and torch.isfinite(grad).all()
     z[0, 5] = float("nan")  # a counted row with NaN gives a NaN loss, never a finite one
-    loss = torch.ops.fastkd.kd_rows(z, zt, labels, None, "kl", 0.5, 1.0, 1.0, 0.3, -100, 0.9)
+    loss = torch.ops.fastkd.kd_rows(z, zt, labels, None, "kl", 0.5, 1.0, 1.0, 0.3, -100, 0.9,
+                                    *NO_TRANSFORMS)
     assert torch.isnan(loss[0])
 
 
@@ -175,7 +185,8 @@ def test_multi_teacher_rows_matches_oracle(fusion, weighting, temperature, dtype
     ref.sum().backward()
     grad, weights = torch.empty_like(z), torch.empty(rows, teachers)
     loss = torch.ops.fastkd.multi_teacher_rows(z, zt, labels, grad, weights, priors, temperature,
-                                               weighting, 1.0, fusion, 0.8, 0.3, -100)
+                                               weighting, 1.0, fusion, 0.8, 0.3, -100,
+                                               *NO_MULTI_TEACHER_TRANSFORMS)
     assert rel_err(loss, ref) < tolerance(dtype)
     assert rel_err(grad, z64.grad) < tolerance(dtype)
     assert rel_err(weights, ref_w) < 1e-6  # written as fp32
