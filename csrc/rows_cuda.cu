@@ -22,9 +22,9 @@ constexpr int kMaxTeachers = 8;
 template <typename T, bool TRANSFORM = false>
 constexpr int kThreads = sizeof(T) == 8 || TRANSFORM ? 256 : 512;
 // kd_rows' blocks per multiprocessor, __launch_bounds__' second argument (0: ptxas chooses).
-// The fp64 kernel with transforms asks for 2 (its 256 threads then get up to 128 registers, and
-// it runs as many threads as the fp64 default): left to itself ptxas aims at 3 blocks' 85
-// registers there, and spills.
+// The fp64 kernel with transforms asks for 2, as many threads as the fp64 default runs (its 256
+// threads then get up to 128 registers; it takes 112): left to itself ptxas held it to 80
+// registers, 3 blocks, and spilled 60 bytes at sm_90.
 template <typename T, bool TRANSFORM>
 constexpr int kKDMinBlocks = sizeof(T) == 8 && TRANSFORM ? 2 : 0;
 
@@ -96,6 +96,8 @@ __device__ __forceinline__ __nv_bfloat16 to_grad<__nv_bfloat16>(float x) {
 }
 template <>
 __device__ __forceinline__ __half to_grad<__half>(float x) { return __float2half(x); }
+template <>
+__device__ __forceinline__ double to_grad<double>(float x) { return x; }  // fp32 math
 
 template <typename G, typename T>
 __device__ __forceinline__ G store_value(T x) {
@@ -557,7 +559,11 @@ sparse_kd_rows_kernel(const T* __restrict__ student, const int64_t* __restrict__
 FASTKD_INSTANTIATE_BOTH(float, float)
 FASTKD_INSTANTIATE_BOTH(float, __nv_bfloat16)
 FASTKD_INSTANTIATE_BOTH(float, __half)
+FASTKD_INSTANTIATE_BOTH(float, double)
 FASTKD_INSTANTIATE_BOTH(double, double)
+FASTKD_INSTANTIATE_BOTH(double, float)
+FASTKD_INSTANTIATE_BOTH(double, __nv_bfloat16)
+FASTKD_INSTANTIATE_BOTH(double, __half)
 #endif
 
 }  // namespace fastkd
