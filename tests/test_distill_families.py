@@ -31,12 +31,14 @@ from fastkd.distill import DistillationTrainer, LogitKD
 from fastkd.distill.capture import loss_in_forward
 from fastkd.distill.cli import main
 from fastkd.distill.config import DistillConfig
-from fastkd.distill.data import CausalCollator, load_texts, tokenize
+from fastkd.distill.data import CausalCollator
 from fastkd.distill.heads import logit_transform, output_head
 from fastkd.distill.signals import CapturedSignals
 from tests.distill_helpers import (
     VOCAB,
     args,
+    check_trainer_against_reference,
+    held_out_reference,
     llama,
     model_inputs,
     reference_loss,
@@ -162,18 +164,8 @@ CASES = [
 def test_loss_and_gradients_match_reference(tmp_path, make_student, make_teacher, settings):
     student, teacher = make_student(), make_teacher()
     trainer = trainer_for(tmp_path, student, [teacher], LogitKD(**settings))
-    loss = trainer.compute_loss(student, dict(BATCH))
-    loss.backward()
-    got = {n: p.grad.clone() for n, p in student.named_parameters()}
-    student.zero_grad()
-    ref = reference_loss(student, [teacher], BATCH, **settings)
-    ref.backward()
-    # as tests/test_distill_loss.py: fp32 models and fused loss against a float64 loss of the
-    # same fp32 logits; tanh and the scales add a few fp32 roundings per logit
-    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
-    for name, p in student.named_parameters():
-        err = (got[name].double() - p.grad.double()).norm() / p.grad.double().norm()
-        assert err < 1e-4, (name, float(err))
+    # tanh and the scales add a few fp32 roundings per logit, within the helper's bounds
+    check_trainer_against_reference(trainer, student, [teacher], settings, BATCH)
 
 
 @pytest.mark.parametrize("fusion", ["mixture", "weighted_kl"])
@@ -267,14 +259,6 @@ def test_example_config_distills_gemma2_with_per_model_options(dirs, tmp_path):
     assert (tmp_path / "run" / "final" / "config.json").is_file()
 
 
-def held_out_batches(values: dict) -> list[dict[str, torch.Tensor]]:
-    blocks = tokenize(load_texts(values["eval_data"], "text"), tokenizer(), "text",
-                      values["seq_len"], True, "evaluation")
-    size = values["batch_size"]
-    return [CausalCollator(0)([blocks[i] for i in range(s, min(s + size, len(blocks)))])
-            for s in range(0, len(blocks), size)]
-
-
 def test_cli_run_and_held_out_evaluation_match_float64_reference(dirs, tmp_path, capsys):
     """`fastkd distill --config` with a Gemma 2 student and teacher (float32 here, so that the
     evaluation is compared with float64 at fp32 precision)."""
@@ -289,26 +273,13 @@ def test_cli_run_and_held_out_evaluation_match_float64_reference(dirs, tmp_path,
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final").double()
     teacher = AutoModelForCausalLM.from_pretrained(dirs["teacher"]).double()
     assert student.config.final_logit_softcapping == 3.0
-    kd_sum = ce_sum = teacher_ce_sum = 0.0
-    count = 0
-    with torch.no_grad():
-        for batch in held_out_batches(values):
-            n = int((batch["labels"][:, 1:] != -100).sum())
-            kd_sum += float(reference_loss(student, [teacher], batch, temperature=1.5,
-                                           hard_weight=0.3)) * n
-            ce_sum += float(reference_loss(student, [teacher], batch, soft_weight=0.0,
-                                           hard_weight=1.0)) * n
-            logits = teacher(**model_inputs(batch)).logits
-            teacher_ce_sum += float(F.cross_entropy(
-                logits[:, :-1].reshape(-1, VOCAB), batch["labels"][:, 1:].reshape(-1),
-                ignore_index=-100, reduction="sum"))
-            count += n
+    reference = held_out_reference(student, teacher, values, temperature=1.5, hard_weight=0.3)
     # fp32 training-side computation against float64 of the same weights (as
     # tests/test_distill_eval.py): well under 1e-5 relative
-    assert last["eval_kd_loss"] == pytest.approx(kd_sum / count, rel=1e-5)
-    assert last["eval_ce"] == pytest.approx(ce_sum / count, rel=1e-5)
-    assert last["eval_perplexity"] == pytest.approx(math.exp(ce_sum / count), rel=1e-5)
-    assert last["eval_teacher_ce"] == pytest.approx(teacher_ce_sum / count, rel=1e-5)
+    assert last["eval_kd_loss"] == pytest.approx(reference["kd"], rel=1e-5)
+    assert last["eval_ce"] == pytest.approx(reference["ce"], rel=1e-5)
+    assert last["eval_perplexity"] == pytest.approx(math.exp(reference["ce"]), rel=1e-5)
+    assert last["eval_teacher_ce"] == pytest.approx(reference["teacher_ce"], rel=1e-5)
 
 
 def capture_args(dirs, out, *extra: str) -> list[str]:

@@ -128,12 +128,11 @@ def tiny_run(tmp_path: Path, values: dict) -> dict:
             "grad_accum": 1, "bf16": False, "logging_steps": 1, "training_args": {}}
 
 
-def test_readme_lora_run_saves_resumes_and_merges(tmp_path):
-    example = readme_yaml("lora")
-    assert example["merge_lora"] is True and "lm_head" not in example["lora"]["target_modules"]
-    values = tiny_run(tmp_path, example)
-    values.update(steps=2, save_steps=1, eval_steps=None, save_best=False, report_to=[],
-                  learning_rate=0.05)
+def run_saves_adapters_and_resumes(tmp_path: Path, values: dict) -> Path:
+    """Run `values` for 2 steps, checkpointing every step, then resume to step 3; checks the
+    checkpoints and the final student hold adapters only and the steps run once each.
+    Returns the output folder."""
+    values = {**values, "steps": 2, "save_steps": 1}
     assert main(["distill", "--config", str(_config(tmp_path, values))]) == 0
     out = tmp_path / "run"
     for folder in (out / "checkpoint-2", out / "final"):
@@ -147,9 +146,14 @@ def test_readme_lora_run_saves_resumes_and_merges(tmp_path):
     assert steps == [1, 2, 3]
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
-    # the merged export is a plain model whose logits are the adapted student's
+    return out
+
+
+def check_merged_export(out: Path, student_dir: Path) -> torch.nn.Module:
+    """The merged export is a plain model whose logits are those of the full-precision student
+    with the trained adapters of `out`/final; returns the merged model."""
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
-    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "student"),
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(student_dir),
                                         out / "final")
     changed = adapted.get_base_model().model.layers[0].self_attn.q_proj
     assert changed.lora_B["default"].weight.abs().max() > 0  # the adapters trained
@@ -158,6 +162,15 @@ def test_readme_lora_run_saves_resumes_and_merges(tmp_path):
         # merging adds B A * alpha / r into the float32 weight: one rounding per weight entry
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-5,
                                    atol=1e-5)
+    return merged
+
+
+def test_readme_lora_run_saves_resumes_and_merges(tmp_path):
+    example = readme_yaml("lora")
+    assert example["merge_lora"] is True and "lm_head" not in example["lora"]["target_modules"]
+    values = tiny_run(tmp_path, example)
+    values.update(eval_steps=None, save_best=False, report_to=[], learning_rate=0.05)
+    check_merged_export(run_saves_adapters_and_resumes(tmp_path, values), tmp_path / "student")
 
 
 def test_resumed_lora_run_trains_like_an_uninterrupted_one(tmp_path):

@@ -6,13 +6,10 @@ exports the adapters merged into the full-precision base."""
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
 
 from fastkd.distill import DistillationTrainer, DistillConfig, LogitKD
 from fastkd.distill.cli import main
@@ -21,7 +18,13 @@ from fastkd.distill.lora import LoraSettings
 from fastkd.distill.models import load_model
 from tests.distill_helpers import args, llama, reference_loss, rows
 from tests.helpers import rel_err
-from tests.test_distill_lora import _config, _spread, tiny_run
+from tests.test_distill_lora import (
+    _config,
+    _spread,
+    check_merged_export,
+    run_saves_adapters_and_resumes,
+    tiny_run,
+)
 
 # Widths are multiples of 64, bitsandbytes' 4-bit block: on CPUs with AVX512-BF16 its inference
 # path repacks the weights by blocks of 64 and fails on narrower layers (bitsandbytes 0.50).
@@ -105,26 +108,8 @@ def test_qlora_run_saves_adapters_resumes_and_merges_into_full_precision(tmp_pat
     values = tiny_run(tmp_path, {"lora": {"r": 4, "alpha": 8.0, "qlora": True},
                                  "merge_lora": True})
     llama(width=64, layers=1, seed=3).save_pretrained(tmp_path / "student")
-    values.update(steps=2, save_steps=1, eval_steps=None, report_to=[], learning_rate=0.05)
-    assert main(["distill", "--config", str(_config(tmp_path, values))]) == 0
-    out = tmp_path / "run"
-    for folder in (out / "checkpoint-2", out / "final"):
-        assert (folder / "adapter_model.safetensors").is_file(), folder
-        assert not (folder / "model.safetensors").exists(), folder  # adapters only
-    values.update(steps=3, resume="latest")
-    assert main(["distill", "--config", str(_config(tmp_path, values))]) == 0
-    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
-             if '"loss"' in x]
-    assert steps == [1, 2, 3]
+    values.update(eval_steps=None, report_to=[], learning_rate=0.05)
+    out = run_saves_adapters_and_resumes(tmp_path, values)
     # the merged export: the adapters added into the full-precision base (not NF4 weights)
-    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    merged = check_merged_export(out, tmp_path / "student")
     assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
-    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "student"),
-                                        out / "final")
-    assert adapted.get_base_model().model.layers[0].self_attn.q_proj.lora_B["default"] \
-        .weight.abs().max() > 0  # the adapters trained
-    ids = torch.tensor([rows(1, seed=4)[0]["input_ids"]])
-    with torch.no_grad():
-        # merging adds B A * alpha / r into the float32 weight: one rounding per weight entry
-        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-5,
-                                   atol=1e-5)
